@@ -1,0 +1,1 @@
+"""The obd command line: thin click commands over the obd package."""

@@ -1,0 +1,58 @@
+"""Helpers shared by the click commands: sizes, progress bars, output rendering."""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+_UNITS = {"": 1 << 30, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+def parse_size(text: str) -> int:
+    """Parse ``64G``, ``512M``, ``1T``, ``4096K`` or a bare integer meaning GiB."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGTP]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size like 64G, 512M, 1T or a number of GiB")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+class SizeType(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except click.BadParameter as e:
+            self.fail(e.message, param, ctx)
+
+
+class Progress:
+    """A byte-progress callback: a tqdm bar on a terminal, nothing when piped."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def __call__(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+
+@contextmanager
+def progress(total: int | None, desc: str, enabled: bool | None = None) -> Iterator[Progress]:
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        yield Progress(None)
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+              file=sys.stderr, leave=False) as bar:
+        yield Progress(bar)

@@ -1,0 +1,221 @@
+"""Local files as ReadAt / WriteAt, plus atomic output files."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import os
+import tempfile
+from collections.abc import Iterator
+
+from obd.errors import FileAccessError, OutputExistsError
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate ``[offset, offset+length)`` of ``fd`` keeping its size; reads give zeros."""
+    if length <= 0:
+        return
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        e = ctypes.get_errno()
+        if e not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(e, os.strerror(e))
+        # The filesystem cannot punch holes: write zeros instead.
+        zero = bytes(min(length, 1 << 20))
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(len(zero), end - pos)
+            os.pwrite(fd, zero[:n], pos)
+            pos += n
+
+
+def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """Yield ``(begin, end)`` of allocated data in ``[start, end)`` via SEEK_DATA/SEEK_HOLE."""
+    pos = start
+    while pos < end:
+        try:
+            d = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return
+            raise
+        if d >= end:
+            return
+        h = min(os.lseek(fd, d, os.SEEK_HOLE), end)
+        yield d, h
+        pos = h
+
+
+class LocalFile:
+    """A local file opened for positional I/O (implements ReadAt and WriteAt)."""
+
+    def __init__(self, fd: int, path: str, writable: bool) -> None:
+        self.fd = fd
+        self.path = path
+        self.writable = writable
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length and data:
+            # A short read that is not at EOF: try once more for the rest.
+            more = os.pread(self.fd, length - len(data), offset + len(data))
+            data += more
+        return data
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def append(self, data: bytes | bytearray | memoryview) -> int:
+        """Write ``data`` at the current end of file and return where it went."""
+        pos = os.lseek(self.fd, 0, os.SEEK_END)
+        self.pwrite(pos, data)
+        return pos
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        punch_hole(self.fd, offset, length)
+
+    def data_extents(self, start: int, end: int) -> Iterator[tuple[int, int]]:
+        return data_extents(self.fd, start, end)
+
+    def flush(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> LocalFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LocalFile({self.path!r})"
+
+
+def open_file(
+    path: str | os.PathLike[str],
+    *,
+    writable: bool = False,
+    create: bool = False,
+    exclusive: bool = False,
+    mode: int = 0o644,
+) -> LocalFile:
+    """Open a local file; errors become :class:`FileAccessError` naming the path."""
+    p = os.fspath(path)
+    flags = os.O_RDWR if writable else os.O_RDONLY
+    if create:
+        flags |= os.O_CREAT
+    if exclusive:
+        flags |= os.O_EXCL
+    flags |= getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(p, flags, mode)
+    except FileExistsError:
+        raise OutputExistsError("already exists (use -f to replace it)", path=p) from None
+    except FileNotFoundError:
+        raise FileAccessError("no such file", path=p) from None
+    except IsADirectoryError:
+        raise FileAccessError("is a directory", path=p) from None
+    except PermissionError:
+        raise FileAccessError("permission denied", path=p) from None
+    except OSError as e:
+        raise FileAccessError(e.strerror or str(e), path=p) from None
+    return LocalFile(fd, p, writable)
+
+
+class AtomicOutput:
+    """An output file written to a temporary name in its folder, renamed on success.
+
+    ``with AtomicOutput(path, force=False) as out:`` gives a writable :class:`LocalFile`;
+    on a clean exit it is fsynced and renamed over ``path``; on an exception (or
+    KeyboardInterrupt) the temporary file is removed and ``path`` is untouched.
+    Without ``force``, an existing ``path`` is an :class:`OutputExistsError` (checked
+    first and again at rename time, atomically, with ``link``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, force: bool = False, mode: int = 0o644):
+        self.path = os.fspath(path)
+        self.force = force
+        self.mode = mode
+        self.file: LocalFile | None = None
+        self.tmp: str | None = None
+
+    def __enter__(self) -> LocalFile:
+        if not self.force and os.path.lexists(self.path):
+            raise OutputExistsError("already exists (use -f to replace it)", path=self.path)
+        folder = os.path.dirname(os.path.abspath(self.path))
+        try:
+            fd, tmp = tempfile.mkstemp(
+                prefix="." + os.path.basename(self.path) + ".", suffix=".tmp", dir=folder
+            )
+        except FileNotFoundError:
+            raise FileAccessError("folder does not exist", path=self.path) from None
+        except OSError as e:
+            raise FileAccessError(e.strerror or str(e), path=self.path) from None
+        os.fchmod(fd, self.mode & ~_umask())
+        self.tmp = tmp
+        self.file = LocalFile(fd, tmp, True)
+        return self.file
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        assert self.file is not None and self.tmp is not None
+        try:
+            if exc_type is None:
+                self.file.flush()
+                self.file.close()
+                if self.force:
+                    os.replace(self.tmp, self.path)
+                else:
+                    try:
+                        os.link(self.tmp, self.path)
+                    except FileExistsError:
+                        raise OutputExistsError(
+                            "already exists (use -f to replace it)", path=self.path
+                        ) from None
+                    os.unlink(self.tmp)
+                _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+                self.tmp = None
+        finally:
+            self.file.close()
+            if self.tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.tmp)
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,121 @@
+"""Access to the upstream reference vectors in ``../shared/vectors`` (never copied here).
+
+Set ``OBD_VECTORS`` to point elsewhere. Tests that need the vectors skip with a reason
+when the folder is absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+VECTORS = Path(os.environ.get("OBD_VECTORS", REPO.parent / "shared" / "vectors"))
+
+
+def have_vectors() -> bool:
+    return (VECTORS / "manifest.json").is_file()
+
+
+def require_vectors() -> Path:
+    if not have_vectors():
+        pytest.skip(f"upstream reference vectors not found at {VECTORS} (set OBD_VECTORS)")
+    return VECTORS
+
+
+@cache
+def manifest() -> dict[str, Any]:
+    if not have_vectors():
+        return {"vectors": []}
+    with open(VECTORS / "manifest.json") as f:
+        return json.load(f)
+
+
+def vectors_of(*kinds: str) -> list[dict[str, Any]]:
+    return [v for v in manifest()["vectors"] if v["kind"] in kinds]
+
+
+def vector_ids(vs: list[dict[str, Any]]) -> list[str]:
+    return [v["name"] for v in vs]
+
+
+def vector_params(*kinds: str) -> list[Any]:
+    """pytest parameters for every vector of these kinds (one skipped param when absent)."""
+    vs = vectors_of(*kinds)
+    if not vs:
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no vectors at {VECTORS}"))]
+    return [pytest.param(v, id=v["name"]) for v in vs]
+
+
+def sha256_of_reader(pread: Any, size: int, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    pos = 0
+    while pos < size:
+        n = min(chunk, size - pos)
+        data = pread(pos, n)
+        assert len(data) == n, f"short read at {pos}: {len(data)} of {n}"
+        h.update(data)
+        pos += n
+    return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# Fill patterns of the vectors' README ("Fill patterns").
+def fill_hash(seed: int, length: int) -> bytes:
+    out = bytearray()
+    c = 0
+    while len(out) < length:
+        out += hashlib.sha256(b"overlaybd-vector:%d:%d" % (seed, c)).digest()
+        c += 1
+    return bytes(out[:length])
+
+
+def fill_text(seed: int, length: int) -> bytes:
+    out = bytearray()
+    i = 0
+    while len(out) < length:
+        out += b"seed=%d line=%08d the quick brown fox jumps over the lazy dog\n" % (seed, i)
+        i += 1
+    return bytes(out[:length])
+
+
+def fill_byte(seed: int, length: int) -> bytes:
+    return bytes([seed & 0xFF]) * length
+
+
+def fill_mixed(seed: int, length: int) -> bytes:
+    out = bytearray()
+    b = 0
+    while len(out) < length:
+        k = (seed + b) % 4
+        s = seed * 1000 + b
+        if k == 0:
+            out += fill_hash(s, 4096)
+        elif k == 1:
+            out += fill_text(s, 4096)
+        elif k == 2:
+            out += bytes(4096)
+        else:
+            out += fill_byte(s, 4096)
+        b += 1
+    return bytes(out[:length])
+
+
+FILLS = {"hash": fill_hash, "text": fill_text, "byte": fill_byte, "mixed": fill_mixed}
+
+
+def fill(spec: dict[str, Any], length: int) -> bytes:
+    return FILLS[spec["kind"]](spec["seed"], length)
