@@ -1,0 +1,1 @@
+"""Byte layouts of overlaybd files: LSMT layers, ZFile, the tar wrapper."""

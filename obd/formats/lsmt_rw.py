@@ -1,0 +1,454 @@
+"""Writable LSMT layers: log-structured and sparse; sealing in place (FORMATS.md §2).
+
+A log-structured layer appends every write to its data file and every mapping to its
+index file (later records win on reopen). A sparse layer writes in place at
+``4096 + offset`` of its data file and rebuilds its index from SEEK_DATA/SEEK_HOLE.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterator
+
+import numpy as np
+
+from obd.errors import CorruptError, ObdError, UsageError
+from obd.formats import uuid as uuidmod
+from obd.formats.lsmt import (
+    ENTRY_SIZE,
+    FLAG_DATA,
+    FLAG_HEADER,
+    FLAG_SEALED,
+    FLAG_SPARSE,
+    HT_SECTORS,
+    HT_SLOT,
+    INVALID_OFFSET,
+    MAX_RW_INDEX_RECORDS,
+    MAX_SEGMENT_SECTORS,
+    SECTOR,
+    HeaderTrailer,
+    Mappings,
+    SegmentIndex,
+    decode_entries,
+    encode_entries,
+    encode_entry,
+    read_view,
+)
+from obd.io.file import LocalFile
+
+log = logging.getLogger(__name__)
+
+MAX_IO_SECTORS = (4 << 20) // SECTOR  # writes are split into 4 MiB pieces
+
+
+class MutableIndex:
+    """An overlap-resolving, sorted index: a newer mapping replaces what it covers.
+
+    Kept as parallel Python lists (sectors); trimming the front of a data segment advances
+    its ``moffset``, trimming a zeroed one does not (as upstream does).
+    """
+
+    __slots__ = ("lens", "moffs", "starts", "zeroed")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.lens: list[int] = []
+        self.moffs: list[int] = []
+        self.zeroed: list[bool] = []
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def insert(self, off: int, length: int, moff: int, zeroed: bool) -> None:
+        if length <= 0:
+            return
+        end = off + length
+        starts, lens, moffs, zs = self.starts, self.lens, self.moffs, self.zeroed
+        lo = bisect_right(starts, off) - 1
+        if lo < 0 or starts[lo] + lens[lo] <= off:
+            lo += 1
+        hi = bisect_left(starts, end, lo)
+        n_s = []
+        n_l = []
+        n_m = []
+        n_z = []
+        if lo < hi and starts[lo] < off:  # keep the head of the first overlapped entry
+            n_s.append(starts[lo])
+            n_l.append(off - starts[lo])
+            n_m.append(moffs[lo])
+            n_z.append(zs[lo])
+        n_s.append(off)
+        n_l.append(length)
+        n_m.append(moff)
+        n_z.append(zeroed)
+        if lo < hi:
+            last = hi - 1
+            lend = starts[last] + lens[last]
+            if lend > end:  # keep the tail of the last overlapped entry
+                delta = end - starts[last]
+                n_s.append(end)
+                n_l.append(lend - end)
+                n_m.append(moffs[last] if zs[last] else moffs[last] + delta)
+                n_z.append(zs[last])
+        starts[lo:hi] = n_s
+        lens[lo:hi] = n_l
+        moffs[lo:hi] = n_m
+        zs[lo:hi] = n_z
+
+    def mappings(self, tag: int = 0) -> Mappings:
+        return Mappings.from_lists(self.starts, self.lens, self.moffs, self.zeroed, tag)
+
+    def snapshot(self) -> SegmentIndex:
+        return SegmentIndex(self.mappings())
+
+    def runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+        # same contract as SegmentIndex.runs, on the live lists
+        from obd.formats.lsmt import RUN_DATA, RUN_HOLE, RUN_ZERO
+
+        starts, lens = self.starts, self.lens
+        i = bisect_right(starts, start) - 1
+        if i < 0 or starts[i] + lens[i] <= start:
+            i += 1
+        pos = start
+        n = len(starts)
+        while pos < end:
+            if i >= n or starts[i] >= end:
+                yield (RUN_HOLE, pos, end - pos, 0, 0)
+                return
+            s = starts[i]
+            if s > pos:
+                yield (RUN_HOLE, pos, s - pos, 0, 0)
+                pos = s
+            e = min(s + lens[i], end)
+            if self.zeroed[i]:
+                yield (RUN_ZERO, pos, e - pos, 0, 0)
+            else:
+                yield (RUN_DATA, pos, e - pos, self.moffs[i] + (pos - s), 0)
+            pos = e
+            i += 1
+
+
+class LSMTWritable:
+    """A writable layer (log-structured or sparse) over its data and index files.
+
+    Thread-safe: writes are serialized by a lock; reads take it briefly.
+    ``tag`` is written into index records (upstream writes the number of read-only
+    layers below when stacked); it is reset to 0 on load.
+    """
+
+    def __init__(
+        self,
+        data: LocalFile,
+        index: LocalFile | None,
+        header: HeaderTrailer,
+        idx: MutableIndex,
+        *,
+        readonly: bool = False,
+    ) -> None:
+        self.data = data
+        self.index_file = index
+        self.header = header
+        self.idx = idx
+        self.sparse = header.is_sparse
+        self._vsize = header.virtual_size
+        self._readonly = readonly
+        self.lock = threading.RLock()
+        self.tag = 0
+        self._data_end = data.size()
+        self._dirty = False
+
+    # -- creation and opening -------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        data: LocalFile,
+        index: LocalFile | None,
+        virtual_size: int,
+        *,
+        uuid: str | None = None,
+        parent_uuid: str | None = None,
+        sparse: bool = False,
+    ) -> LSMTWritable:
+        """Write fresh headers into empty ``data`` / ``index`` files (§2.1, §2.3)."""
+        if virtual_size % SECTOR:
+            raise UsageError(f"virtual size {virtual_size} is not a multiple of 512")
+        uid = uuidmod.normalize(uuid) if uuid else uuidmod.generate()
+        hdr = HeaderTrailer(
+            flags=FLAG_HEADER | FLAG_DATA | (FLAG_SPARSE if sparse else 0),
+            virtual_size=virtual_size,
+            uuid=uid,
+            parent_uuid=uuidmod.normalize(parent_uuid),
+        )
+        data.pwrite(0, hdr.pack())
+        if sparse:
+            data.truncate(HT_SLOT + virtual_size)
+        else:
+            assert index is not None
+            index.pwrite(0, hdr.with_(flags=FLAG_HEADER, index_offset=HT_SLOT).pack())
+        return cls(data, index, hdr, MutableIndex())
+
+    @classmethod
+    def open(
+        cls, data: LocalFile, index: LocalFile | None, *, readonly: bool = False
+    ) -> LSMTWritable:
+        """Reopen a writable layer, rebuilding its index (§2.2, §2.3)."""
+        dsize = data.size()
+        if dsize < HT_SLOT:
+            raise CorruptError(f"too small for an LSMT data file ({dsize} bytes)", path=data.path)
+        hdr = HeaderTrailer.unpack(data.pread(0, HT_SLOT), path=data.path)
+        if not hdr.is_header or not hdr.is_data_file:
+            raise CorruptError(
+                f"flags 0x{hdr.flags:x} are not a writable data-file header", path=data.path, offset=28
+            )
+        if hdr.is_sealed or _has_trailer(data):
+            raise UsageError(
+                f"{data.path}: this layer is sealed; open it as a read-only layer"
+            )
+        idx = MutableIndex()
+        if hdr.is_sparse:
+            end = HT_SLOT + hdr.virtual_size
+            for a, b in data.data_extents(HT_SLOT, min(dsize, end)):
+                a -= a % SECTOR
+                b += -b % SECTOR
+                sec = a // SECTOR
+                nsec = (b - a) // SECTOR
+                while nsec > 0:
+                    step = min(nsec, MAX_SEGMENT_SECTORS)
+                    idx.insert(sec - HT_SECTORS, step, sec, False)
+                    sec += step
+                    nsec -= step
+            return cls(data, index, hdr, idx, readonly=readonly)
+        if index is None:
+            raise UsageError("a log-structured layer needs its index file")
+        isize = index.size()
+        if isize < HT_SLOT:
+            raise CorruptError(f"too small for an LSMT index file ({isize} bytes)", path=index.path)
+        ihdr = HeaderTrailer.unpack(index.pread(0, HT_SLOT), path=index.path)
+        if not ihdr.is_header or ihdr.is_data_file:
+            what = "a data file" if ihdr.is_data_file else f"flags 0x{ihdr.flags:x}"
+            raise CorruptError(f"not an LSMT index file ({what})", path=index.path, offset=28)
+        if ihdr.is_sealed:
+            raise CorruptError("index file header is marked sealed", path=index.path, offset=28)
+        if ihdr.index_offset != HT_SLOT:
+            raise CorruptError(
+                f"index file header has index_offset {ihdr.index_offset}, expected 4096",
+                path=index.path,
+                offset=32,
+            )
+        body = isize - HT_SLOT
+        n = body // ENTRY_SIZE
+        if n > MAX_RW_INDEX_RECORDS:
+            raise CorruptError(f"index file holds {n} records, too many", path=index.path)
+        if body % ENTRY_SIZE:
+            log.warning(
+                "%s: dropping a torn trailing index record (%d bytes)", index.path, body % ENTRY_SIZE
+            )
+        raw = index.pread(HT_SLOT, n * ENTRY_SIZE)
+        m = decode_entries(raw)
+        ends = dsize // SECTOR
+        valid = m.offset != np.uint64(INVALID_OFFSET)
+        mend = m.mend()
+        bad = valid & (
+            (m.moffset < HT_SECTORS)
+            | np.where(m.zeroed, m.moffset > ends, (m.moffset >= ends) | (mend > ends))
+        ) & (m.length > 0)
+        if bad.any():
+            i = int(np.nonzero(bad)[0][0])
+            raise CorruptError(
+                f"index record {i} maps outside the data file (moffset {int(m.moffset[i])}, length {int(m.length[i])} sectors)",
+                path=index.path,
+                offset=HT_SLOT + i * ENTRY_SIZE,
+            )
+        offs = m.offset[valid].tolist()
+        lens = m.length[valid].tolist()
+        mos = m.moffset[valid].tolist()
+        zs = m.zeroed[valid].tolist()
+        ins = idx.insert
+        for k in range(len(offs)):
+            ins(offs[k], lens[k], mos[k], zs[k])
+        # vsize and uuid of a log-structured layer come from the index file header
+        hdr = hdr.with_(virtual_size=ihdr.virtual_size, uuid=ihdr.uuid, parent_uuid=ihdr.parent_uuid)
+        return cls(data, index, hdr, idx, readonly=readonly)
+
+    # -- properties -----------------------------------------------------------------
+
+    @property
+    def virtual_size(self) -> int:
+        return self._vsize
+
+    @property
+    def uuid(self) -> str:
+        return self.header.uuid
+
+    @property
+    def parent_uuid(self) -> str:
+        return self.header.parent_uuid
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    def size(self) -> int:
+        return self._vsize
+
+    def mappings(self) -> Mappings:
+        with self.lock:
+            return self.idx.mappings()
+
+    def garbage_bytes(self) -> int:
+        """Data-file bytes written but no longer referenced (log-structured layers)."""
+        if self.sparse:
+            return 0
+        with self.lock:
+            m = self.idx.mappings()
+            used = int(m.length[~m.zeroed].sum()) * SECTOR
+            return max(0, self._data_end - HT_SLOT - used)
+
+    # -- reads ------------------------------------------------------------------------
+
+    def runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+        with self.lock:
+            return iter(list(self.idx.runs(start, end)))
+
+    def pread(self, offset: int, length: int) -> bytes:
+        with self.lock:
+            snap = _LiveIndex(self.idx)
+            return read_view(snap, [self.data], offset, length, self._vsize)  # type: ignore[arg-type]
+
+    # -- writes ---------------------------------------------------------------------
+
+    def _check(self, offset: int, length: int, what: str) -> None:
+        if self._readonly:
+            from obd.errors import ReadOnlyError
+
+            raise ReadOnlyError("layer is opened read-only")
+        if offset % SECTOR or length % SECTOR or offset < 0 or length < 0:
+            raise UsageError(f"{what} at {offset}+{length} is not 512-byte aligned")
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        self._check(offset, len(view), "write")
+        with self.lock:
+            pos = 0
+            total = len(view)
+            while pos < total:
+                n = min(total - pos, MAX_IO_SECTORS * SECTOR)
+                piece = view[pos : pos + n]
+                sec = (offset + pos) // SECTOR
+                if self.sparse:
+                    self.data.pwrite(HT_SLOT + offset + pos, piece)
+                    self.idx.insert(sec, n // SECTOR, HT_SECTORS + sec, False)
+                else:
+                    at = self._data_end
+                    self.data.pwrite(at, piece)
+                    self._data_end = at + n
+                    rec = (sec, n // SECTOR, at // SECTOR, False)
+                    assert self.index_file is not None
+                    self.index_file.append(encode_entry(*rec, tag=self.tag))
+                    self.idx.insert(*rec)
+                pos += n
+            self._vsize = max(self._vsize, offset + total)
+            self._dirty = True
+
+    def discard(self, offset: int, length: int) -> None:
+        """Zero a range without storing data (a zeroed segment; sparse: punch a hole)."""
+        self._check(offset, length, "discard")
+        with self.lock:
+            sec = offset // SECTOR
+            nsec = length // SECTOR
+            while nsec > 0:
+                step = min(nsec, MAX_SEGMENT_SECTORS)
+                if self.sparse:
+                    self.data.punch_hole(HT_SLOT + sec * SECTOR, step * SECTOR)
+                    self.idx.insert(sec, step, HT_SECTORS + sec, True)
+                else:
+                    rec = (sec, step, self._data_end // SECTOR, True)
+                    assert self.index_file is not None
+                    self.index_file.append(encode_entry(*rec, tag=self.tag))
+                    self.idx.insert(*rec)
+                sec += step
+                nsec -= step
+            self._dirty = True
+
+    write_zeroes = discard
+
+    def flush(self) -> None:
+        with self.lock:
+            self.data.flush()
+            if self.index_file is not None and not self.sparse:
+                self.index_file.flush()
+            self._dirty = False
+
+    def update_vsize(self, vsize: int) -> None:
+        """Rewrite the virtual size in the headers of both files (§2.1)."""
+        with self.lock:
+            self._vsize = vsize
+            self.header = self.header.with_(virtual_size=vsize)
+            self.data.pwrite(0, self.header.pack())
+            if self.sparse:
+                self.data.truncate(HT_SLOT + vsize)
+            elif self.index_file is not None:
+                self.index_file.pwrite(
+                    0, self.header.with_(flags=FLAG_HEADER, index_offset=HT_SLOT).pack()
+                )
+
+    def seal(self) -> None:
+        """Append the sorted index and a trailer to the data file (§2.4)."""
+        with self.lock:
+            if self._readonly:
+                from obd.errors import ReadOnlyError
+
+                raise ReadOnlyError("layer is opened read-only")
+            m = self.idx.mappings()
+            raw = encode_entries(m)
+            index_offset = self.data.size()
+            if index_offset % SECTOR:
+                raise CorruptError("data file size is not 512-aligned", path=self.data.path)
+            pad = -len(raw) % SECTOR
+            self.data.pwrite(index_offset, raw + bytes(pad))
+            trailer = self.header.with_(
+                flags=FLAG_DATA | FLAG_SEALED | (FLAG_SPARSE if self.sparse else 0),
+                index_offset=index_offset,
+                index_size=len(m),
+            )
+            self.data.pwrite(index_offset + len(raw) + pad, trailer.pack())
+            self.data.flush()
+            self._readonly = True
+
+    def close(self) -> None:
+        self.data.close()
+        if self.index_file is not None:
+            self.index_file.close()
+
+
+class _LiveIndex:
+    """Adapter giving a MutableIndex the ``runs`` of a SegmentIndex."""
+
+    __slots__ = ("idx",)
+
+    def __init__(self, idx: MutableIndex) -> None:
+        self.idx = idx
+
+    def runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+        return self.idx.runs(start, end)
+
+
+def _has_trailer(data: LocalFile) -> bool:
+    size = data.size()
+    if size < 2 * HT_SLOT:
+        return False
+    try:
+        t = HeaderTrailer.unpack(data.pread(size - HT_SLOT, HT_SLOT))
+    except ObdError:
+        return False
+    return not t.is_header and t.is_sealed
+
+
+def is_sealed_file(data: LocalFile) -> bool:
+    return _has_trailer(data)
+
+
+__all__ = ["LSMTWritable", "MutableIndex", "is_sealed_file"]
