@@ -1,0 +1,530 @@
+"""ZFile block codecs by on-disk algorithm id (FORMATS.md §4.2 ``algo``, §4.5).
+
+=====  ==========  =========================================================
+  id   name        stored form
+=====  ==========  =========================================================
+  0    MINI_LZO    defined by overlaybd, never written or read: unsupported
+  1    LZ4         raw LZ4 block (no frame), ``LZ4_compress_default``
+  2    ZSTD        one zstd frame, level 3, with content size, no checksum
+=====  ==========  =========================================================
+
+Byte-identical output with the upstream tools needs the same compressor version: the
+reference vectors match liblz4 1.9.4 and libzstd 1.5.4 (Debian bookworm). When the system
+libraries ``liblz4.so.1`` / ``libzstd.so.1`` load they are called through ctypes (which
+releases the GIL, so compression threads scale); otherwise the ``lz4`` / ``zstandard``
+Python packages are used. Decompression works with either.
+
+Besides one-block ``compress`` / ``decompress``, every codec has batch helpers
+(:meth:`Codec.compress_blocks`, :meth:`Codec.decompress_blocks`) that handle many
+consecutive blocks with one output buffer; they also append and check the per-block CRC
+(raw CRC32C, seed 100007) so the ZFile reader and writer pay as little per block as
+possible.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from crc32c import crc32c as _crc32c
+
+from obd.errors import UnsupportedError
+
+ALGO_MINI_LZO = 0
+ALGO_LZ4 = 1
+ALGO_ZSTD = 2
+
+ALGO_NAMES = {ALGO_MINI_LZO: "mini_lzo", ALGO_LZ4: "lz4", ALGO_ZSTD: "zstd"}
+ZSTD_LEVEL = 3
+
+# Library versions the reference vectors were made with (see module docstring).
+LZ4_VECTOR_VERSION = 10904
+ZSTD_VECTOR_VERSION = 10504
+
+_MASK = 0xFFFFFFFF
+_BLOCK_SEED_INV = ~100007 & _MASK
+_U32 = struct.Struct("<I")
+
+# Problem strings reported per block by decompress_blocks().
+PROBLEM_CRC = "checksum mismatch"
+PROBLEM_DECODE = "decompression failed"
+PROBLEM_SIZE = "decompressed to the wrong size"
+
+
+def _address(buf: Any) -> int:
+    """Address of a buffer's first byte (bytes, bytearray, memoryview; no copy)."""
+    if len(buf) == 0:
+        return 0
+    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
+
+
+def _load(name: str) -> Any:
+    if os.environ.get("OBD_NO_SYSTEM_CODECS"):
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+class Codec:
+    """One compression algorithm. Subclasses give ``compress``/``decompress``."""
+
+    algo_id: int = -1
+    name: str = ""
+    backend: str = "python"
+
+    def bound(self, raw_size: int) -> int:
+        """Largest stored size (without CRC) of a ``raw_size`` block."""
+        raise NotImplementedError
+
+    def compress(self, raw: bytes | bytearray | memoryview) -> bytes:
+        raise NotImplementedError
+
+    def decompress(self, stored: bytes | bytearray | memoryview, raw_size: int) -> bytes:
+        """Decode one block; raise ValueError unless it decodes to exactly ``raw_size``."""
+        raise NotImplementedError
+
+    def version(self) -> int | None:
+        """Library version number (e.g. 10904) when known."""
+        return None
+
+    def matches_vectors(self) -> bool:
+        """True when this backend writes the same bytes as the upstream reference vectors."""
+        return False
+
+    # -- batches ---------------------------------------------------------------------
+
+    def compress_blocks(
+        self, data: bytes | bytearray | memoryview, block_size: int, crc: bool
+    ) -> tuple[memoryview, list[int]]:
+        """Compress consecutive ``block_size`` chunks of ``data`` (the last may be short).
+
+        Returns the stored records back to back (each followed by its CRC when ``crc``)
+        and the list of record lengths (CRC included), i.e. jump-table entries.
+        """
+        mv = memoryview(data).cast("B")
+        out = bytearray()
+        lengths: list[int] = []
+        for pos in range(0, len(mv), block_size):
+            c = self.compress(mv[pos : pos + block_size])
+            out += c
+            n = len(c)
+            if crc:
+                out += _U32.pack(~_crc32c(c, _BLOCK_SEED_INV) & _MASK)
+                n += 4
+            lengths.append(n)
+        return memoryview(out), lengths
+
+    def decompress_blocks(
+        self,
+        stored: bytes | bytearray | memoryview,
+        lengths: Sequence[int],
+        out: bytearray | memoryview,
+        block_size: int,
+        last_raw: int,
+        crc: bool,
+    ) -> list[tuple[int, str]]:
+        """Decode consecutive stored records into ``out`` (block i at ``i*block_size``).
+
+        ``lengths`` are the records' stored lengths (CRC included when ``crc``); the last
+        block decodes to ``last_raw`` bytes, the others to ``block_size``. Returns the
+        ``(index, problem)`` of every block that failed; their output range is undefined.
+        """
+        src = memoryview(stored).cast("B")
+        dst = memoryview(out).cast("B")
+        bad: list[tuple[int, str]] = []
+        pos = 0
+        last = len(lengths) - 1
+        for i, n in enumerate(lengths):
+            body = n - 4 if crc else n
+            rec = src[pos : pos + body]
+            if (
+                crc
+                and (~_crc32c(rec, _BLOCK_SEED_INV) & _MASK) != _U32.unpack_from(src, pos + body)[0]
+            ):
+                bad.append((i, PROBLEM_CRC))
+                pos += n
+                continue
+            want = last_raw if i == last else block_size
+            try:
+                raw = self.decompress(rec, want)
+            except ValueError as e:
+                bad.append((i, str(e)))
+            else:
+                dst[i * block_size : i * block_size + want] = raw
+            pos += n
+        return bad
+
+
+def _check_sizes(
+    src: memoryview, lengths: Sequence[int], out: Any, block_size: int, last_raw: int
+) -> None:
+    """Refuse buffers too small for a batch (C code must never run past them)."""
+    if not lengths:
+        return
+    if sum(lengths) > len(src):
+        raise ValueError("stored buffer shorter than the records it should hold")
+    if (len(lengths) - 1) * block_size + last_raw > len(out) or last_raw > block_size:
+        raise ValueError("output buffer too small for the blocks")
+
+
+# ----------------------------------------------------------------------------- LZ4
+
+
+class _Lz4System(Codec):
+    algo_id = ALGO_LZ4
+    name = "lz4"
+    backend = "liblz4"
+
+    def __init__(self, lib: Any) -> None:
+        lib.LZ4_compress_default.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+        ]
+        lib.LZ4_compress_default.restype = ctypes.c_int
+        lib.LZ4_decompress_safe.argtypes = lib.LZ4_compress_default.argtypes
+        lib.LZ4_decompress_safe.restype = ctypes.c_int
+        lib.LZ4_versionNumber.restype = ctypes.c_int
+        lib.LZ4_compressBound.argtypes = [ctypes.c_int]
+        lib.LZ4_compressBound.restype = ctypes.c_int
+        self._lib = lib
+        self._c = lib.LZ4_compress_default
+        self._d = lib.LZ4_decompress_safe
+
+    def version(self) -> int:
+        return int(self._lib.LZ4_versionNumber())
+
+    def matches_vectors(self) -> bool:
+        return self.version() == LZ4_VECTOR_VERSION
+
+    def bound(self, raw_size: int) -> int:
+        return raw_size + raw_size // 255 + 16
+
+    def compress(self, raw: bytes | bytearray | memoryview) -> bytes:
+        mv, _ = self.compress_blocks(raw, max(len(raw), 1), False)
+        return bytes(mv)
+
+    def decompress(self, stored: bytes | bytearray | memoryview, raw_size: int) -> bytes:
+        out = bytearray(raw_size)
+        n = self._d(_address(stored), _address(out), len(stored), raw_size)
+        if n < 0:
+            raise ValueError(PROBLEM_DECODE)
+        if n != raw_size:
+            raise ValueError(PROBLEM_SIZE)
+        return bytes(out)
+
+    def compress_blocks(
+        self, data: bytes | bytearray | memoryview, block_size: int, crc: bool
+    ) -> tuple[memoryview, list[int]]:
+        size = len(data)
+        nblocks = -(-size // block_size)
+        cap = self.bound(block_size)
+        out = bytearray(nblocks * (cap + 4))
+        mv = memoryview(out)
+        src = _address(data)
+        dst = _address(out)
+        comp = self._c
+        pack = _U32.pack_into
+        lengths: list[int] = []
+        append = lengths.append
+        pos = 0
+        for off in range(0, size, block_size):
+            n = comp(src + off, dst + pos, min(block_size, size - off), cap)
+            if n <= 0:
+                raise ValueError("LZ4 compression failed")
+            if crc:
+                pack(out, pos + n, ~_crc32c(mv[pos : pos + n], _BLOCK_SEED_INV) & _MASK)
+                n += 4
+            append(n)
+            pos += n
+        return mv[:pos], lengths
+
+    def decompress_blocks(
+        self,
+        stored: bytes | bytearray | memoryview,
+        lengths: Sequence[int],
+        out: bytearray | memoryview,
+        block_size: int,
+        last_raw: int,
+        crc: bool,
+    ) -> list[tuple[int, str]]:
+        src_mv = memoryview(stored).cast("B")
+        _check_sizes(src_mv, lengths, out, block_size, last_raw)
+        src = _address(stored)
+        dst = _address(out)
+        dec = self._d
+        unpack = _U32.unpack_from
+        bad: list[tuple[int, str]] = []
+        pos = 0
+        last = len(lengths) - 1
+        dpos = 0
+        for i, n in enumerate(lengths):
+            body = n - 4 if crc else n
+            if (
+                crc
+                and (~_crc32c(src_mv[pos : pos + body], _BLOCK_SEED_INV) & _MASK)
+                != unpack(src_mv, pos + body)[0]
+            ):
+                bad.append((i, PROBLEM_CRC))
+            else:
+                want = last_raw if i == last else block_size
+                r = dec(src + pos, dst + dpos, body, want)
+                if r != want:
+                    bad.append((i, PROBLEM_DECODE if r < 0 else PROBLEM_SIZE))
+            pos += n
+            dpos += block_size
+        return bad
+
+
+class _Lz4Python(Codec):
+    algo_id = ALGO_LZ4
+    name = "lz4"
+    backend = "python-lz4"
+
+    def __init__(self) -> None:
+        import lz4.block
+
+        self._block = lz4.block
+
+    def bound(self, raw_size: int) -> int:
+        return raw_size + raw_size // 255 + 16
+
+    def compress(self, raw: bytes | bytearray | memoryview) -> bytes:
+        return bytes(self._block.compress(raw, mode="default", store_size=False))
+
+    def decompress(self, stored: bytes | bytearray | memoryview, raw_size: int) -> bytes:
+        try:
+            out = self._block.decompress(stored, uncompressed_size=raw_size)
+        except Exception:
+            raise ValueError(PROBLEM_DECODE) from None
+        if len(out) != raw_size:
+            raise ValueError(PROBLEM_SIZE)
+        return bytes(out)
+
+
+# ---------------------------------------------------------------------------- ZSTD
+
+
+class _ZstdCtx:
+    """A ZSTD_CCtx + ZSTD_DCtx owned by one thread, freed with it."""
+
+    def __init__(self, lib: Any) -> None:
+        self._lib = lib
+        self.cctx = lib.ZSTD_createCCtx()
+        self.dctx = lib.ZSTD_createDCtx()
+        if not self.cctx or not self.dctx:
+            raise MemoryError("cannot create zstd contexts")
+
+    def __del__(self) -> None:
+        lib = self._lib
+        if lib is not None:
+            lib.ZSTD_freeCCtx(self.cctx)
+            lib.ZSTD_freeDCtx(self.dctx)
+
+
+class _ZstdSystem(Codec):
+    algo_id = ALGO_ZSTD
+    name = "zstd"
+    backend = "libzstd"
+
+    def __init__(self, lib: Any) -> None:
+        vp, sz = ctypes.c_void_p, ctypes.c_size_t
+        lib.ZSTD_createCCtx.restype = vp
+        lib.ZSTD_createDCtx.restype = vp
+        lib.ZSTD_freeCCtx.argtypes = [vp]
+        lib.ZSTD_freeDCtx.argtypes = [vp]
+        lib.ZSTD_compressCCtx.argtypes = [vp, vp, sz, vp, sz, ctypes.c_int]
+        lib.ZSTD_compressCCtx.restype = sz
+        lib.ZSTD_decompressDCtx.argtypes = [vp, vp, sz, vp, sz]
+        lib.ZSTD_decompressDCtx.restype = sz
+        lib.ZSTD_compressBound.argtypes = [sz]
+        lib.ZSTD_compressBound.restype = sz
+        lib.ZSTD_versionNumber.restype = ctypes.c_uint
+        self._lib = lib
+        self._c = lib.ZSTD_compressCCtx
+        self._d = lib.ZSTD_decompressDCtx
+        self._local = threading.local()
+
+    def _ctx(self) -> _ZstdCtx:
+        ctx: _ZstdCtx | None = getattr(self._local, "ctx", None)
+        if ctx is None:
+            ctx = self._local.ctx = _ZstdCtx(self._lib)
+        return ctx
+
+    def version(self) -> int:
+        return int(self._lib.ZSTD_versionNumber())
+
+    def matches_vectors(self) -> bool:
+        return self.version() == ZSTD_VECTOR_VERSION
+
+    def bound(self, raw_size: int) -> int:
+        return int(self._lib.ZSTD_compressBound(raw_size))
+
+    def compress(self, raw: bytes | bytearray | memoryview) -> bytes:
+        mv, _ = self.compress_blocks(raw, max(len(raw), 1), False)
+        return bytes(mv)
+
+    def decompress(self, stored: bytes | bytearray | memoryview, raw_size: int) -> bytes:
+        out = bytearray(raw_size)
+        n = self._d(self._ctx().dctx, _address(out), raw_size, _address(stored), len(stored))
+        if n > raw_size:
+            raise ValueError(PROBLEM_DECODE)
+        if n != raw_size:
+            raise ValueError(PROBLEM_SIZE)
+        return bytes(out)
+
+    def compress_blocks(
+        self, data: bytes | bytearray | memoryview, block_size: int, crc: bool
+    ) -> tuple[memoryview, list[int]]:
+        size = len(data)
+        nblocks = -(-size // block_size) if size else 1
+        cap = self.bound(block_size)
+        out = bytearray(nblocks * (cap + 4))
+        mv = memoryview(out)
+        src = _address(data)
+        dst = _address(out)
+        cctx = self._ctx().cctx
+        comp = self._c
+        pack = _U32.pack_into
+        lengths: list[int] = []
+        append = lengths.append
+        pos = 0
+        # An empty input still makes one (empty) frame, as ZSTD_compress does.
+        for off in range(0, size, block_size) if size else (0,):
+            n = comp(cctx, dst + pos, cap, src + off, min(block_size, size - off), ZSTD_LEVEL)
+            if n > cap:
+                raise ValueError("zstd compression failed")
+            if crc:
+                pack(out, pos + n, ~_crc32c(mv[pos : pos + n], _BLOCK_SEED_INV) & _MASK)
+                n += 4
+            append(n)
+            pos += n
+        return mv[:pos], lengths
+
+    def decompress_blocks(
+        self,
+        stored: bytes | bytearray | memoryview,
+        lengths: Sequence[int],
+        out: bytearray | memoryview,
+        block_size: int,
+        last_raw: int,
+        crc: bool,
+    ) -> list[tuple[int, str]]:
+        src_mv = memoryview(stored).cast("B")
+        _check_sizes(src_mv, lengths, out, block_size, last_raw)
+        src = _address(stored)
+        dst = _address(out)
+        dctx = self._ctx().dctx
+        dec = self._d
+        unpack = _U32.unpack_from
+        bad: list[tuple[int, str]] = []
+        pos = 0
+        last = len(lengths) - 1
+        dpos = 0
+        for i, n in enumerate(lengths):
+            body = n - 4 if crc else n
+            if (
+                crc
+                and (~_crc32c(src_mv[pos : pos + body], _BLOCK_SEED_INV) & _MASK)
+                != unpack(src_mv, pos + body)[0]
+            ):
+                bad.append((i, PROBLEM_CRC))
+            else:
+                want = last_raw if i == last else block_size
+                r = dec(dctx, dst + dpos, want, src + pos, body)
+                if r != want:
+                    bad.append((i, PROBLEM_DECODE if r > want else PROBLEM_SIZE))
+            pos += n
+            dpos += block_size
+        return bad
+
+
+class _ZstdPython(Codec):
+    algo_id = ALGO_ZSTD
+    name = "zstd"
+    backend = "python-zstandard"
+
+    def __init__(self) -> None:
+        import zstandard
+
+        self._zstd = zstandard
+        self._local = threading.local()
+
+    def _pair(self) -> tuple[Any, Any]:
+        pair = getattr(self._local, "pair", None)
+        if pair is None:
+            z = self._zstd
+            pair = self._local.pair = (
+                z.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True, write_checksum=False),
+                z.ZstdDecompressor(),
+            )
+        return pair
+
+    def bound(self, raw_size: int) -> int:
+        return raw_size + (raw_size >> 8) + 64
+
+    def compress(self, raw: bytes | bytearray | memoryview) -> bytes:
+        return bytes(self._pair()[0].compress(raw))
+
+    def decompress(self, stored: bytes | bytearray | memoryview, raw_size: int) -> bytes:
+        try:
+            out = self._pair()[1].decompress(stored, max_output_size=raw_size)
+        except Exception:
+            raise ValueError(PROBLEM_DECODE) from None
+        if len(out) != raw_size:
+            raise ValueError(PROBLEM_SIZE)
+        return bytes(out)
+
+
+# ---------------------------------------------------------------------------- table
+
+_CODECS: dict[int, Codec] = {}
+_LOCK = threading.Lock()
+
+
+def _make(algo_id: int) -> Codec:
+    if algo_id == ALGO_LZ4:
+        lib = _load("liblz4.so.1")
+        if lib is not None and hasattr(lib, "LZ4_compress_default"):
+            return _Lz4System(lib)
+        return _Lz4Python()
+    if algo_id == ALGO_ZSTD:
+        lib = _load("libzstd.so.1")
+        if lib is not None and hasattr(lib, "ZSTD_compressCCtx"):
+            return _ZstdSystem(lib)
+        return _ZstdPython()
+    if algo_id in ALGO_NAMES:
+        raise UnsupportedError(
+            f"ZFile compression algorithm {algo_id} ({ALGO_NAMES[algo_id]}) is not supported"
+        )
+    raise UnsupportedError(f"unknown ZFile compression algorithm id {algo_id}")
+
+
+def get_codec(algo: int | str) -> Codec:
+    """The codec for an on-disk algorithm id (1, 2) or name ("lz4", "zstd")."""
+    if isinstance(algo, str):
+        ids = {v: k for k, v in ALGO_NAMES.items()}
+        if algo.lower() not in ids:
+            raise UnsupportedError(f"unknown ZFile compression algorithm {algo!r}")
+        algo = ids[algo.lower()]
+    codec = _CODECS.get(algo)
+    if codec is None:
+        with _LOCK:
+            codec = _CODECS.get(algo)
+            if codec is None:
+                codec = _CODECS[algo] = _make(algo)
+    return codec
+
+
+def python_codec(algo: int | str) -> Codec:
+    """The pure-package backend (``lz4`` / ``zstandard``), for tests and comparisons."""
+    algo_id = get_codec(algo).algo_id
+    return _Lz4Python() if algo_id == ALGO_LZ4 else _ZstdPython()
