@@ -1,0 +1,1 @@
+"""Block-device servers: NBD (see :mod:`obd.serve.nbd`)."""

@@ -1,0 +1,931 @@
+"""An NBD server for block devices (NetworkBlockDevice/nbd ``doc/proto.md``).
+
+Fixed newstyle handshake only; options ``EXPORT_NAME``, ``ABORT``, ``LIST``, ``INFO``,
+``GO``, ``STRUCTURED_REPLY``, ``LIST_META_CONTEXT`` and ``SET_META_CONTEXT`` (one
+context, ``base:allocation``); commands ``READ``, ``WRITE`` (+``FUA``), ``FLUSH``,
+``TRIM``, ``WRITE_ZEROES`` (+``NO_HOLE``), ``BLOCK_STATUS`` (+``REQ_ONE``) and ``DISC``.
+
+One thread per connection reads requests; a small pool of workers per connection runs
+them, so a client that pipelines (nbdcopy, qemu) gets several requests served at once.
+Replies go out under a per-connection lock, header and payload in one ``sendmsg``.
+
+Every export of a server shares one device object between its connections. Its ``flush``
+makes every completed write durable (the :class:`~obd.io.base.BlockDevice` contract),
+which is what ``NBD_FLAG_CAN_MULTI_CONN`` asks for, so that flag is set unless an export
+opts out.
+
+Errors: a bad request gets the protocol's error reply; a bad magic, an oversized write
+(its payload cannot be skipped safely) or a dropped connection ends that connection
+only. Nothing a client sends stops the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from obd.errors import FileAccessError, ObdError, ReadOnlyError, UsageError
+from obd.io.base import BlockDevice, ExtentKind
+
+log = logging.getLogger("obd.serve.nbd")
+
+# --- magics -------------------------------------------------------------------------
+NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
+OPTION_REPLY_MAGIC = 0x0003E889045565A9
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+# --- handshake flags (server, 16 bits) and client flags (32 bits) ----------------------
+NBD_FLAG_FIXED_NEWSTYLE = 1 << 0
+NBD_FLAG_NO_ZEROES = 1 << 1
+NBD_FLAG_C_FIXED_NEWSTYLE = 1 << 0
+NBD_FLAG_C_NO_ZEROES = 1 << 1
+
+# --- transmission flags (16 bits) ------------------------------------------------------
+NBD_FLAG_HAS_FLAGS = 1 << 0
+NBD_FLAG_READ_ONLY = 1 << 1
+NBD_FLAG_SEND_FLUSH = 1 << 2
+NBD_FLAG_SEND_FUA = 1 << 3
+NBD_FLAG_ROTATIONAL = 1 << 4
+NBD_FLAG_SEND_TRIM = 1 << 5
+NBD_FLAG_SEND_WRITE_ZEROES = 1 << 6
+NBD_FLAG_SEND_DF = 1 << 7
+NBD_FLAG_CAN_MULTI_CONN = 1 << 8
+
+# --- options ---------------------------------------------------------------------------
+NBD_OPT_EXPORT_NAME = 1
+NBD_OPT_ABORT = 2
+NBD_OPT_LIST = 3
+NBD_OPT_STARTTLS = 5
+NBD_OPT_INFO = 6
+NBD_OPT_GO = 7
+NBD_OPT_STRUCTURED_REPLY = 8
+NBD_OPT_LIST_META_CONTEXT = 9
+NBD_OPT_SET_META_CONTEXT = 10
+NBD_OPT_EXTENDED_HEADERS = 11
+
+# --- option replies --------------------------------------------------------------------
+NBD_REP_ACK = 1
+NBD_REP_SERVER = 2
+NBD_REP_INFO = 3
+NBD_REP_META_CONTEXT = 4
+_REP_ERR = 1 << 31
+NBD_REP_ERR_UNSUP = _REP_ERR + 1
+NBD_REP_ERR_POLICY = _REP_ERR + 2
+NBD_REP_ERR_INVALID = _REP_ERR + 3
+NBD_REP_ERR_PLATFORM = _REP_ERR + 4
+NBD_REP_ERR_TLS_REQD = _REP_ERR + 5
+NBD_REP_ERR_UNKNOWN = _REP_ERR + 6
+NBD_REP_ERR_SHUTDOWN = _REP_ERR + 7
+NBD_REP_ERR_BLOCK_SIZE_REQD = _REP_ERR + 8
+NBD_REP_ERR_TOO_BIG = _REP_ERR + 9
+
+# --- NBD_REP_INFO types ----------------------------------------------------------------
+NBD_INFO_EXPORT = 0
+NBD_INFO_NAME = 1
+NBD_INFO_DESCRIPTION = 2
+NBD_INFO_BLOCK_SIZE = 3
+
+# --- commands and command flags --------------------------------------------------------
+NBD_CMD_READ = 0
+NBD_CMD_WRITE = 1
+NBD_CMD_DISC = 2
+NBD_CMD_FLUSH = 3
+NBD_CMD_TRIM = 4
+NBD_CMD_CACHE = 5
+NBD_CMD_WRITE_ZEROES = 6
+NBD_CMD_BLOCK_STATUS = 7
+
+NBD_CMD_FLAG_FUA = 1 << 0
+NBD_CMD_FLAG_NO_HOLE = 1 << 1
+NBD_CMD_FLAG_DF = 1 << 2
+NBD_CMD_FLAG_REQ_ONE = 1 << 3
+NBD_CMD_FLAG_FAST_ZERO = 1 << 4
+
+# --- structured replies ----------------------------------------------------------------
+NBD_REPLY_FLAG_DONE = 1 << 0
+NBD_REPLY_TYPE_NONE = 0
+NBD_REPLY_TYPE_OFFSET_DATA = 1
+NBD_REPLY_TYPE_OFFSET_HOLE = 2
+NBD_REPLY_TYPE_BLOCK_STATUS = 5
+NBD_REPLY_TYPE_ERROR = (1 << 15) + 1
+NBD_REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2
+
+# --- error values (wire values, not the host's errno) ----------------------------------
+NBD_EPERM = 1
+NBD_EIO = 5
+NBD_ENOMEM = 12
+NBD_EINVAL = 22
+NBD_ENOSPC = 28
+NBD_EOVERFLOW = 75
+NBD_ENOTSUP = 95
+NBD_ESHUTDOWN = 108
+
+# --- base:allocation -------------------------------------------------------------------
+BASE_ALLOCATION = "base:allocation"
+BASE_ALLOCATION_ID = 1
+NBD_STATE_HOLE = 1 << 0
+NBD_STATE_ZERO = 1 << 1
+
+# --- limits ----------------------------------------------------------------------------
+MIN_BLOCK_SIZE = 512
+PREFERRED_BLOCK_SIZE = 4096
+MAX_PAYLOAD = 32 << 20  # largest READ / WRITE we serve (and advertise)
+MAX_OPTION_DATA = 64 << 10  # longer option data ends the connection
+MAX_STRING = 4096  # longest export name / query (proto.md "strings")
+MAX_EXTENTS = 1 << 16  # descriptors in one block-status reply
+HANDSHAKE_TIMEOUT = 60.0
+
+# --- wire layouts (all big-endian) -----------------------------------------------------
+HANDSHAKE = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
+CLIENT_FLAGS = struct.Struct(">I")
+OPTION_HEADER = struct.Struct(">QII")  # IHAVEOPT, option, data length
+OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, data length
+EXPORT_NAME_REPLY = struct.Struct(">QH")  # size, transmission flags (+124 zeros)
+INFO_EXPORT = struct.Struct(">HQH")  # NBD_INFO_EXPORT, size, transmission flags
+INFO_BLOCK_SIZE = struct.Struct(">HIII")  # NBD_INFO_BLOCK_SIZE, minimum, preferred, maximum
+REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
+SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
+STRUCTURED_REPLY = struct.Struct(">IHHQI")  # magic, flags, type, cookie, payload length
+OFFSET_DATA_REPLY = struct.Struct(">IHHQIQ")  # structured header + offset
+ERROR_PAYLOAD = struct.Struct(">IH")  # error, message length (+ message)
+BLOCK_DESCRIPTOR = struct.Struct(">II")  # length, status flags
+U16 = struct.Struct(">H")
+U32 = struct.Struct(">I")
+
+_ZEROES_124 = bytes(124)
+
+
+class Request(NamedTuple):
+    """A transmission-phase request header (28 bytes)."""
+
+    magic: int
+    flags: int
+    type: int
+    cookie: int
+    offset: int
+    length: int
+
+    def pack(self) -> bytes:
+        return REQUEST.pack(*self)
+
+    @classmethod
+    def unpack(cls, buf: bytes | bytearray | memoryview) -> Request:
+        return cls._make(REQUEST.unpack_from(buf))
+
+
+class OptionHeader(NamedTuple):
+    magic: int
+    option: int
+    length: int
+
+    def pack(self) -> bytes:
+        return OPTION_HEADER.pack(*self)
+
+    @classmethod
+    def unpack(cls, buf: bytes | bytearray | memoryview) -> OptionHeader:
+        return cls._make(OPTION_HEADER.unpack_from(buf))
+
+
+_COMMAND_NAMES = {
+    NBD_CMD_READ: "READ",
+    NBD_CMD_WRITE: "WRITE",
+    NBD_CMD_DISC: "DISC",
+    NBD_CMD_FLUSH: "FLUSH",
+    NBD_CMD_TRIM: "TRIM",
+    NBD_CMD_CACHE: "CACHE",
+    NBD_CMD_WRITE_ZEROES: "WRITE_ZEROES",
+    NBD_CMD_BLOCK_STATUS: "BLOCK_STATUS",
+}
+
+ReadHook = Callable[[str, int, int, int], None]
+"""``hook(export_name, offset, length, latency_ns)`` called after every served read."""
+
+
+@dataclass(eq=False)
+class Export:
+    """One named export: a device shared by every connection to it.
+
+    ``multi_conn`` says the device's ``flush`` covers the completed writes of every
+    connection (true for one shared device object); read-only exports always allow it.
+    """
+
+    name: str
+    device: BlockDevice
+    description: str = ""
+    multi_conn: bool = True
+    readonly: bool = field(init=False)
+    size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.readonly = bool(self.device.readonly)
+        self.size = int(self.device.size())
+        if len(self.name.encode()) > MAX_STRING:
+            raise UsageError(f"export name longer than {MAX_STRING} bytes: {self.name[:40]}...")
+
+    def transmission_flags(self, structured: bool) -> int:
+        flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH
+        if self.readonly:
+            flags |= NBD_FLAG_READ_ONLY | NBD_FLAG_CAN_MULTI_CONN
+        else:
+            flags |= NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES
+            if self.multi_conn:
+                flags |= NBD_FLAG_CAN_MULTI_CONN
+        if structured:
+            flags |= NBD_FLAG_SEND_DF  # we never split a read reply
+        return flags
+
+
+class _ClientGone(Exception):
+    """The peer closed the connection or broke the protocol: end this connection."""
+
+
+def nbd_errno(exc: BaseException) -> int:
+    """The NBD error value a failed device call is reported with."""
+    if isinstance(exc, ReadOnlyError):
+        return NBD_EPERM
+    if isinstance(exc, OSError) and not isinstance(exc, ObdError):
+        code = exc.errno
+        if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return NBD_ENOSPC
+        if code in (errno.EPERM, errno.EACCES, errno.EROFS):
+            return NBD_EPERM
+        if code == errno.EINVAL:
+            return NBD_EINVAL
+        if code == errno.ENOMEM:
+            return NBD_ENOMEM
+    if isinstance(exc, MemoryError):
+        return NBD_ENOMEM
+    return NBD_EIO
+
+
+class _Connection:
+    """One client: handshake, then the transmission phase."""
+
+    def __init__(self, server: NbdServer, sock: socket.socket, peer: str) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.send_lock = threading.Lock()
+        self.structured = False
+        self.meta_export: str | None = None  # export whose base:allocation is selected
+        self.export: Export | None = None
+        self.block_status = False
+        self.thread: threading.Thread | None = None
+
+    # -- socket helpers ----------------------------------------------------------------
+    def recv_into(self, view: memoryview) -> None:
+        got, want = 0, len(view)
+        sock = self.sock
+        while got < want:
+            n = sock.recv_into(view[got:])
+            if n == 0:
+                raise _ClientGone("connection closed by peer")
+            got += n
+
+    def recv(self, n: int) -> bytes:
+        buf = bytearray(n)
+        if n:
+            self.recv_into(memoryview(buf))
+        return bytes(buf)
+
+    def send(self, *parts: bytes | bytearray | memoryview) -> None:
+        """Send ``parts`` as one message (callers hold ``send_lock`` in transmission)."""
+        total = sum(len(p) for p in parts)
+        sent = self.sock.sendmsg(parts)
+        if sent == total:
+            return
+        # Partial send: finish with sendall over what is left.
+        for p in parts:
+            if sent >= len(p):
+                sent -= len(p)
+                continue
+            self.sock.sendall(memoryview(p)[sent:])
+            sent = 0
+
+    # -- run -----------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self.sock.settimeout(HANDSHAKE_TIMEOUT)
+            export = self.handshake()
+            if export is None:
+                return
+            self.sock.settimeout(None)
+            self.export = export
+            log.debug("%s: connected to export %r", self.peer, export.name)
+            self.transmission(export)
+        except _ClientGone as e:
+            log.debug("%s: %s", self.peer, e)
+        except (ConnectionError, TimeoutError) as e:
+            log.debug("%s: connection ended: %s", self.peer, e)
+        except OSError as e:
+            if not self.server.stopping:
+                log.info("%s: connection error: %s", self.peer, e)
+        except Exception:
+            log.exception("%s: unexpected error; closing this connection", self.peer)
+        finally:
+            with contextlib.suppress(OSError):
+                self.sock.close()
+            self.server._forget(self)
+
+    # -- handshake -----------------------------------------------------------------------
+    def option_reply(self, option: int, rtype: int, data: bytes = b"") -> None:
+        self.send(OPTION_REPLY.pack(OPTION_REPLY_MAGIC, option, rtype, len(data)), data)
+
+    def option_error(self, option: int, rtype: int, message: str) -> None:
+        self.option_reply(option, rtype, message.encode()[:MAX_STRING])
+
+    def handshake(self) -> Export | None:
+        self.send(HANDSHAKE.pack(NBDMAGIC, IHAVEOPT, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES))
+        (cflags,) = CLIENT_FLAGS.unpack(self.recv(4))
+        if cflags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES):
+            raise _ClientGone(f"unknown client flags 0x{cflags:x}")
+        no_zeroes = bool(cflags & NBD_FLAG_C_NO_ZEROES)
+        while True:
+            hdr = OptionHeader.unpack(self.recv(OPTION_HEADER.size))
+            if hdr.magic != IHAVEOPT:
+                raise _ClientGone(f"bad option magic 0x{hdr.magic:x}")
+            if hdr.length > MAX_OPTION_DATA:
+                raise _ClientGone(f"option {hdr.option} data too long ({hdr.length} bytes)")
+            data = self.recv(hdr.length)
+            opt = hdr.option
+            if opt == NBD_OPT_EXPORT_NAME:
+                export = self.server.find_export(data.decode(errors="replace"))
+                if isinstance(export, str):
+                    raise _ClientGone(f"NBD_OPT_EXPORT_NAME: {export}")
+                reply = EXPORT_NAME_REPLY.pack(export.size, export.transmission_flags(False))
+                self.send(reply if no_zeroes else reply + _ZEROES_124)
+                self.structured = False  # EXPORT_NAME cannot carry negotiated state safely
+                self.block_status = False
+                return export
+            if opt == NBD_OPT_ABORT:
+                with contextlib.suppress(OSError):
+                    self.option_reply(opt, NBD_REP_ACK)
+                return None
+            if opt == NBD_OPT_LIST:
+                if data:
+                    self.option_error(opt, NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
+                    continue
+                for name in self.server.export_names():
+                    raw = name.encode()
+                    self.option_reply(opt, NBD_REP_SERVER, U32.pack(len(raw)) + raw)
+                self.option_reply(opt, NBD_REP_ACK)
+            elif opt == NBD_OPT_STRUCTURED_REPLY:
+                if data:
+                    self.option_error(opt, NBD_REP_ERR_INVALID, "option takes no data")
+                elif self.structured:
+                    self.option_error(opt, NBD_REP_ERR_INVALID, "already negotiated")
+                else:
+                    self.structured = True
+                    self.option_reply(opt, NBD_REP_ACK)
+            elif opt in (NBD_OPT_INFO, NBD_OPT_GO):
+                export = self.info(opt, data)
+                if export is not None and opt == NBD_OPT_GO:
+                    self.block_status = self.meta_export == export.name
+                    return export
+            elif opt in (NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT):
+                self.meta_context(opt, data)
+            else:
+                self.option_error(opt, NBD_REP_ERR_UNSUP, f"option {opt} is not supported")
+
+    def info(self, opt: int, data: bytes) -> Export | None:
+        """NBD_OPT_INFO / NBD_OPT_GO: describe the export (GO: and enter transmission)."""
+        try:
+            (nlen,) = U32.unpack_from(data, 0)
+            name = data[4 : 4 + nlen].decode()
+            (count,) = U16.unpack_from(data, 4 + nlen)
+            wanted = [U16.unpack_from(data, 6 + nlen + 2 * i)[0] for i in range(count)]
+            if len(data) != 6 + nlen + 2 * count:
+                raise ValueError("length mismatch")
+        except (struct.error, ValueError, UnicodeDecodeError):
+            self.option_error(opt, NBD_REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO data")
+            return None
+        export = self.server.find_export(name)
+        if isinstance(export, str):
+            rtype = NBD_REP_ERR_SHUTDOWN if self.server.stopping else NBD_REP_ERR_UNKNOWN
+            self.option_error(opt, rtype, export)
+            return None
+        flags = export.transmission_flags(self.structured)
+        self.option_reply(opt, NBD_REP_INFO, INFO_EXPORT.pack(NBD_INFO_EXPORT, export.size, flags))
+        if NBD_INFO_NAME in wanted:
+            self.option_reply(opt, NBD_REP_INFO, U16.pack(NBD_INFO_NAME) + export.name.encode())
+        if NBD_INFO_DESCRIPTION in wanted and export.description:
+            desc = U16.pack(NBD_INFO_DESCRIPTION) + export.description.encode()[:MAX_STRING]
+            self.option_reply(opt, NBD_REP_INFO, desc)
+        # Always sent: writes must be 512-aligned whatever the client asked for.
+        self.option_reply(
+            opt,
+            NBD_REP_INFO,
+            INFO_BLOCK_SIZE.pack(
+                NBD_INFO_BLOCK_SIZE, MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, MAX_PAYLOAD
+            ),
+        )
+        self.option_reply(opt, NBD_REP_ACK)
+        return export
+
+    def meta_context(self, opt: int, data: bytes) -> None:
+        if not self.structured:
+            self.option_error(opt, NBD_REP_ERR_INVALID, "negotiate structured replies first")
+            return
+        try:
+            (nlen,) = U32.unpack_from(data, 0)
+            name = data[4 : 4 + nlen].decode()
+            pos = 4 + nlen
+            (count,) = U32.unpack_from(data, pos)
+            pos += 4
+            queries = []
+            for _ in range(count):
+                (qlen,) = U32.unpack_from(data, pos)
+                if qlen > MAX_STRING:
+                    raise ValueError("query too long")
+                queries.append(data[pos + 4 : pos + 4 + qlen].decode())
+                pos += 4 + qlen
+            if pos != len(data) or len(data) < pos:
+                raise ValueError("length mismatch")
+        except (struct.error, ValueError, UnicodeDecodeError):
+            self.option_error(opt, NBD_REP_ERR_INVALID, "malformed meta context data")
+            return
+        export = self.server.find_export(name)
+        if isinstance(export, str):
+            self.option_error(opt, NBD_REP_ERR_UNKNOWN, export)
+            return
+        if opt == NBD_OPT_LIST_META_CONTEXT:
+            match = not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries)
+        else:
+            match = BASE_ALLOCATION in queries
+            self.meta_export = export.name if match else None
+        if match:
+            payload = U32.pack(BASE_ALLOCATION_ID) + BASE_ALLOCATION.encode()
+            self.option_reply(opt, NBD_REP_META_CONTEXT, payload)
+        self.option_reply(opt, NBD_REP_ACK)
+
+    # -- transmission --------------------------------------------------------------------
+    def transmission(self, export: Export) -> None:
+        hdr = bytearray(REQUEST.size)
+        hview = memoryview(hdr)
+        workers = self.server.workers
+        pool = ThreadPoolExecutor(workers, f"nbd-{self.peer}") if workers > 0 else None
+        slots = threading.BoundedSemaphore(self.server.max_in_flight) if pool else None
+        unpack = REQUEST.unpack_from
+        try:
+            while True:
+                try:
+                    self.recv_into(hview)
+                except _ClientGone:
+                    return
+                magic, flags, cmd, cookie, offset, length = unpack(hdr)
+                if magic != REQUEST_MAGIC:
+                    raise _ClientGone(f"bad request magic 0x{magic:08x}")
+                payload: bytearray | None = None
+                if cmd == NBD_CMD_WRITE:
+                    if length > MAX_PAYLOAD:
+                        # The payload cannot be skipped safely: end this connection.
+                        raise _ClientGone(f"write of {length} bytes exceeds {MAX_PAYLOAD}")
+                    payload = bytearray(length)
+                    if length:
+                        self.recv_into(memoryview(payload))
+                elif cmd == NBD_CMD_DISC:
+                    log.debug("%s: NBD_CMD_DISC", self.peer)
+                    return
+                if pool is None:
+                    self.handle(export, flags, cmd, cookie, offset, length, payload)
+                else:
+                    assert slots is not None
+                    slots.acquire()
+                    pool.submit(
+                        self._pooled, slots, export, flags, cmd, cookie, offset, length, payload
+                    )
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)  # in-flight requests are answered first
+
+    def _pooled(
+        self,
+        slots: threading.BoundedSemaphore,
+        export: Export,
+        flags: int,
+        cmd: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        payload: bytearray | None,
+    ) -> None:
+        try:
+            self.handle(export, flags, cmd, cookie, offset, length, payload)
+        except OSError as e:
+            log.debug("%s: reply failed: %s", self.peer, e)
+            self.abort()
+        except Exception:
+            log.exception("%s: request failed", self.peer)
+            self.abort()
+        finally:
+            slots.release()
+
+    def abort(self) -> None:
+        """Wake the reader so the whole connection ends (a reply could not be sent)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def check(self, export: Export, flags: int, cmd: int, offset: int, length: int) -> int:
+        """The NBD error for a request that must not run, or 0."""
+        size = export.size
+        end = offset + length
+        if cmd == NBD_CMD_READ:
+            allowed = NBD_CMD_FLAG_DF if self.structured else 0
+            if flags & ~allowed or length > MAX_PAYLOAD or end > size:
+                return NBD_EINVAL
+            return 0
+        if cmd in (NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_CMD_TRIM):
+            if cmd == NBD_CMD_WRITE_ZEROES:
+                allowed = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE
+            else:
+                allowed = NBD_CMD_FLAG_FUA
+            if flags & ~allowed:
+                return NBD_EINVAL
+            if export.readonly:
+                return NBD_EPERM
+            if end > size:
+                return NBD_EINVAL if cmd == NBD_CMD_TRIM else NBD_ENOSPC
+            if (offset | length) % MIN_BLOCK_SIZE:
+                return NBD_EINVAL
+            return 0
+        if cmd == NBD_CMD_FLUSH:
+            return NBD_EINVAL if flags else 0
+        if cmd == NBD_CMD_BLOCK_STATUS:
+            if flags & ~NBD_CMD_FLAG_REQ_ONE or not self.block_status:
+                return NBD_EINVAL
+            if length == 0 or end > size:
+                return NBD_EINVAL
+            return 0
+        return NBD_EINVAL  # NBD_CMD_CACHE and unknown commands
+
+    def handle(
+        self,
+        export: Export,
+        flags: int,
+        cmd: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        payload: bytearray | None,
+    ) -> None:
+        err = self.check(export, flags, cmd, offset, length)
+        if err:
+            log.debug(
+                "%s: %s offset=%d length=%d flags=0x%x rejected with error %d",
+                self.peer, _COMMAND_NAMES.get(cmd, str(cmd)), offset, length, flags, err,
+            )  # fmt: skip
+            self.reply_error(cmd, cookie, err, "request rejected")
+            return
+        dev = export.device
+        try:
+            if cmd == NBD_CMD_READ:
+                hook = self.server.read_hook
+                if hook is None:
+                    data = dev.pread(offset, length)
+                else:
+                    t0 = _now_ns()
+                    data = dev.pread(offset, length)
+                    hook(export.name, offset, length, _now_ns() - t0)
+                if len(data) != length:
+                    raise OSError(errno.EIO, f"short read at {offset}: {len(data)} of {length}")
+                self.reply_data(cookie, offset, data)
+                return
+            if cmd == NBD_CMD_BLOCK_STATUS:
+                self.reply_block_status(export, cookie, offset, length, flags)
+                return
+            if cmd == NBD_CMD_WRITE:
+                assert payload is not None
+                if length:
+                    dev.pwrite(offset, payload)
+            elif cmd == NBD_CMD_WRITE_ZEROES:
+                if flags & NBD_CMD_FLAG_NO_HOLE:
+                    _write_zero_bytes(dev, offset, length)
+                elif length:
+                    dev.write_zeroes(offset, length)
+            elif cmd == NBD_CMD_TRIM:
+                if length:
+                    dev.discard(offset, length)
+            if (cmd == NBD_CMD_FLUSH or flags & NBD_CMD_FLAG_FUA) and not export.readonly:
+                dev.flush()
+        except Exception as e:
+            code = nbd_errno(e)
+            if code == NBD_EIO:
+                log.error(
+                    "%s: %s offset=%d length=%d on %r failed: %s",
+                    self.peer, _COMMAND_NAMES.get(cmd, str(cmd)), offset, length, export.name, e,
+                )  # fmt: skip
+            self.reply_error(cmd, cookie, code, str(e))
+            return
+        with self.send_lock:
+            self.send(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+
+    def reply_data(self, cookie: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self.structured:
+            if not data:
+                hdr = STRUCTURED_REPLY.pack(
+                    STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, cookie, 0
+                )
+                with self.send_lock:
+                    self.send(hdr)
+                return
+            hdr = OFFSET_DATA_REPLY.pack(
+                STRUCTURED_REPLY_MAGIC,
+                NBD_REPLY_FLAG_DONE,
+                NBD_REPLY_TYPE_OFFSET_DATA,
+                cookie,
+                8 + len(data),
+                offset,
+            )
+        else:
+            hdr = SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+        with self.send_lock:
+            self.send(hdr, data)
+
+    def reply_error(self, cmd: int, cookie: int, err: int, message: str) -> None:
+        if self.structured and cmd in (NBD_CMD_READ, NBD_CMD_BLOCK_STATUS):
+            msg = message.encode()[:MAX_STRING]
+            body = ERROR_PAYLOAD.pack(err, len(msg)) + msg
+            hdr = STRUCTURED_REPLY.pack(
+                STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, cookie, len(body)
+            )
+            with self.send_lock:
+                self.send(hdr, body)
+        else:
+            with self.send_lock:
+                self.send(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, cookie))
+
+    def reply_block_status(
+        self, export: Export, cookie: int, offset: int, length: int, flags: int
+    ) -> None:
+        descs = block_status(export.device, offset, length, one=bool(flags & NBD_CMD_FLAG_REQ_ONE))
+        body = bytearray(U32.pack(BASE_ALLOCATION_ID))
+        for dlen, state in descs:
+            body += BLOCK_DESCRIPTOR.pack(dlen, state)
+        hdr = STRUCTURED_REPLY.pack(
+            STRUCTURED_REPLY_MAGIC,
+            NBD_REPLY_FLAG_DONE,
+            NBD_REPLY_TYPE_BLOCK_STATUS,
+            cookie,
+            len(body),
+        )
+        with self.send_lock:
+            self.send(hdr, body)
+
+
+_now_ns = time.perf_counter_ns
+
+
+_EXTENT_STATE = {
+    ExtentKind.DATA: 0,
+    ExtentKind.ZERO: NBD_STATE_ZERO,
+    ExtentKind.HOLE: NBD_STATE_HOLE | NBD_STATE_ZERO,
+}
+
+
+def block_status(
+    device: BlockDevice, offset: int, length: int, *, one: bool = False
+) -> list[tuple[int, int]]:
+    """``(length, NBD_STATE_*)`` descriptors covering ``[offset, offset+length)``.
+
+    A hole (nothing mapped) is ``HOLE|ZERO``; a zeroed segment is ``ZERO`` (allocated,
+    reads as zeros); data is 0. Adjacent runs of one state are joined; with ``one`` only
+    the first run is returned. Ranges the device reports nothing for count as data.
+    """
+    end = offset + length
+    out: list[tuple[int, int]] = []
+    pos = offset
+    for e in device.extents(offset, length):
+        s, t = max(e.offset, pos), min(e.end, end)
+        if t <= s:
+            continue
+        if s > pos:  # a gap in the device's answer: claim nothing about it
+            _append(out, s - pos, 0)
+        _append(out, t - s, _EXTENT_STATE[e.kind])
+        pos = t
+        if pos >= end or (one and out) or len(out) >= MAX_EXTENTS:
+            break
+    if pos < end and not (one and out) and len(out) < MAX_EXTENTS:
+        _append(out, end - pos, 0)
+    if one:
+        del out[1:]
+    return out
+
+
+def _append(out: list[tuple[int, int]], n: int, state: int) -> None:
+    if out and out[-1][1] == state:
+        out[-1] = (out[-1][0] + n, state)
+    else:
+        out.append((n, state))
+
+
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+def _write_zero_bytes(dev: BlockDevice, offset: int, length: int) -> None:
+    pos, end = offset, offset + length
+    while pos < end:
+        n = min(len(_ZERO_CHUNK), end - pos)
+        dev.pwrite(pos, memoryview(_ZERO_CHUNK)[:n])
+        pos += n
+
+
+class NbdServer:
+    """Serves ``exports`` over NBD on TCP and/or Unix sockets.
+
+    ``failed`` maps names of exports that could not be opened to the reason a client
+    asking for them is told. The empty export name selects the first export.
+    ``workers`` threads per connection run requests (0: the connection thread runs
+    them); ``read_hook`` is told about every read (metrics, audit).
+    """
+
+    def __init__(
+        self,
+        exports: Sequence[Export],
+        *,
+        failed: Mapping[str, str] | None = None,
+        workers: int = 2,
+        max_in_flight: int = 16,
+        read_hook: ReadHook | None = None,
+    ) -> None:
+        self.exports: dict[str, Export] = {}
+        for e in exports:
+            if e.name in self.exports:
+                raise UsageError(f"two exports are named {e.name!r}")
+            self.exports[e.name] = e
+        self.failed = dict(failed or {})
+        self.workers = workers
+        self.max_in_flight = max(1, max_in_flight)
+        self.read_hook = read_hook
+        self.stopping = False
+        self._listeners: list[tuple[socket.socket, str | None]] = []
+        self._accept_threads: list[threading.Thread] = []
+        self._conns: set[_Connection] = set()
+        self._lock = threading.Lock()
+        self.addresses: list[str] = []
+
+    # -- exports ---------------------------------------------------------------------------
+    def export_names(self) -> list[str]:
+        return list(self.exports)
+
+    def find_export(self, name: str) -> Export | str:
+        """The export named ``name`` (``""``: the first), or why there is none."""
+        if self.stopping:
+            return "the server is shutting down"
+        if name == "" and self.exports:
+            return next(iter(self.exports.values()))
+        export = self.exports.get(name)
+        if export is not None:
+            return export
+        if name in self.failed:
+            return f"export {name!r} is unavailable: {self.failed[name]}"
+        return f"no export named {name!r}"
+
+    # -- listening ---------------------------------------------------------------------------
+    def listen_tcp(self, host: str = "127.0.0.1", port: int = 10809) -> tuple[str, int]:
+        """Listen on ``host:port`` (port 0 picks one); returns the bound address."""
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as e:
+            raise UsageError(f"cannot resolve listen address {host!r}: {e}") from None
+        family, stype, proto, _, addr = infos[0]
+        sock = socket.socket(family, stype, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(64)
+        except OSError as e:
+            sock.close()
+            raise FileAccessError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        bound = sock.getsockname()
+        self._listeners.append((sock, None))
+        h = bound[0]
+        self.addresses.append(f"nbd://[{h}]:{bound[1]}" if ":" in h else f"nbd://{h}:{bound[1]}")
+        return bound[0], bound[1]
+
+    def listen_unix(self, path: str) -> str:
+        """Listen on a Unix socket at ``path`` (a stale socket there is replaced)."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise FileAccessError("exists and is not a socket", path=path)
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            sock.listen(64)
+        except OSError as e:
+            sock.close()
+            raise FileAccessError(f"cannot listen: {e.strerror or e}", path=path) from None
+        self._listeners.append((sock, path))
+        self.addresses.append(f"nbd+unix:///?socket={path}")
+        return path
+
+    def start(self) -> None:
+        """Start accepting connections (one thread per listener)."""
+        if not self._listeners:
+            raise UsageError("no listen address")
+        for sock, _ in self._listeners:
+            t = threading.Thread(target=self._accept_loop, args=(sock,), name="nbd-accept")
+            t.daemon = True
+            t.start()
+            self._accept_threads.append(t)
+
+    def _accept_loop(self, lsock: socket.socket) -> None:
+        n = 0
+        while not self.stopping:
+            try:
+                sock, addr = lsock.accept()
+            except OSError:
+                if self.stopping:
+                    return
+                continue
+            if self.stopping:
+                sock.close()
+                return
+            n += 1
+            sock.settimeout(None)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                peer = f"{addr[0]}:{addr[1]}"
+            else:
+                peer = f"unix#{n}"
+            conn = _Connection(self, sock, peer)
+            t = threading.Thread(target=conn.run, name=f"nbd-conn-{peer}")
+            t.daemon = True
+            conn.thread = t
+            with self._lock:
+                self._conns.add(conn)
+            t.start()
+
+    def _forget(self, conn: _Connection) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._conns)
+
+    def shutdown(self, timeout: float = 30.0) -> bool:
+        """Stop accepting, answer every request already received, end every connection.
+
+        Returns False when some connection did not end within ``timeout`` seconds.
+        Devices are neither flushed nor closed here (their owner does that).
+        """
+        self.stopping = True
+        for sock, path in self._listeners:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        self._listeners.clear()
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            # Wake the reader: no new request is read; queued ones still get replies.
+            with contextlib.suppress(OSError):
+                c.sock.shutdown(socket.SHUT_RD)
+        deadline = time.monotonic() + timeout
+        ok = True
+        for c in conns:
+            if c.thread is not None:
+                c.thread.join(max(0.0, deadline - time.monotonic()))
+                if c.thread.is_alive():
+                    ok = False
+                    with contextlib.suppress(OSError):
+                        c.sock.shutdown(socket.SHUT_RDWR)
+        for t in self._accept_threads:
+            t.join(1.0)
+        return ok
+
+
+def flush_all(exports: Iterable[Export]) -> list[tuple[str, BaseException]]:
+    """Flush every writable export; returns ``(name, error)`` for those that failed."""
+    failures: list[tuple[str, BaseException]] = []
+    for e in exports:
+        if e.readonly:
+            continue
+        try:
+            e.device.flush()
+        except Exception as exc:
+            failures.append((e.name, exc))
+    return failures
