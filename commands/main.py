@@ -94,10 +94,7 @@ def main(argv: list[str] | None = None) -> Any:
         e.show()
         sys.exit(e.exit_code)
     except ObdError as e:
-        if debug:
-            import traceback
-
-            traceback.print_exc()
+        _trace(debug)
         click.echo(f"obd: error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
@@ -105,6 +102,23 @@ def main(argv: list[str] | None = None) -> Any:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(1)
+    except OSError as e:
+        _trace(debug)
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"obd: error: {where}{e.strerror or e}", err=True)
+        sys.exit(3)
+    except Exception as e:
+        _trace(debug)
+        hint = "" if debug else " (run with --debug for the traceback)"
+        click.echo(f"obd: internal error: {type(e).__name__}: {e}{hint}", err=True)
+        sys.exit(1)
+
+
+def _trace(debug: bool) -> None:
+    if debug:
+        import traceback
+
+        traceback.print_exc()
 
 
 if __name__ == "__main__":

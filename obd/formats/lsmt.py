@@ -326,22 +326,26 @@ class SegmentIndex:
         return int(m.length[~m.zeroed].sum())
 
 
-def merge_layers(indexes: list[Mappings]) -> Mappings:
+def merge_layers(indexes: list[Mappings], tag_offsets: list[int] | None = None) -> Mappings:
     """Merge layer indexes, given **top first**, into one view (§3.2).
 
     The top layer wins; a zeroed segment masks what lies below it; gaps of an upper
-    layer are filled from the layers below. The result's ``tag`` is the depth of the
-    layer that serves each segment (0 = top).
+    layer are filled from the layers below. Each result entry's ``tag`` is its own tag
+    plus ``tag_offsets[d]`` of the layer it came from, by default the layer's depth
+    (0 = top), which for single layers (tags 0) is the depth itself.
     """
     if not indexes:
         return Mappings.empty()
+    if tag_offsets is None:
+        tag_offsets = list(range(len(indexes)))
     off: list[int] = indexes[0].offset.tolist()
     ln: list[int] = indexes[0].length.tolist()
     mo: list[int] = indexes[0].moffset.tolist()
     ze: list[bool] = indexes[0].zeroed.tolist()
-    tg: list[int] = [0] * len(off)
+    tg: list[int] = (indexes[0].tag.astype(np.int64) + tag_offsets[0]).tolist()
     for depth in range(1, len(indexes)):
         low = indexes[depth]
+        l_tg = (low.tag.astype(np.int64) + tag_offsets[depth]).tolist()
         l_off = low.offset.tolist()
         l_end = (low.offset + low.length).tolist()
         l_mo = low.moffset.tolist()
@@ -368,7 +372,7 @@ def merge_layers(indexes: list[Mappings]) -> Mappings:
                     n_ln.append(e - s)
                     n_mo.append(l_mo[k] if l_ze[k] else l_mo[k] + (s - l_off[k]))
                     n_ze.append(l_ze[k])
-                    n_tg.append(depth)
+                    n_tg.append(l_tg[k])
                 if l_end[k] <= ge:
                     k += 1
                 else:
@@ -472,6 +476,12 @@ class LSMTReadOnly:
 
     def close(self) -> None:
         self.file.close()
+
+    def __enter__(self) -> LSMTReadOnly:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def read_view(

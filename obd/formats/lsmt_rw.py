@@ -423,6 +423,12 @@ class LSMTWritable:
         if self.index_file is not None:
             self.index_file.close()
 
+    def __enter__(self) -> LSMTWritable:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class _LiveIndex:
     """Adapter giving a MutableIndex the ``runs`` of a SegmentIndex."""

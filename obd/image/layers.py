@@ -1,0 +1,90 @@
+"""Opening layer files: local paths to read-only or writable layers.
+
+A read-only layer blob may be wrapped (tar, then ZFile, FORMATS.md §0.4); writable
+layers are a data file plus an index file (§2).
+"""
+
+from __future__ import annotations
+
+import os
+
+from obd.errors import CorruptError, FileAccessError, ObdError, UnsupportedError
+from obd.formats.lsmt import HT_SLOT, LSMTReadOnly, is_lsmt
+from obd.formats.lsmt_rw import LSMTWritable
+from obd.image.config import LayerConfig
+from obd.io.base import ReadAt
+from obd.io.file import LocalFile, open_file
+
+
+def unwrap_blob(file: ReadAt) -> tuple[ReadAt, list[str]]:
+    """Peel a tar wrapper and a ZFile off ``file`` (when the ZFile support is present)."""
+    try:
+        from obd.formats.sniff import unwrap
+    except ImportError:  # pragma: no cover - only while ZFile support is missing
+        return file, []
+    return unwrap(file)
+
+
+def open_ro_layer(path: str) -> LSMTReadOnly:
+    """Open a read-only layer file of any nesting (tar / ZFile / plain LSMT)."""
+    f = open_file(path)
+    try:
+        inner, wrappers = unwrap_blob(f)
+        if not is_lsmt(inner.pread(0, HT_SLOT)):
+            what = " inside " + "/".join(wrappers) if wrappers else ""
+            raise CorruptError(f"not an overlaybd layer (no LSMT header{what})", path=path)
+        return LSMTReadOnly(inner, path=path)
+    except ObdError as e:
+        f.close()
+        raise e.with_path(path) from None
+    except BaseException:
+        f.close()
+        raise
+
+
+def open_rw_layer(data_path: str, index_path: str | None, *, readonly: bool = False) -> LSMTWritable:
+    data = open_file(data_path, writable=not readonly)
+    index: LocalFile | None = None
+    try:
+        if index_path:
+            index = open_file(index_path, writable=not readonly)
+        return LSMTWritable.open(data, index, readonly=readonly)
+    except BaseException:
+        data.close()
+        if index is not None:
+            index.close()
+        raise
+
+
+LOCAL_NAMES = ("overlaybd.commit", ".commit", "overlaybd.sealed")
+
+
+def local_layer_path(layer: LayerConfig) -> str | None:
+    """Where a configured lower layer lives locally, if it does (§6.1 lookup order)."""
+    if layer.file:
+        return layer.file
+    if layer.dir:
+        for name in LOCAL_NAMES:
+            p = os.path.join(layer.dir, name)
+            if os.path.exists(p):
+                return p
+    return None
+
+
+def open_lower(layer: LayerConfig, index: int, *, config_path: str) -> LSMTReadOnly:
+    path = local_layer_path(layer)
+    if path is None:
+        if layer.digest:
+            raise UnsupportedError(
+                f"layer {index} ({layer.digest}) is remote; registry layers are not supported yet",
+                path=config_path,
+            )
+        if layer.dir:
+            raise FileAccessError(
+                f"layer {index}: no overlaybd.commit, .commit or overlaybd.sealed in {layer.dir}",
+                path=config_path,
+            )
+        raise FileAccessError(f"layer {index} has neither file, dir nor digest", path=config_path)
+    if not os.path.exists(path):
+        raise FileAccessError(f"layer {index}: no such file", path=path)
+    return open_ro_layer(path)

@@ -1,0 +1,34 @@
+"""Open the layers an image config names and stack them."""
+
+from __future__ import annotations
+
+from obd.errors import ObdError
+from obd.formats.lsmt import LSMTReadOnly
+from obd.formats.lsmt_rw import LSMTWritable
+from obd.image.config import ImageConfig
+from obd.image.layers import local_layer_path, open_lower, open_rw_layer
+from obd.image.stack import Stack
+
+
+def open_config(cfg: ImageConfig, *, readonly: bool = False) -> Stack:
+    lowers: list[LSMTReadOnly] = []
+    upper: LSMTWritable | None = None
+    try:
+        layers = list(cfg.lowers)
+        if cfg.accelerationLayer and layers:
+            layers = layers[:-1]  # the last lower carries a trace, it is not stacked
+        for i, layer in enumerate(layers):
+            lowers.append(open_lower(layer, i, config_path=cfg.path))
+        if cfg.upper.present:
+            upper = open_rw_layer(cfg.upper.data, cfg.upper.index, readonly=readonly)
+        names = [local_layer_path(lc) or lc.digest for lc in layers]
+        return Stack(lowers, upper, readonly=readonly, names=names)
+    except BaseException:
+        for lay in lowers:
+            lay.close()
+        if upper is not None:
+            upper.close()
+        raise
+
+
+__all__ = ["ObdError", "open_config"]

@@ -1,0 +1,283 @@
+"""What users do with layers and images: create, commit, seal, merge, flatten to raw.
+
+Every output is written to a temporary file in its folder and renamed on success;
+inputs are opened read-only unless the operation says otherwise (``seal``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from obd.errors import CorruptError, UsageError
+from obd.formats import uuid as uuidmod
+from obd.formats.lsmt import SECTOR, HeaderTrailer, Mappings
+from obd.formats.lsmt_commit import FileSink, commit_header, compact
+from obd.formats.lsmt_rw import LSMTWritable
+from obd.image.layers import open_ro_layer, open_rw_layer
+from obd.image.stack import Stack
+from obd.io.base import ExtentKind, ReadAt
+from obd.io.file import AtomicOutput, LocalFile, open_file
+
+Progress = Callable[[int], None] | None
+
+
+@dataclass(frozen=True)
+class ZFileOptions:
+    """How to compress an output as a ZFile (FORMATS.md §4)."""
+
+    algorithm: str = "lz4"
+    block_size: int = 4096
+    threads: int = 1
+    overwrite_header: bool = False
+
+
+@contextlib.contextmanager
+def output_sink(
+    out: LocalFile, *, zfile: ZFileOptions | None = None, tar: bool = False
+) -> Iterator[Any]:
+    """A sequential sink over ``out``: plain, ZFile-compressed, tar-wrapped or both."""
+    target: Any = out
+    tar_writer = None
+    if tar:
+        from obd.formats.tar import TarWriter
+
+        tar_writer = TarWriter(out)
+        target = tar_writer
+    if zfile is not None:
+        from obd.formats.zfile import ZFileWriter
+
+        sink: Any = ZFileWriter(
+            target,
+            algorithm=zfile.algorithm,
+            block_size=zfile.block_size,
+            verify=True,
+            overwrite_header=zfile.overwrite_header,
+            threads=zfile.threads,
+        )
+    else:
+        sink = FileSink(target)
+    yield sink
+    sink.close()
+    if tar_writer is not None:
+        tar_writer.close()
+
+
+def _source_header(data: LocalFile) -> HeaderTrailer:
+    return HeaderTrailer.unpack(data.pread(0, 4096), path=data.path)
+
+
+def commit(
+    data_path: str,
+    index_path: str | None,
+    output: str,
+    *,
+    uuid: str | None = None,
+    parent_uuid: str | None = None,
+    message: bytes = b"",
+    force: bool = False,
+    zfile: ZFileOptions | None = None,
+    tar: bool = False,
+    progress: Progress = None,
+) -> None:
+    """Commit a writable layer into a read-only layer file (§2.5, §1.8)."""
+    layer = open_rw_layer(data_path, index_path, readonly=True)
+    with layer:
+        hdr = _source_header(layer.data)
+        header = commit_header(
+            virtual_size=hdr.virtual_size,
+            uuid=uuid,
+            parent_uuid=parent_uuid,
+            source_parent_uuid=hdr.parent_uuid,
+            message=message,
+        )
+        _write_compacted(layer.mappings(), [layer.data], header, output, force, zfile, tar, progress)
+
+
+def commit_sealed(
+    sealed_path: str,
+    output: str,
+    *,
+    uuid: str | None = None,
+    parent_uuid: str | None = None,
+    message: bytes = b"",
+    force: bool = False,
+    zfile: ZFileOptions | None = None,
+    tar: bool = False,
+    progress: Progress = None,
+) -> None:
+    """Compact a file sealed in place by :func:`seal` (``--commit_sealed``)."""
+    layer = open_ro_layer(sealed_path)
+    with contextlib.closing(layer):
+        header = commit_header(
+            virtual_size=layer.header.virtual_size,
+            uuid=uuid,
+            parent_uuid=parent_uuid,
+            source_parent_uuid=layer.header.parent_uuid,
+            message=message,
+        )
+        _write_compacted(layer.mappings, [layer.file], header, output, force, zfile, tar, progress)
+
+
+def seal(data_path: str, index_path: str | None) -> None:
+    """Seal a writable layer in place: its data file becomes a read-only layer (§2.4)."""
+    layer = open_rw_layer(data_path, index_path)
+    with layer:
+        layer.seal()
+
+
+def _write_compacted(
+    m: Mappings,
+    sources: list[ReadAt],
+    header: HeaderTrailer,
+    output: str,
+    force: bool,
+    zfile: ZFileOptions | None,
+    tar: bool,
+    progress: Progress,
+) -> None:
+    for p in _paths_of(sources):
+        if os.path.exists(output) and os.path.samefile(p, output):
+            raise UsageError(f"output {output} is also an input")
+    with AtomicOutput(output, force=force) as out, output_sink(out, zfile=zfile, tar=tar) as sink:
+        compact(m, sources, header, sink, progress=progress)
+
+
+def _paths_of(sources: list[ReadAt]) -> list[str]:
+    out = []
+    for s in sources:
+        p = getattr(s, "path", None)
+        while p is None and hasattr(s, "src"):
+            s = s.src  # type: ignore[attr-defined]
+            p = getattr(s, "path", None)
+        if p:
+            out.append(p)
+    return out
+
+
+def merge(
+    stack: Stack,
+    output: str,
+    *,
+    force: bool = False,
+    zfile: ZFileOptions | None = None,
+    tar: bool = False,
+    progress: Progress = None,
+) -> None:
+    """Flatten a stack into one read-only layer (§3.5): null uuid, bottom's parent."""
+    m, sources = stack.merged_mappings()
+    bottom_parent = (
+        stack.lowers[0].header.parent_uuid if stack.lowers else (stack.upper.parent_uuid if stack.upper else uuidmod.NULL_UUID)
+    )
+    header = commit_header(
+        virtual_size=stack.virtual_size,
+        uuid=None,
+        parent_uuid=None,
+        source_parent_uuid=bottom_parent,
+    )
+    _write_compacted(m, sources, header, output, force, zfile, tar, progress)
+
+
+def flatten_raw(stack: Stack, output: str, *, force: bool = False, progress: Progress = None) -> None:
+    """Write the virtual disk of ``stack`` as a sparse raw file (holes stay holes)."""
+    chunk = 4 << 20
+    with AtomicOutput(output, force=force) as out:
+        for ext in stack.extents():
+            if ext.kind is not ExtentKind.DATA:
+                if progress is not None:
+                    progress(ext.length)
+                continue
+            pos = ext.offset
+            while pos < ext.end:
+                n = min(chunk, ext.end - pos)
+                data = stack.pread(pos, n)
+                for a, b in _nonzero_runs(data):
+                    out.pwrite(pos + a, memoryview(data)[a:b])
+                pos += n
+                if progress is not None:
+                    progress(n)
+        out.truncate(stack.virtual_size)
+
+
+def _nonzero_runs(data: bytes, block: int = 4096) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` byte runs of ``data`` whose 4 KiB blocks are not all zero."""
+    n = len(data)
+    full = n - n % block
+    if full:
+        arr = np.frombuffer(data, dtype=np.uint8, count=full).reshape(-1, block)
+        nz = arr.any(axis=1)
+        if n > full:
+            nz = np.append(nz, any(data[full:]))
+    else:
+        nz = np.array([any(data)], dtype=bool) if n else np.zeros(0, dtype=bool)
+    if not nz.any():
+        return
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], nz.astype(np.int8), [0]))))
+    for a, b in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
+        yield a * block, min(b * block, n)
+
+
+def create(
+    data_path: str,
+    index_path: str,
+    virtual_size: int | None,
+    *,
+    sparse: bool = False,
+    parent_uuid: str | None = None,
+    uuid: str | None = None,
+    from_raw: str | None = None,
+    force: bool = False,
+    progress: Progress = None,
+) -> LSMTWritable | None:
+    """Create a writable layer, optionally seeded with a raw disk's content."""
+    raw: LocalFile | None = None
+    if from_raw is not None:
+        raw = open_file(from_raw)
+    try:
+        raw_size = raw.size() if raw is not None else 0
+        if virtual_size is None:
+            if raw is None:
+                raise UsageError("a size is needed (or --from a raw disk to take its size)")
+            virtual_size = -(-raw_size // SECTOR) * SECTOR
+        if virtual_size % SECTOR:
+            raise UsageError(f"size {virtual_size} is not a multiple of 512 bytes")
+        if raw_size > virtual_size:
+            raise UsageError(
+                f"{from_raw} holds {raw_size} bytes, more than the layer size {virtual_size}"
+            )
+        if os.path.abspath(data_path) == os.path.abspath(index_path):
+            raise UsageError("data and index files must differ")
+        with AtomicOutput(data_path, force=force) as d, AtomicOutput(index_path, force=force) as i:
+            layer = LSMTWritable.create(
+                d, i, virtual_size, uuid=uuid, parent_uuid=parent_uuid, sparse=sparse
+            )
+            if raw is not None:
+                _seed_from_raw(layer, raw, progress)
+            layer.flush()
+    finally:
+        if raw is not None:
+            raw.close()
+    return None
+
+
+def _seed_from_raw(layer: LSMTWritable, raw: LocalFile, progress: Progress) -> None:
+    chunk = 4 << 20
+    size = raw.size()
+    pos = 0
+    while pos < size:
+        data = raw.pread(pos, chunk)
+        if not data:
+            raise CorruptError("raw disk shrank while reading", path=raw.path, offset=pos)
+        if len(data) % SECTOR:
+            data += bytes(-len(data) % SECTOR)
+        for a, b in _nonzero_runs(data):
+            b = b + (-b % SECTOR)
+            layer.pwrite(pos + a, memoryview(data)[a:b])
+        pos += len(data)
+        if progress is not None:
+            progress(len(data))

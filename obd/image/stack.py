@@ -1,0 +1,221 @@
+"""The merged view of a stack of layers: an image (FORMATS.md §3).
+
+Layer precedence, said once: lowers are listed bottom first; **the top layer wins**: a
+range mapped by an upper layer hides every layer below it, a **zeroed segment masks**
+what lies below and reads as zeros, and a range no layer maps (a hole) reads as zeros.
+The writable upper, when present, sits above every lower; all writes go to it.
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_right
+from collections.abc import Iterator
+
+from obd.errors import ObdError, ReadOnlyError, UsageError
+from obd.formats.lsmt import (
+    MAX_LAYERS,
+    RUN_DATA,
+    RUN_HOLE,
+    RUN_ZERO,
+    SECTOR,
+    LSMTReadOnly,
+    Mappings,
+    SegmentIndex,
+    merge_layers,
+)
+from obd.formats.lsmt_rw import LSMTWritable
+from obd.io.base import Extent, ExtentKind, ReadAt, merge_extents
+
+_KINDS = {RUN_DATA: ExtentKind.DATA, RUN_ZERO: ExtentKind.ZERO, RUN_HOLE: ExtentKind.HOLE}
+
+
+class Stack:
+    """A virtual disk made of read-only ``lowers`` (bottom first) and an optional ``upper``.
+
+    Implements :class:`obd.io.base.BlockDevice`. Reads are thread-safe and run in
+    parallel; writes are serialized by the upper layer's lock.
+    """
+
+    def __init__(
+        self,
+        lowers: list[LSMTReadOnly],
+        upper: LSMTWritable | None = None,
+        *,
+        readonly: bool = False,
+        names: list[str] | None = None,
+    ) -> None:
+        if len(lowers) > MAX_LAYERS:
+            raise UsageError(f"{len(lowers)} layers: at most {MAX_LAYERS} can be stacked")
+        self.lowers = lowers
+        self.upper = upper
+        self.names = names or []
+        top_first = list(reversed(lowers))
+        self.lower_mappings: Mappings = merge_layers([lay.mappings for lay in top_first])
+        self.lower_index = SegmentIndex(self.lower_mappings)
+        self.lower_files: list[ReadAt] = [lay.file for lay in top_first]
+        self._lower_preads = [f.pread for f in self.lower_files]
+        lower_vsize = next((lay.virtual_size for lay in top_first if lay.virtual_size > 0), 0)
+        if upper is not None:
+            upper.tag = len(lowers)
+            if upper.virtual_size == 0 and lower_vsize:
+                upper.update_vsize(lower_vsize)
+            self._vsize = upper.virtual_size
+        else:
+            self._vsize = lower_vsize
+        self._readonly = readonly or upper is None or upper.readonly
+        self._lock = upper.lock if upper is not None else threading.RLock()
+
+    # -- BlockDevice ------------------------------------------------------------------
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    @property
+    def virtual_size(self) -> int:
+        return self._vsize
+
+    def size(self) -> int:
+        return self._vsize
+
+    def runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+        """``(kind, sector, count, moffset, depth)``: depth 0 is the topmost layer.
+
+        With an upper, depth 0 is the upper and lower depths shift by one.
+        """
+        if self.upper is None:
+            yield from self.lower_index.runs(start, end)
+            return
+        with self._lock:
+            upper_runs = list(self.upper.idx.runs(start, end))
+        for run in upper_runs:
+            if run[0] == RUN_HOLE:
+                for kind, sec, cnt, moff, tag in self.lower_index.runs(run[1], run[1] + run[2]):
+                    yield (kind, sec, cnt, moff, tag + 1 if kind != RUN_HOLE else 0)
+            else:
+                yield run
+
+    def pread(self, offset: int, length: int) -> bytes:
+        vsize = self._vsize
+        if offset >= vsize or length <= 0:
+            return b""
+        if offset + length > vsize:
+            length = vsize - offset
+        if self.upper is None and not (offset | length) & (SECTOR - 1):
+            # fast path: one data segment covers the whole request
+            idx = self.lower_index
+            s = offset >> 9
+            i = bisect_right(idx.starts, s) - 1
+            if i >= 0 and idx.ends[i] >= s + (length >> 9) and not idx.zeroed[i]:
+                data = self._lower_preads[idx.tags[i]]((idx.moffsets[i] + s - idx.starts[i]) << 9, length)
+                if len(data) == length:
+                    return data
+                return data + bytes(length - len(data))
+        end = offset + length
+        s0 = offset // SECTOR
+        s1 = -(-end // SECTOR)
+        out = bytearray((s1 - s0) * SECTOR)
+        upper_data = self.upper.data.pread if self.upper is not None else None
+        lower_preads = self._lower_preads
+        base = self.upper is not None
+        for kind, sec, cnt, moff, depth in self.runs(s0, s1):
+            if kind != RUN_DATA:
+                continue
+            want = cnt * SECTOR
+            if base and depth == 0:
+                assert upper_data is not None
+                data = upper_data(moff * SECTOR, want)
+            else:
+                data = lower_preads[depth - 1 if base else depth](moff * SECTOR, want)
+            dst = (sec - s0) * SECTOR
+            out[dst : dst + len(data)] = data
+        head = offset - s0 * SECTOR
+        if head == 0 and len(out) == length:
+            return bytes(out)
+        return bytes(out[head : head + length])
+
+    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """Extents of ``[offset, offset+length)``, adjacent equal ones merged."""
+        vsize = self._vsize
+        if length is None:
+            length = vsize - offset
+        end = min(vsize, offset + length)
+        if offset >= end:
+            return iter(())
+        s0 = offset // SECTOR
+        s1 = -(-end // SECTOR)
+
+        def gen() -> Iterator[Extent]:
+            for kind, sec, cnt, _moff, depth in self.runs(s0, s1):
+                a = max(sec * SECTOR, offset)
+                b = min((sec + cnt) * SECTOR, end)
+                if b > a:
+                    yield Extent(a, b - a, _KINDS[kind], None if kind == RUN_HOLE else depth)
+
+        return merge_extents(gen())
+
+    def _writable(self) -> LSMTWritable:
+        if self._readonly or self.upper is None:
+            raise ReadOnlyError("image is read-only (no writable upper layer)")
+        return self.upper
+
+    def _bounds(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self._vsize:
+            raise UsageError(f"range {offset}+{length} is outside the disk ({self._vsize} bytes)")
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        up = self._writable()
+        self._bounds(offset, len(data))
+        up.pwrite(offset, data)
+
+    def discard(self, offset: int, length: int) -> None:
+        up = self._writable()
+        self._bounds(offset, length)
+        up.discard(offset, length)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        up = self._writable()
+        self._bounds(offset, length)
+        up.write_zeroes(offset, length)
+
+    def flush(self) -> None:
+        if self.upper is not None and not self.upper.readonly:
+            self.upper.flush()
+
+    def close(self) -> None:
+        errors: list[BaseException] = []
+        if self.upper is not None:
+            try:
+                if not self.upper.readonly:
+                    self.upper.flush()
+            except (OSError, ObdError) as e:
+                errors.append(e)
+            self.upper.close()
+        for lay in self.lowers:
+            lay.close()
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- what merge and inspect need ---------------------------------------------------
+
+    def merged_mappings(self) -> tuple[Mappings, list[ReadAt]]:
+        """The whole view as one sorted mapping list and its sources, for flattening.
+
+        Tags index the returned sources: 0 is the topmost read-only layer and the upper
+        (when present) is last, as upstream orders them (§3.4, §3.5).
+        """
+        sources = list(self.lower_files)
+        if self.upper is None:
+            return self.lower_mappings, sources
+        n = len(self.lowers)
+        with self._lock:
+            upper_m = self.upper.idx.mappings(tag=n)
+        sources.append(self.upper.data)
+        return merge_layers([upper_m, self.lower_mappings], [0, 0]), sources
