@@ -392,10 +392,10 @@ class _Connection:
                     self.structured = True
                     self.option_reply(opt, NBD_REP_ACK)
             elif opt in (NBD_OPT_INFO, NBD_OPT_GO):
-                export = self.info(opt, data)
-                if export is not None and opt == NBD_OPT_GO:
-                    self.block_status = self.meta_export == export.name
-                    return export
+                chosen = self.info(opt, data)
+                if chosen is not None and opt == NBD_OPT_GO:
+                    self.block_status = self.meta_export == chosen.name
+                    return chosen
             elif opt in (NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT):
                 self.meta_context(opt, data)
             else:
@@ -616,9 +616,8 @@ class _Connection:
                     _write_zero_bytes(dev, offset, length)
                 elif length:
                     dev.write_zeroes(offset, length)
-            elif cmd == NBD_CMD_TRIM:
-                if length:
-                    dev.discard(offset, length)
+            elif cmd == NBD_CMD_TRIM and length:
+                dev.discard(offset, length)
             if (cmd == NBD_CMD_FLUSH or flags & NBD_CMD_FLAG_FUA) and not export.readonly:
                 dev.flush()
         except Exception as e:
@@ -757,7 +756,7 @@ class NbdServer:
         exports: Sequence[Export],
         *,
         failed: Mapping[str, str] | None = None,
-        workers: int = 2,
+        workers: int = 0,
         max_in_flight: int = 16,
         read_hook: ReadHook | None = None,
     ) -> None:
