@@ -1,0 +1,31 @@
+"""Peel the wrappers of a layer blob (FORMATS.md §0.4).
+
+A blob is read as ``[optional tar wrapper] -> [optional ZFile] -> payload``; detection
+happens in that order. Anything without the tar header is not tar; anything without the
+ZFile magic is plain. (LSMT validation is the caller's business.)
+"""
+
+from __future__ import annotations
+
+from obd.formats.tar import TarView, is_tar
+from obd.formats.zfile import ZFileReader, is_zfile
+from obd.io.base import ReadAt
+
+
+def unwrap(file: ReadAt, *, cache_blocks: int = 64) -> tuple[ReadAt, list[str]]:
+    """Return the innermost view of ``file`` and the wrappers found, outermost first.
+
+    E.g. ``(ZFileReader(TarView(file)), ["tar", "zfile"])`` or ``(file, [])``. Closing
+    the returned view closes ``file`` too. A ZFile or tar that is recognised but broken
+    raises :class:`obd.errors.CorruptError` (or ``UnsupportedError``), never falls back
+    to plain.
+    """
+    found: list[str] = []
+    view: ReadAt = file
+    if is_tar(view.pread(0, 512)):
+        view = TarView(view)
+        found.append("tar")
+    if is_zfile(view.pread(0, 512)):
+        view = ZFileReader(view, cache_blocks=cache_blocks)
+        found.append("zfile")
+    return view, found
