@@ -246,11 +246,20 @@ class ZFileReader:
             if total < 2 * SLOT_SIZE:
                 raise self._corrupt(f"truncated ZFile: {total} bytes, no room for a trailer")
             toff = total - SLOT_SIZE
-            info = HeaderTrailer.unpack(src.pread(toff, SLOT_SIZE))
+            tail = src.pread(toff, SLOT_SIZE)
+            info = HeaderTrailer.unpack(tail)
             if not info.magic_ok:
                 raise self._corrupt("ZFile trailer has no ZFile magic (truncated file?)", toff)
             if info.is_header or not info.is_data_file or not info.is_sealed:
                 raise self._corrupt(f"bad ZFile trailer flags {info.flags & _FLAG_BITS:#x}", toff)
+            # Upstream never checks the trailer digest; we do when the trailer says it
+            # has one (every writer since the digest exists fills it in correctly).
+            if info.digest_enabled and slot_digest(tail) != info.digest:
+                raise self._corrupt(
+                    f"ZFile trailer digest mismatch: stored {info.digest:#010x}, "
+                    f"computed {slot_digest(tail):#010x}",
+                    toff + 28,
+                )
             limit = toff
             self.trailer = info
         self.header = header
