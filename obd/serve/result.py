@@ -1,0 +1,96 @@
+"""The image config's ``resultFile`` (FORMATS.md §6.5).
+
+The file holds ``success`` once the device is open, or ``failed:<reason>`` with one of
+upstream's reasons; no trailing newline. It is replaced atomically (temporary file in
+the same folder, fsync, rename), so a reader never sees half of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Sequence
+
+from obd.errors import CorruptError, FileAccessError, ObdError, UnsupportedError
+
+SUCCESS = "success"
+FAILED_PREFIX = "failed:"
+
+# upstream's reasons (src/image_service.cpp, src/image_file.cpp)
+REASON_CREATE = "failed to create overlaybd device"
+REASON_EMPTY_REPO = "empty repoBlobUrl"
+
+
+def reason_open_layer(index: int) -> str:
+    return f"failed to open layer {index}"
+
+
+def reason_local_file(path: str) -> str:
+    return f"failed to open local file {path}"
+
+
+def reason_duplicated(dev_id: str) -> str:
+    return f"duplicated dev id: {dev_id}"
+
+
+def write_result(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` (no newline added), atomically."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_success(path: str) -> None:
+    write_result(path, SUCCESS)
+
+
+def write_failure(path: str, reason: str) -> None:
+    write_result(path, FAILED_PREFIX + reason.replace("\n", " "))
+
+
+def failure_reason(
+    err: BaseException,
+    layer_files: Sequence[str] = (),
+    upper_files: Sequence[str] = (),
+    repo_blob_url: str | None = None,
+) -> str:
+    """Upstream's resultFile reason for an image that failed to open with ``err``.
+
+    ``layer_files`` are the lowers' local paths bottom first ("" for a remote layer):
+    a corrupt or unsupported layer is ``failed to open layer <i>``; a missing or
+    unreadable local file is ``failed to open local file <path>``.
+    """
+    path = getattr(err, "path", None)
+    norm = os.path.normpath(path) if path else None
+    index = None
+    if norm is not None:
+        for i, f in enumerate(layer_files):
+            if f and os.path.normpath(f) == norm:
+                index = i
+                break
+    if isinstance(err, FileAccessError):
+        if norm is not None and (index is not None or norm in map(os.path.normpath, upper_files)):
+            return reason_local_file(path or "")
+        if repo_blob_url == "" and any(not f for f in layer_files):
+            return REASON_EMPTY_REPO
+        if path:
+            return reason_local_file(path)
+        return REASON_CREATE
+    if isinstance(err, CorruptError | UnsupportedError) and index is not None:
+        return reason_open_layer(index)
+    if isinstance(err, ObdError | OSError) and index is not None:
+        return reason_open_layer(index)
+    return REASON_CREATE
