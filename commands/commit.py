@@ -11,17 +11,48 @@ BLOCK_SIZES_KIB = (4, 8, 16, 32, 64)
 
 
 @click.command(short_help="Commit a writable layer into a read-only layer.")
-@click.option("-m", "message", default="", metavar="MSG", help="User tag stored in the header (≤ 256 bytes).")
-@click.option("--uuid", metavar="UUID", help="uuid of the new layer (default: null uuid, as upstream).")
-@click.option("-p", "--parent-uuid", "parent_uuid", metavar="UUID", help="Override the parent uuid.")
+@click.option(
+    "-m", "message", default="", metavar="MSG", help="User tag stored in the header (≤ 256 bytes)."
+)
+@click.option(
+    "--uuid", metavar="UUID", help="uuid of the new layer (default: null uuid, as upstream)."
+)
+@click.option(
+    "-p", "--parent-uuid", "parent_uuid", metavar="UUID", help="Override the parent uuid."
+)
 @click.option("-z", "compress", is_flag=True, help="Compress the output as a ZFile.")
-@click.option("--algorithm", type=click.Choice(ALGORITHMS), default=None, help="ZFile algorithm (with -z; default lz4).")
-@click.option("--bs", "block_kib", type=click.Choice([str(b) for b in BLOCK_SIZES_KIB]), default=None, help="ZFile block size in KiB (with -z; default 4).")
-@click.option("--compress_threads", "--threads", "threads", type=click.IntRange(1, 256), default=None, help="ZFile compression threads (default: all cores).")
+@click.option(
+    "--algorithm",
+    type=click.Choice(ALGORITHMS),
+    default=None,
+    help="ZFile algorithm (with -z; default lz4).",
+)
+@click.option(
+    "--bs",
+    "block_kib",
+    type=click.Choice([str(b) for b in BLOCK_SIZES_KIB]),
+    default=None,
+    help="ZFile block size in KiB (with -z; default 4).",
+)
+@click.option(
+    "--compress_threads",
+    "--threads",
+    "threads",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="ZFile compression threads (default: all cores).",
+)
 @click.option("-t", "tar", is_flag=True, help="Wrap the output in overlaybd's tar header.")
 @click.option("-f", "force", is_flag=True, help="Replace an existing output.")
-@click.option("--seal", is_flag=True, help="Seal DATA in place (appends index + trailer); no output.")
-@click.option("--commit_sealed", "commit_sealed", is_flag=True, help="DATA is a sealed file; the second argument is the output.")
+@click.option(
+    "--seal", is_flag=True, help="Seal DATA in place (appends index + trailer); no output."
+)
+@click.option(
+    "--commit_sealed",
+    "commit_sealed",
+    is_flag=True,
+    help="DATA is a sealed file; the second argument is the output.",
+)
 @click.option("--verbose", is_flag=True, hidden=True, help="Accepted for upstream compatibility.")
 @click.argument("data", type=click.Path(dir_okay=False))
 @click.argument("index", required=False, type=click.Path(dir_okay=False))
@@ -80,14 +111,29 @@ def commit(
             raise click.UsageError("--commit_sealed takes SEALED and OUTPUT")
         with progress(os.path.getsize(data) if os.path.exists(data) else None, "commit") as bar:
             ops.commit_sealed(
-                data, out, uuid=uuid, parent_uuid=parent_uuid, message=msg, force=force,
-                zfile=zopts, tar=tar, progress=bar,
+                data,
+                out,
+                uuid=uuid,
+                parent_uuid=parent_uuid,
+                message=msg,
+                force=force,
+                zfile=zopts,
+                tar=tar,
+                progress=bar,
             )
         return
     if output is None:
         raise click.UsageError("missing OUTPUT (obd commit DATA INDEX OUTPUT)")
     with progress(os.path.getsize(data) if os.path.exists(data) else None, "commit") as bar:
         ops.commit(
-            data, index, output, uuid=uuid, parent_uuid=parent_uuid, message=msg, force=force,
-            zfile=zopts, tar=tar, progress=bar,
+            data,
+            index,
+            output,
+            uuid=uuid,
+            parent_uuid=parent_uuid,
+            message=msg,
+            force=force,
+            zfile=zopts,
+            tar=tar,
+            progress=bar,
         )

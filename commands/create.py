@@ -10,7 +10,9 @@ from commands._util import SizeType, progress
 
 
 @click.command(short_help="Create a writable layer (data + index files).")
-@click.option("-s", "--sparse", is_flag=True, help="Sparse layer: data stored in place at 4096+offset.")
+@click.option(
+    "-s", "--sparse", is_flag=True, help="Sparse layer: data stored in place at 4096+offset."
+)
 @click.option("-u", "--parent-uuid", "parent_uuid", metavar="UUID", help="Parent layer uuid.")
 @click.option("--uuid", metavar="UUID", help="Layer uuid (default: a new random one).")
 @click.option(

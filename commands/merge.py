@@ -17,16 +17,50 @@ def _bool(value: str) -> bool:
 
 
 @click.command(short_help="Flatten a stack of layers into one layer or a raw disk.")
-@click.option("-o", "--output", "output_opt", metavar="OUTPUT", help="Output (short form: LAYER... are the inputs).")
-@click.option("--compress", "compress", default="true", metavar="BOOL", show_default=True,
-              help="Write a ZFile (lz4, 4 KiB) layer; --compress=false writes a plain layer.")
-@click.option("--algorithm", type=click.Choice(("lz4", "zstd")), default="lz4", show_default=True, help="ZFile algorithm.")
-@click.option("--bs", "block_kib", type=click.Choice(["4", "8", "16", "32", "64"]), default="4", show_default=True, help="ZFile block size in KiB.")
-@click.option("--threads", type=click.IntRange(1, 256), default=None, help="Compression threads (default: all cores).")
+@click.option(
+    "-o",
+    "--output",
+    "output_opt",
+    metavar="OUTPUT",
+    help="Output (short form: LAYER... are the inputs).",
+)
+@click.option(
+    "--compress",
+    "compress",
+    default="true",
+    metavar="BOOL",
+    show_default=True,
+    help="Write a ZFile (lz4, 4 KiB) layer; --compress=false writes a plain layer.",
+)
+@click.option(
+    "--algorithm",
+    type=click.Choice(("lz4", "zstd")),
+    default="lz4",
+    show_default=True,
+    help="ZFile algorithm.",
+)
+@click.option(
+    "--bs",
+    "block_kib",
+    type=click.Choice(["4", "8", "16", "32", "64"]),
+    default="4",
+    show_default=True,
+    help="ZFile block size in KiB.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Compression threads (default: all cores).",
+)
 @click.option("--raw", is_flag=True, help="Write the flattened virtual disk as a sparse raw file.")
 @click.option("-t", "tar", is_flag=True, help="Wrap the output in overlaybd's tar header.")
 @click.option("-f", "--force", is_flag=True, help="Replace an existing output.")
-@click.option("--service_config_path", metavar="PATH", help="Global config (accepted; local layers need none).")
+@click.option(
+    "--service_config_path",
+    metavar="PATH",
+    help="Global config (accepted; local layers need none).",
+)
 @click.option("--verbose", is_flag=True, hidden=True)
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 def merge(

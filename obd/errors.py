@@ -46,7 +46,9 @@ class ObdError(Exception):
             return self
         err = type(self).__new__(type(self))
         ObdError.__init__(err, self.message, path=path)
-        err.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("path", "message")})
+        err.__dict__.update(
+            {k: v for k, v in self.__dict__.items() if k not in ("path", "message")}
+        )
         return err
 
 

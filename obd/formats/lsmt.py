@@ -96,10 +96,14 @@ class HeaderTrailer:
         return raw + bytes(HT_SLOT - len(raw))
 
     @classmethod
-    def unpack(cls, raw: bytes, *, path: str | None = None, offset: int = 0, what: str = "header") -> HeaderTrailer:
+    def unpack(
+        cls, raw: bytes, *, path: str | None = None, offset: int = 0, what: str = "header"
+    ) -> HeaderTrailer:
         if len(raw) < cls.STRUCT.size:
             raise CorruptError(f"truncated LSMT {what}", path=path, offset=offset)
-        (m0, m1, _size, flags, ioff, isize, vsize, uid, puid, rsv, ver, sub, tag) = cls.STRUCT.unpack_from(raw)
+        (m0, m1, _size, flags, ioff, isize, vsize, uid, puid, rsv, ver, sub, tag) = (
+            cls.STRUCT.unpack_from(raw)
+        )
         if m0 != MAGIC0 or m1 != MAGIC1:
             raise CorruptError(f"not an LSMT {what} (bad magic)", path=path, offset=offset)
         return cls(
@@ -164,7 +168,11 @@ class Mappings:
         tag: list[int] | int = 0,
     ) -> Mappings:
         n = len(offset)
-        tags = np.full(n, tag, dtype=np.uint8) if isinstance(tag, int) else np.array(tag, dtype=np.uint8)
+        tags = (
+            np.full(n, tag, dtype=np.uint8)
+            if isinstance(tag, int)
+            else np.array(tag, dtype=np.uint8)
+        )
         return cls(
             np.array(offset, dtype=np.uint64),
             np.array(length, dtype=np.uint64),
@@ -218,9 +226,7 @@ def encode_entries(m: Mappings) -> bytes:
 
 
 def encode_entry(offset: int, length: int, moffset: int, zeroed: bool, tag: int = 0) -> bytes:
-    return struct.pack(
-        "<QQ", offset | (length << 50), moffset | (int(zeroed) << 55) | (tag << 56)
-    )
+    return struct.pack("<QQ", offset | (length << 50), moffset | (int(zeroed) << 55) | (tag << 56))
 
 
 INVALID_ENTRY = encode_entry(INVALID_OFFSET, 0, 0, False)
@@ -338,60 +344,69 @@ def merge_layers(indexes: list[Mappings], tag_offsets: list[int] | None = None) 
         return Mappings.empty()
     if tag_offsets is None:
         tag_offsets = list(range(len(indexes)))
-    off: list[int] = indexes[0].offset.tolist()
-    ln: list[int] = indexes[0].length.tolist()
-    mo: list[int] = indexes[0].moffset.tolist()
-    ze: list[bool] = indexes[0].zeroed.tolist()
-    tg: list[int] = (indexes[0].tag.astype(np.int64) + tag_offsets[0]).tolist()
+    top = _Lists.of(indexes[0], tag_offsets[0])
     for depth in range(1, len(indexes)):
-        low = indexes[depth]
-        l_tg = (low.tag.astype(np.int64) + tag_offsets[depth]).tolist()
-        l_off = low.offset.tolist()
-        l_end = (low.offset + low.length).tolist()
-        l_mo = low.moffset.tolist()
-        l_ze = low.zeroed.tolist()
-        n_off: list[int] = []
-        n_ln: list[int] = []
-        n_mo: list[int] = []
-        n_ze: list[bool] = []
-        n_tg: list[int] = []
-        j = 0
-        nl = len(l_off)
+        top = _overlay(top, _Lists.of(indexes[depth], tag_offsets[depth]))
+    return Mappings.from_lists(top.off, top.ln, top.mo, top.ze, top.tg)
 
-        def fill(gs: int, ge: int) -> None:
-            # copy the lower entries overlapping the gap [gs, ge), trimmed to it
-            nonlocal j
-            while j < nl and l_end[j] <= gs:
-                j += 1
-            k = j
-            while k < nl and l_off[k] < ge:
-                s = max(l_off[k], gs)
-                e = min(l_end[k], ge)
-                if e > s:
-                    n_off.append(s)
-                    n_ln.append(e - s)
-                    n_mo.append(l_mo[k] if l_ze[k] else l_mo[k] + (s - l_off[k]))
-                    n_ze.append(l_ze[k])
-                    n_tg.append(l_tg[k])
-                if l_end[k] <= ge:
-                    k += 1
-                else:
-                    break
-            j = k
 
-        pos = 0
-        for i in range(len(off)):
-            if off[i] > pos:
-                fill(pos, off[i])
-            n_off.append(off[i])
-            n_ln.append(ln[i])
-            n_mo.append(mo[i])
-            n_ze.append(ze[i])
-            n_tg.append(tg[i])
-            pos = off[i] + ln[i]
-        fill(pos, 1 << 62)
-        off, ln, mo, ze, tg = n_off, n_ln, n_mo, n_ze, n_tg
-    return Mappings.from_lists(off, ln, mo, ze, tg)
+@dataclass(slots=True)
+class _Lists:
+    off: list[int]
+    ln: list[int]
+    mo: list[int]
+    ze: list[bool]
+    tg: list[int]
+
+    @classmethod
+    def of(cls, m: Mappings, tag_offset: int) -> _Lists:
+        return cls(
+            m.offset.tolist(),
+            m.length.tolist(),
+            m.moffset.tolist(),
+            m.zeroed.tolist(),
+            (m.tag.astype(np.int64) + tag_offset).tolist(),
+        )
+
+
+def _overlay(top: _Lists, low: _Lists) -> _Lists:
+    """``top`` plus the parts of ``low`` in its gaps, trimmed to them."""
+    out = _Lists([], [], [], [], [])
+    l_off, l_ln, l_mo, l_ze, l_tg = low.off, low.ln, low.mo, low.ze, low.tg
+    nl = len(l_off)
+    j = 0
+
+    def fill(gs: int, ge: int, j: int) -> int:
+        while j < nl and l_off[j] + l_ln[j] <= gs:
+            j += 1
+        while j < nl and l_off[j] < ge:
+            lo = l_off[j]
+            le = lo + l_ln[j]
+            s = max(lo, gs)
+            e = min(le, ge)
+            out.off.append(s)
+            out.ln.append(e - s)
+            out.mo.append(l_mo[j] if l_ze[j] else l_mo[j] + (s - lo))
+            out.ze.append(l_ze[j])
+            out.tg.append(l_tg[j])
+            if le > ge:
+                break
+            j += 1
+        return j
+
+    pos = 0
+    for i in range(len(top.off)):
+        o = top.off[i]
+        if o > pos:
+            j = fill(pos, o, j)
+        out.off.append(o)
+        out.ln.append(top.ln[i])
+        out.mo.append(top.mo[i])
+        out.ze.append(top.ze[i])
+        out.tg.append(top.tg[i])
+        pos = o + top.ln[i]
+    fill(pos, 1 << 62, j)
+    return out
 
 
 # -- read-only layer ---------------------------------------------------------------

@@ -201,12 +201,12 @@ class LSMTWritable:
         hdr = HeaderTrailer.unpack(data.pread(0, HT_SLOT), path=data.path)
         if not hdr.is_header or not hdr.is_data_file:
             raise CorruptError(
-                f"flags 0x{hdr.flags:x} are not a writable data-file header", path=data.path, offset=28
+                f"flags 0x{hdr.flags:x} are not a writable data-file header",
+                path=data.path,
+                offset=28,
             )
         if hdr.is_sealed or _has_trailer(data):
-            raise UsageError(
-                f"{data.path}: this layer is sealed; open it as a read-only layer"
-            )
+            raise UsageError(f"{data.path}: this layer is sealed; open it as a read-only layer")
         idx = MutableIndex()
         if hdr.is_sparse:
             end = HT_SLOT + hdr.virtual_size
@@ -244,17 +244,23 @@ class LSMTWritable:
             raise CorruptError(f"index file holds {n} records, too many", path=index.path)
         if body % ENTRY_SIZE:
             log.warning(
-                "%s: dropping a torn trailing index record (%d bytes)", index.path, body % ENTRY_SIZE
+                "%s: dropping a torn trailing index record (%d bytes)",
+                index.path,
+                body % ENTRY_SIZE,
             )
         raw = index.pread(HT_SLOT, n * ENTRY_SIZE)
         m = decode_entries(raw)
         ends = dsize // SECTOR
         valid = m.offset != np.uint64(INVALID_OFFSET)
         mend = m.mend()
-        bad = valid & (
-            (m.moffset < HT_SECTORS)
-            | np.where(m.zeroed, m.moffset > ends, (m.moffset >= ends) | (mend > ends))
-        ) & (m.length > 0)
+        bad = (
+            valid
+            & (
+                (m.moffset < HT_SECTORS)
+                | np.where(m.zeroed, m.moffset > ends, (m.moffset >= ends) | (mend > ends))
+            )
+            & (m.length > 0)
+        )
         if bad.any():
             i = int(np.nonzero(bad)[0][0])
             raise CorruptError(
@@ -270,7 +276,9 @@ class LSMTWritable:
         for k in range(len(offs)):
             ins(offs[k], lens[k], mos[k], zs[k])
         # vsize and uuid of a log-structured layer come from the index file header
-        hdr = hdr.with_(virtual_size=ihdr.virtual_size, uuid=ihdr.uuid, parent_uuid=ihdr.parent_uuid)
+        hdr = hdr.with_(
+            virtual_size=ihdr.virtual_size, uuid=ihdr.uuid, parent_uuid=ihdr.parent_uuid
+        )
         return cls(data, index, hdr, idx, readonly=readonly)
 
     # -- properties -----------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +91,7 @@ class ImageConfig:
     recordTracePath: str = ""
 
 
-def _typed(obj: dict[str, Any], keys: dict[str, type], path: str, where: str) -> dict[str, Any]:
+def _typed(obj: dict[str, Any], keys: Mapping[str, type], path: str, where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in obj.items():
         t = keys.get(k)
@@ -160,7 +161,9 @@ def load_image_config(path: str | os.PathLike[str]) -> ImageConfig:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"bad JSON at line {e.lineno} column {e.colno}: {e.msg}", path=p) from None
+        raise ConfigError(
+            f"bad JSON at line {e.lineno} column {e.colno}: {e.msg}", path=p
+        ) from None
     return parse_image_config(doc, p)
 
 

@@ -42,7 +42,9 @@ def open_ro_layer(path: str) -> LSMTReadOnly:
         raise
 
 
-def open_rw_layer(data_path: str, index_path: str | None, *, readonly: bool = False) -> LSMTWritable:
+def open_rw_layer(
+    data_path: str, index_path: str | None, *, readonly: bool = False
+) -> LSMTWritable:
     data = open_file(data_path, writable=not readonly)
     index: LocalFile | None = None
     try:

@@ -96,7 +96,9 @@ def commit(
             source_parent_uuid=hdr.parent_uuid,
             message=message,
         )
-        _write_compacted(layer.mappings(), [layer.data], header, output, force, zfile, tar, progress)
+        _write_compacted(
+            layer.mappings(), [layer.data], header, output, force, zfile, tar, progress
+        )
 
 
 def commit_sealed(
@@ -153,7 +155,7 @@ def _paths_of(sources: list[ReadAt]) -> list[str]:
     for s in sources:
         p = getattr(s, "path", None)
         while p is None and hasattr(s, "src"):
-            s = s.src  # type: ignore[attr-defined]
+            s = s.src
             p = getattr(s, "path", None)
         if p:
             out.append(p)
@@ -172,7 +174,9 @@ def merge(
     """Flatten a stack into one read-only layer (§3.5): null uuid, bottom's parent."""
     m, sources = stack.merged_mappings()
     bottom_parent = (
-        stack.lowers[0].header.parent_uuid if stack.lowers else (stack.upper.parent_uuid if stack.upper else uuidmod.NULL_UUID)
+        stack.lowers[0].header.parent_uuid
+        if stack.lowers
+        else (stack.upper.parent_uuid if stack.upper else uuidmod.NULL_UUID)
     )
     header = commit_header(
         virtual_size=stack.virtual_size,
@@ -183,7 +187,9 @@ def merge(
     _write_compacted(m, sources, header, output, force, zfile, tar, progress)
 
 
-def flatten_raw(stack: Stack, output: str, *, force: bool = False, progress: Progress = None) -> None:
+def flatten_raw(
+    stack: Stack, output: str, *, force: bool = False, progress: Progress = None
+) -> None:
     """Write the virtual disk of ``stack`` as a sparse raw file (holes stay holes)."""
     chunk = 4 << 20
     with AtomicOutput(output, force=force) as out:

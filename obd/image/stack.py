@@ -108,7 +108,9 @@ class Stack:
             s = offset >> 9
             i = bisect_right(idx.starts, s) - 1
             if i >= 0 and idx.ends[i] >= s + (length >> 9) and not idx.zeroed[i]:
-                data = self._lower_preads[idx.tags[i]]((idx.moffsets[i] + s - idx.starts[i]) << 9, length)
+                data = self._lower_preads[idx.tags[i]](
+                    (idx.moffsets[i] + s - idx.starts[i]) << 9, length
+                )
                 if len(data) == length:
                     return data
                 return data + bytes(length - len(data))

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def run_obd(
+    *args: str | os.PathLike[str],
+    cwd: str | os.PathLike[str] | None = None,
+    input: bytes | None = None,
+    timeout: float = 120,
+) -> Result:
+    """Run the real ``obd`` command line in a subprocess."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run(
+        [sys.executable, "-m", "commands.main", *map(str, args)],
+        cwd=cwd,
+        input=input,
+        capture_output=True,
+        timeout=timeout,
+        env=env,
+    )
+    return Result(
+        p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
+    )
+
+
+def assert_one_line_error(r: Result, code: int, *needles: str) -> None:
+    assert r.code == code, f"exit {r.code}, expected {code}; stderr: {r.err!r}"
+    lines = [ln for ln in r.err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got: {r.err!r}"
+    assert "Traceback" not in r.err
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+
+
+@pytest.fixture
+def obd():
+    return run_obd
