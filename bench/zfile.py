@@ -35,7 +35,9 @@ def make_mixed(path: str, size: int, seed: int = 1) -> None:
     rng = np.random.default_rng(seed)
     text_pool = b" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), 600_000))
     text_pool = text_pool.replace(b"dog ", b"dog\n")
-    rec_dtype = np.dtype([("id", "<u8"), ("ts", "<u4"), ("kind", "u1"), ("pad", "V3"), ("v", "<f8")])
+    rec_dtype = np.dtype(
+        [("id", "<u8"), ("ts", "<u4"), ("kind", "u1"), ("pad", "V3"), ("v", "<f8")]
+    )
     with open(path, "wb") as f:
         written = 0
         n = 0
@@ -67,6 +69,7 @@ def make_mixed(path: str, size: int, seed: int = 1) -> None:
 
 
 def timed(fn: Callable[[], object]) -> float:
+    os.sync()  # no writeback of earlier runs during this one
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
@@ -98,6 +101,7 @@ def main() -> None:
     rows: list[tuple[str, str, str, float, float | None]] = []
     cpu = os.cpu_count()
     py = [sys.executable, "-m", "commands.main", "zfile"]
+    out = os.path.join(folder, "obd.out")
     try:
         # warm the page cache
         with open(src, "rb") as f:
@@ -114,7 +118,6 @@ def main() -> None:
             tool_x = timed(lambda t=tool, ref=ref, ox=ox: run([t, "-d", "-q", "-f", ref, *ox]))
             ratio_tool = os.path.getsize(ref) / size
             zf = os.path.join(folder, f"obd.{algo}.zfile")
-            out = os.path.join(folder, "obd.out")
 
             for threads in sorted({1, args.threads}):
                 drop(zf)
@@ -124,12 +127,16 @@ def main() -> None:
                         compress_file(s, o, algorithm=algo, threads=threads)
 
                 def api_x(zf: str = zf, threads: int = threads) -> None:
-                    with ZFileReader(open_file(zf)) as r, open_file(out, writable=True, create=True) as o:
+                    with (
+                        ZFileReader(open_file(zf)) as r,
+                        open_file(out, writable=True, create=True) as o,
+                    ):
                         decompress_to(r, o, threads=threads)
 
                 c = timed(api_c)
                 drop(out)
                 x = timed(api_x)
+                drop(out)
                 rows.append((algo, f"api t={threads}", "compress", mib / c, tool_c / c))
                 rows.append((algo, f"api t={threads}", "extract", mib / x, tool_x / x))
             ratio = os.path.getsize(zf) / size
