@@ -715,9 +715,9 @@ def block_status(
             _append(out, s - pos, 0)
         _append(out, t - s, _EXTENT_STATE[e.kind])
         pos = t
-        if pos >= end or (one and out) or len(out) >= MAX_EXTENTS:
+        if pos >= end or (one and len(out) > 1) or len(out) >= MAX_EXTENTS:
             break
-    if pos < end and not (one and out) and len(out) < MAX_EXTENTS:
+    if pos < end and not (one and len(out) > 1) and len(out) < MAX_EXTENTS:
         _append(out, end - pos, 0)
     if one:
         del out[1:]

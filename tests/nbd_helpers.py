@@ -1,0 +1,247 @@
+"""Fixtures for the NBD tests: in-process servers, ``obd serve`` processes, a raw client.
+
+Every server listens on 127.0.0.1 or a Unix socket; everything started here is stopped
+by its pid, with timeouts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from obd.serve import nbd as N
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def require_tools(*names: str) -> None:
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        pytest.skip(
+            f"{', '.join(missing)} not installed (apt-get install qemu-utils libnbd-bin fuse3)"
+        )
+
+
+def run(cmd: Sequence[str], timeout: float = 30, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    r = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
+    if check and r.returncode != 0:
+        raise AssertionError(f"{cmd} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+    return r  # type: ignore[no-any-return]
+
+
+def obd(*args: str, timeout: float = 60, check: bool = True, cwd: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return run([sys.executable, "-m", "commands.main", *args], timeout=timeout, check=check, cwd=cwd, env=env)  # fmt: skip
+
+
+@contextlib.contextmanager
+def in_process_server(
+    exports: Sequence[N.Export], *, failed: dict[str, str] | None = None, workers: int = 0
+) -> Iterator[tuple[N.NbdServer, int]]:
+    """An :class:`NbdServer` on 127.0.0.1:<free port>, shut down afterwards."""
+    server = N.NbdServer(exports, failed=failed, workers=workers)
+    _, port = server.listen_tcp("127.0.0.1", 0)
+    server.start()
+    try:
+        yield server, port
+    finally:
+        assert server.shutdown(10), "connections did not end"
+        for e in exports:
+            with contextlib.suppress(Exception):
+                e.device.close()
+
+
+class ServeProcess:
+    """``obd serve --nbd`` as a child process; ``address`` is its ``nbd://`` URI."""
+
+    def __init__(self, args: Sequence[str], *, cwd: str | None = None, timeout: float = 20) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "commands.main", "serve", "--nbd", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+            env=env,
+        )
+        self.lines: list[str] = []
+        self._listening = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.address = ""
+        deadline = time.monotonic() + timeout
+        while not self._listening.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError("obd serve did not start:\n" + self.stderr)
+        for line in self.lines:
+            if line.startswith("listening on "):
+                self.address = line.split()[-1]
+                break
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            if line.startswith("listening on "):
+                self._listening.set()
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def uri(self, name: str) -> str:
+        return f"{self.address}/{name}"
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 20) -> int:
+        """SIGTERM, wait, SIGKILL after ``timeout``; returns the exit status."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._reader.join(5)
+        return self.proc.returncode
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def image_config(folder: Path, name: str, *, lowers: Sequence[str] = (), upper: tuple[str, str] | None = None, result: bool = True) -> Path:  # fmt: skip
+    doc: dict[str, object] = {"lowers": [{"file": str(f)} for f in lowers]}
+    if upper is not None:
+        doc["upper"] = {"data": str(upper[0]), "index": str(upper[1])}
+    if result:
+        doc["resultFile"] = str(folder / f"{name}.result")
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def writable_image(folder: Path, name: str, size: str = "64M") -> Path:
+    """An image config with only a new writable upper of ``size``."""
+    data, index = folder / f"{name}.data", folder / f"{name}.index"
+    obd("create", str(data), str(index), size)
+    return image_config(folder, name, upper=(str(data), str(index)))
+
+
+class RawClient:
+    """A minimal NBD client speaking bytes, for protocol-abuse tests."""
+
+    def __init__(self, port: int, export: str, *, structured: bool = False, meta: bool = False, timeout: float = 10) -> None:  # fmt: skip
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        magic, opt, _hflags = N.HANDSHAKE.unpack(self.recv(N.HANDSHAKE.size))
+        assert (magic, opt) == (N.NBDMAGIC, N.IHAVEOPT)
+        self.sock.sendall(N.CLIENT_FLAGS.pack(N.NBD_FLAG_C_FIXED_NEWSTYLE | N.NBD_FLAG_C_NO_ZEROES))
+        self.structured = structured
+        if structured:
+            self.option(N.NBD_OPT_STRUCTURED_REPLY)
+            assert self.option_reply()[1] == N.NBD_REP_ACK
+        if meta:
+            raw = export.encode()
+            q = N.BASE_ALLOCATION.encode()
+            data = N.U32.pack(len(raw)) + raw + N.U32.pack(1) + N.U32.pack(len(q)) + q
+            self.option(N.NBD_OPT_SET_META_CONTEXT, data)
+            assert self.option_reply()[1] == N.NBD_REP_META_CONTEXT
+            assert self.option_reply()[1] == N.NBD_REP_ACK
+        raw = export.encode()
+        self.option(N.NBD_OPT_GO, N.U32.pack(len(raw)) + raw + N.U16.pack(0))
+        self.size = -1
+        self.flags = 0
+        while True:
+            _, rtype, data = self.option_reply()
+            if rtype == N.NBD_REP_INFO and N.U16.unpack_from(data)[0] == N.NBD_INFO_EXPORT:
+                _, self.size, self.flags = N.INFO_EXPORT.unpack(data)
+            elif rtype == N.NBD_REP_ACK:
+                break
+            elif rtype & (1 << 31):
+                raise ConnectionRefusedError(f"GO failed: {rtype:#x} {data!r}")
+        self.cookie = 0
+
+    def recv(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionResetError("server closed the connection")
+            buf += chunk
+        return buf
+
+    def option(self, opt: int, data: bytes = b"") -> None:
+        self.sock.sendall(N.OPTION_HEADER.pack(N.IHAVEOPT, opt, len(data)) + data)
+
+    def option_reply(self) -> tuple[int, int, bytes]:
+        magic, opt, rtype, length = N.OPTION_REPLY.unpack(self.recv(N.OPTION_REPLY.size))
+        assert magic == N.OPTION_REPLY_MAGIC
+        return opt, rtype, self.recv(length)
+
+    def send_request(self, cmd: int, offset: int, length: int, flags: int = 0, data: bytes = b"", magic: int = N.REQUEST_MAGIC) -> int:  # fmt: skip
+        self.cookie += 1
+        self.sock.sendall(N.REQUEST.pack(magic, flags, cmd, self.cookie, offset, length) + data)
+        return self.cookie
+
+    def simple_reply(self) -> tuple[int, int]:
+        magic, err, cookie = N.SIMPLE_REPLY.unpack(self.recv(N.SIMPLE_REPLY.size))
+        assert magic == N.SIMPLE_REPLY_MAGIC, hex(magic)
+        return err, cookie
+
+    def read(self, offset: int, length: int) -> tuple[int, bytes]:
+        """A READ with simple replies; returns (error, data)."""
+        assert not self.structured
+        self.send_request(N.NBD_CMD_READ, offset, length)
+        err, _ = self.simple_reply()
+        return err, (b"" if err else self.recv(length))
+
+    def write(self, offset: int, data: bytes, flags: int = 0) -> int:
+        self.send_request(N.NBD_CMD_WRITE, offset, len(data), flags, data)
+        return self.simple_reply()[0]
+
+    def structured_reply(self) -> tuple[int, int, int, bytes]:
+        """(flags, type, cookie, payload) of one structured chunk."""
+        magic, flags, rtype, cookie, length = N.STRUCTURED_REPLY.unpack(self.recv(N.STRUCTURED_REPLY.size))  # fmt: skip
+        assert magic == N.STRUCTURED_REPLY_MAGIC, hex(magic)
+        return flags, rtype, cookie, self.recv(length)
+
+    def disconnect(self) -> None:
+        with contextlib.suppress(OSError):
+            self.send_request(N.NBD_CMD_DISC, 0, 0)
+        self.close()
+
+    def closed_by_server(self, timeout: float = 5) -> bool:
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
