@@ -14,6 +14,7 @@ trailer slot. :class:`HeaderTrailer` is the 96-byte structure at the start of bo
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 import threading
@@ -674,6 +675,7 @@ def decompress_to(
     """
     n, bs = reader.nblocks, reader.block_size
     per = max(1, (4 << 20) // bs)
+    _preallocate(out, offset, reader.size())
     ranges = [(b, min(b + per, n)) for b in range(0, n, per)]
 
     def put(b: int, data: bytearray) -> None:
@@ -700,6 +702,17 @@ def decompress_to(
             for _, fut in pending:
                 fut.cancel()
     return reader.size()
+
+
+def _preallocate(out: WriteAt, offset: int, length: int) -> None:
+    """Best effort: reserve the output's blocks up front (much faster writes on ext4)."""
+    fd = getattr(out, "fd", None)
+    if not isinstance(fd, int) or fd < 0 or length <= 0:
+        return
+    try:
+        os.posix_fallocate(fd, offset, length)
+    except (OSError, AttributeError):
+        pass
 
 
 def verify_blocks(src: ReadAt, *, path: str | None = None) -> list[tuple[int, int, str]]:
