@@ -353,6 +353,64 @@ def test_unknown_export_and_options(server) -> None:  # type: ignore[no-untyped-
     _still_serves(port)
 
 
+def test_export_name_option(server) -> None:  # type: ignore[no-untyped-def]
+    """The old NBD_OPT_EXPORT_NAME path, with and without the 124 zero bytes."""
+    _, port = server
+    for cflags, tail in (
+        (N.NBD_FLAG_C_FIXED_NEWSTYLE | N.NBD_FLAG_C_NO_ZEROES, 0),
+        (N.NBD_FLAG_C_FIXED_NEWSTYLE, 124),
+    ):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.recv(18)
+        s.sendall(
+            N.CLIENT_FLAGS.pack(cflags)
+            + N.OPTION_HEADER.pack(N.IHAVEOPT, N.NBD_OPT_EXPORT_NAME, 2)
+            + b"ro"
+        )
+        buf = b""
+        while len(buf) < 10 + tail:
+            buf += s.recv(200)
+        size, flags = N.EXPORT_NAME_REPLY.unpack_from(buf)
+        assert size == SIZE and flags & N.NBD_FLAG_READ_ONLY and len(buf) == 10 + tail
+        s.sendall(N.REQUEST.pack(N.REQUEST_MAGIC, 0, N.NBD_CMD_READ, 9, 0, 16))
+        buf = b""
+        while len(buf) < 32:
+            buf += s.recv(100)
+        assert (
+            N.SIMPLE_REPLY.unpack_from(buf) == (N.SIMPLE_REPLY_MAGIC, 0, 9)
+            and buf[16:] == b"A" * 16
+        )
+        s.close()
+    # an unknown name ends the connection (EXPORT_NAME cannot report errors)
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.recv(18)
+    s.sendall(
+        N.CLIENT_FLAGS.pack(3)
+        + N.OPTION_HEADER.pack(N.IHAVEOPT, N.NBD_OPT_EXPORT_NAME, 4)
+        + b"nope"
+    )
+    assert s.recv(100) == b""
+    s.close()
+
+
+def test_worker_pool_mode(raw_pair) -> None:  # type: ignore[no-untyped-def]
+    """--workers: requests of one connection run in a pool; pipelined replies all arrive."""
+    rw, _, _ = raw_pair
+    with in_process_server([N.Export("rw", RawFileDevice(str(rw)))], workers=3) as (_, port):
+        c = RawClient(port, "rw")
+        for i in range(64):  # pipeline 64 writes, then collect the replies
+            c.send_request(N.NBD_CMD_WRITE, i * 4096, 4096, 0, bytes([i]) * 4096)
+        cookies = set()
+        for _ in range(64):
+            err, cookie = c.simple_reply()
+            assert err == 0
+            cookies.add(cookie)
+        assert cookies == set(range(1, 65))
+        for i in range(64):
+            assert c.read(i * 4096, 4096) == (0, bytes([i]) * 4096)
+        c.disconnect()
+
+
 def test_unix_socket_and_default_export(raw_pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     require_tools("qemu-img")
     _, ro, _ = raw_pair

@@ -366,10 +366,10 @@ class _Connection:
                 export = self.server.find_export(data.decode(errors="replace"))
                 if isinstance(export, str):
                     raise _ClientGone(f"NBD_OPT_EXPORT_NAME: {export}")
-                reply = EXPORT_NAME_REPLY.pack(export.size, export.transmission_flags(False))
+                flags = export.transmission_flags(self.structured)
+                reply = EXPORT_NAME_REPLY.pack(export.size, flags)
                 self.send(reply if no_zeroes else reply + _ZEROES_124)
-                self.structured = False  # EXPORT_NAME cannot carry negotiated state safely
-                self.block_status = False
+                self.block_status = self.meta_export == export.name
                 return export
             if opt == NBD_OPT_ABORT:
                 with contextlib.suppress(OSError):
