@@ -194,8 +194,8 @@ def _skip_unless_vector_codecs(algo: str) -> None:
     c = get_codec(algo)
     if not c.matches_vectors():
         pytest.skip(
-            f"{algo} backend {c.backend} version {c.version()} differs from the one the "
-            "vectors were made with (liblz4 1.9.4 / libzstd 1.5.4): bytes may differ"
+            f"{algo} backend {c.backend} (library version {c.version()}) is not the one the "
+            "vectors were made with (system liblz4 1.9.4 / libzstd 1.5.4): bytes may differ"
         )
 
 
