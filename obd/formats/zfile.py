@@ -378,7 +378,7 @@ class ZFileReader:
                 parts.append(blk[lo:hi] if lo or hi != len(blk) else blk)
             return parts[0] if len(parts) == 1 else b"".join(parts)
         data = self.read_blocks(b0, b1 + 1)
-        return bytes(memoryview(data)[offset - b0 * bs : end - b0 * bs])
+        return bytes(data[offset - b0 * bs : end - b0 * bs])
 
     def close(self) -> None:
         if not self._closed:
@@ -413,13 +413,25 @@ class ZFileReader:
                 self._cache.popitem(last=False)
         return blk
 
-    def read_blocks(self, first: int, end: int) -> bytearray:
-        """Decoded content of blocks ``[first, end)``, checked, as one buffer."""
+    def blocks_span(self, first: int, end: int) -> int:
+        """Plain bytes held by blocks ``[first, end)``."""
+        return min(end * self.block_size, self.original_file_size) - first * self.block_size
+
+    def read_blocks(self, first: int, end: int) -> memoryview:
+        """Decoded content of blocks ``[first, end)``, checked, as one writable buffer."""
+        # uninitialised memory: every byte is overwritten by the decoded blocks
+        out = np.empty(self.blocks_span(first, end), dtype=np.uint8).data
+        self.read_blocks_into(first, end, out)
+        return out
+
+    def read_blocks_into(self, first: int, end: int, out: memoryview | bytearray) -> None:
+        """Decode blocks ``[first, end)`` into ``out`` (at least ``blocks_span`` bytes)."""
         if not 0 <= first <= end <= self.nblocks:
             raise ValueError(f"block range [{first}, {end}) outside [0, {self.nblocks})")
         bs = self.block_size
-        out = bytearray(min(end * bs, self.original_file_size) - first * bs)
-        view = memoryview(out)
+        view = memoryview(out).cast("B")
+        if len(view) < self.blocks_span(first, end):
+            raise ValueError("output buffer too small")
         offsets = self.offsets
         s = first
         while s < end:
@@ -442,7 +454,6 @@ class ZFileReader:
                 blk = self._retry_block(b, problem)
                 dst[i * bs : i * bs + len(blk)] = blk
             s = e
-        return out
 
     def _retry_block(self, b: int, problem: str) -> bytes:
         """Re-read block ``b`` up to RETRIES times; raise CorruptError if it stays bad."""
@@ -678,7 +689,7 @@ def decompress_to(
     _preallocate(out, offset, reader.size())
     ranges = [(b, min(b + per, n)) for b in range(0, n, per)]
 
-    def put(b: int, data: bytearray) -> None:
+    def put(b: int, data: memoryview) -> None:
         out.pwrite(offset + b * bs, data)
         if progress is not None:
             progress(len(data))
@@ -688,7 +699,7 @@ def decompress_to(
             put(b, reader.read_blocks(b, e))
         return reader.size()
     with ThreadPoolExecutor(threads, thread_name_prefix="unzfile") as pool:
-        pending: deque[tuple[int, Future[bytearray]]] = deque()
+        pending: deque[tuple[int, Future[memoryview]]] = deque()
         try:
             for b, e in ranges:
                 pending.append((b, pool.submit(reader.read_blocks, b, e)))
