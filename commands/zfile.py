@@ -79,6 +79,10 @@ def zfile(
 
     With only one path and no -x, the path is the TARGET and the input is read from
     stdin. --verify checks SOURCE and lists every bad block.
+
+    Exit codes: 0 ok, 2 usage, 3 cannot read or write a file, 4 corrupt input (not a
+    ZFile, bad blocks), 5 TARGET exists (use -f), 6 unsupported (e.g. --verify of a
+    ZFile without block CRCs), 130 interrupted.
     """
     nthreads = threads or os.cpu_count() or 1
     if verify:
@@ -178,6 +182,8 @@ def _compress_stream(
     sink: WriteAt, algorithm: str, block_size: int, threads: int, bar: object
 ) -> None:
     stdin = click.get_binary_stream("stdin")
+    if stdin.isatty():
+        raise UsageError("no input: give SOURCE and TARGET, or pipe the data to stdin")
     with ZFileWriter(sink, algorithm=algorithm, block_size=block_size, threads=threads) as w:
         while True:
             data = stdin.read(_STDIN_CHUNK)
