@@ -14,6 +14,7 @@ documents are described in ``obd-inspect(1)``.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -289,6 +290,7 @@ class FileInfo:
     zfile: ZFileInfo | None = None
     lsmt: LsmtInfo | None = None
     error: str | None = None  # why some of the above could not be gathered
+    note: str | None = None  # something the reader should know (not a failure)
 
     @property
     def virtual_size(self) -> int | None:
@@ -310,6 +312,7 @@ class FileInfo:
             "zfile": None if self.zfile is None else self.zfile.to_json(),
             "lsmt": None if self.lsmt is None else self.lsmt.to_json(),
             "error": self.error,
+            "note": self.note,
         }
 
 
@@ -470,7 +473,7 @@ def _rw_info(path: str, index: str | None, info: FileInfo) -> None:
         index = sibling_index(path)
     info.lsmt = _ht_info(hdr, None)
     if not sparse and index is None:
-        info.error = "index file not found (name it with --index); showing the data header only"
+        info.note = "index file not found (name it with --index); showing the data header only"
         return
     try:
         layer = open_rw_layer(path, None if sparse else index, readonly=True)
@@ -563,7 +566,7 @@ def chain_problems(rows: list[tuple[int, str | None, str | None]]) -> list[Chain
     """Check ``(position, uuid, parent_uuid)`` rows (bottom first): each parent uuid must
     equal the uuid of the layer below, where both are set and not null."""
     out = []
-    for below, cur in zip(rows, rows[1:], strict=False):
+    for below, cur in itertools.pairwise(rows):
         _, below_uuid, _ = below
         pos, _, parent = cur
         if below_uuid and parent and not same_uuid(below_uuid, parent):
@@ -587,7 +590,10 @@ def inspect_image(cfg: ImageConfig) -> ImageInfo:
     if cfg.upper.present:
         rows.append(
             LayerRow(
-                len(rows), "upper", cfg.upper.data, inspect_file(cfg.upper.data, index=cfg.upper.index)
+                len(rows),
+                "upper",
+                cfg.upper.data,
+                inspect_file(cfg.upper.data, index=cfg.upper.index),
             )
         )
     ids = [

@@ -1,0 +1,1222 @@
+"""Verify everything verifiable in overlaybd files and images: ``obd check``.
+
+Unlike the readers (which stop at the first problem, as they must), every check here
+runs to the end and reports **every** problem with the offset where it lies:
+
+* tar wrapper (FORMATS.md §0.5): header, pax record, payload bounds;
+* ZFile (§4): header and trailer magic, flags and digests, header/trailer agreement,
+  ``index_size`` vs ``original_file_size``, jump table bounds and ``index_crc``, every
+  stored length, every block's CRC and decompressed size (in parallel, in batches);
+* LSMT read-only layers and sealed files (§1.2-§1.6, §2.4): header/trailer magic, flags
+  and agreement, index bounds and entry count (≤ 1e6), padding entries, order and
+  overlap, ``moffset`` ranges, stored data shared by two entries, unreferenced data;
+* writable layers (§2.1-§2.3): both headers and their agreement, index records (torn
+  tail, out-of-range records), garbage (overwritten data still in the data file);
+* image configs (§6.1): every layer as above, and the parent-uuid chain (§3).
+
+Severities: ``corruption`` (data may read wrong), ``leak`` (space wasted, nothing
+wrong is read: garbage, a torn index tail), ``warning`` (unusual but harmless; no effect
+on the result), ``error`` (the file could not be checked). The result follows qemu-img
+check: 0 clean, 2 corruption, 3 only leaks, 1 could not check (corruption wins over
+could-not-check, which wins over leaks).
+
+Offsets are file offsets; for what lies inside a ZFile (the LSMT layer it compresses)
+they are offsets in the decompressed payload and the finding says so (``space``).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from obd.errors import CorruptError, ObdError, UnsupportedError
+from obd.formats import crc
+from obd.formats import uuid as uuidmod
+from obd.formats import zfile as zf
+from obd.formats.lsmt import (
+    ENTRY_SIZE,
+    FLAG_DATA,
+    FLAG_HEADER,
+    FLAG_SEALED,
+    FLAG_SPARSE,
+    HT_SECTORS,
+    HT_SLOT,
+    INVALID_OFFSET,
+    MAX_RO_INDEX_SIZE,
+    MAX_RW_INDEX_RECORDS,
+    SECTOR,
+    HeaderTrailer,
+    decode_entries,
+)
+from obd.image.inspect import (
+    KIND_IMAGE,
+    KIND_LSMT_RO,
+    KIND_LSMT_RW,
+    KIND_LSMT_RW_INDEX,
+    KIND_LSMT_RW_SPARSE,
+    KIND_LSMT_SEALED,
+    KIND_UNKNOWN,
+    KIND_ZFILE,
+    chain_problems,
+    looks_like_config,
+    lsmt_kind,
+    referenced_bytes,
+    sibling_index,
+    uuid_or_none,
+)
+from obd.io.base import ReadAt
+from obd.io.file import open_file
+
+CORRUPTION = "corruption"
+LEAK = "leak"
+WARNING = "warning"
+ERROR = "error"
+
+EXIT_CLEAN = 0
+EXIT_ERROR = 1
+EXIT_CORRUPT = 2
+EXIT_LEAKS = 3
+
+MAX_PER_CODE = 50  # findings kept per (file, code); the rest are counted in one line
+
+JSON_VERSION = 1
+
+Progress = Callable[[int], Any] | None
+
+# Byte offsets of the LSMT header fields, derived from the one struct declaration.
+_LSMT_FIELDS = (
+    "magic0",
+    "magic1",
+    "size",
+    "flags",
+    "index_offset",
+    "index_size",
+    "virtual_size",
+    "uuid",
+    "parent_uuid",
+    "reserved",
+    "version",
+    "sub_version",
+    "user_tag",
+)
+
+
+def _field_offsets(fmt: str, names: tuple[str, ...]) -> dict[str, int]:
+    order, codes = fmt[0], fmt[1:]
+    out: dict[str, int] = {}
+    pos = 0
+    i = 0
+    for name in names:
+        num = ""
+        while codes[i].isdigit():
+            num += codes[i]
+            i += 1
+        code = num + codes[i]
+        i += 1
+        out[name] = pos
+        pos += struct.calcsize(order + code)
+    return out
+
+
+LSMT_OFF = _field_offsets(HeaderTrailer.STRUCT.format, _LSMT_FIELDS)
+_ZFILE_INDEX_FIELDS = ("index_offset", "index_size", "original_file_size", "index_crc")
+_ZFILE_SHAPE_FIELDS = ("block_size", "algo", "verify", "dict_size")
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: str
+    code: str
+    message: str
+    path: str
+    offset: int | None = None
+    space: str = "file"  # "file", or "payload" for offsets inside a ZFile's content
+
+    def __str__(self) -> str:
+        where = ""
+        if self.offset is not None:
+            where = f" (at {'payload ' if self.space != 'file' else ''}offset {self.offset})"
+        return f"{self.path}: {self.severity}: {self.message}{where}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "severity": self.severity,
+            "code": self.code,
+            "message": self.message,
+            "path": self.path,
+            "offset": self.offset,
+            "space": self.space,
+        }
+
+
+@dataclass
+class CheckReport:
+    """What was checked in one file (or image config) and every finding."""
+
+    path: str
+    kind: str = KIND_UNKNOWN
+    wrappers: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    checked: dict[str, int] = field(default_factory=dict)
+    leaked_bytes: int = 0
+    uuid: str | None = None
+    parent_uuid: str | None = None
+    _counts: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def add(
+        self,
+        severity: str,
+        code: str,
+        message: str,
+        offset: int | None = None,
+        *,
+        space: str = "file",
+        path: str | None = None,
+    ) -> None:
+        n = self._counts.get(code, 0) + 1
+        self._counts[code] = n
+        if n <= MAX_PER_CODE:
+            self.findings.append(Finding(severity, code, message, path or self.path, offset, space))
+
+    def finish(self) -> None:
+        """Add one line per code whose findings were cut at MAX_PER_CODE."""
+        for code, n in self._counts.items():
+            if n > MAX_PER_CODE:
+                sev = next(f.severity for f in self.findings if f.code == code)
+                self.findings.append(
+                    Finding(sev, code, f"... and {n - MAX_PER_CODE} more like the above", self.path)
+                )
+        self._counts = {code: MAX_PER_CODE for code in self._counts}
+
+    def count(self, severity: str) -> int:
+        return sum(1 for f in self.findings if f.severity == severity)
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code_of([self])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "kind": self.kind,
+            "wrappers": self.wrappers,
+            "result": RESULT_NAMES[self.exit_code],
+            "checked": self.checked,
+            "leaked_bytes": self.leaked_bytes,
+            "findings": [f.to_json() for f in self.findings],
+        }
+
+
+RESULT_NAMES = {
+    EXIT_CLEAN: "clean",
+    EXIT_ERROR: "error",
+    EXIT_CORRUPT: "corrupt",
+    EXIT_LEAKS: "leaks",
+}
+
+
+def exit_code_of(reports: list[CheckReport]) -> int:
+    sev = {f.severity for r in reports for f in r.findings}
+    if CORRUPTION in sev:
+        return EXIT_CORRUPT
+    if ERROR in sev:
+        return EXIT_ERROR
+    if LEAK in sev:
+        return EXIT_LEAKS
+    return EXIT_CLEAN
+
+
+def document(reports: list[CheckReport]) -> dict[str, Any]:
+    """The ``obd check --json`` document."""
+    code = exit_code_of(reports)
+    return {
+        "version": JSON_VERSION,
+        "result": RESULT_NAMES[code],
+        "exit_code": code,
+        "summary": {
+            "files": len(reports),
+            "corruptions": sum(r.count(CORRUPTION) for r in reports),
+            "leaks": sum(r.count(LEAK) for r in reports),
+            "warnings": sum(r.count(WARNING) for r in reports),
+            "errors": sum(r.count(ERROR) for r in reports),
+            "leaked_bytes": sum(r.leaked_bytes for r in reports),
+        },
+        "files": [r.to_json() for r in reports],
+    }
+
+
+# ------------------------------------------------------------------------------ ZFile
+
+
+@dataclass
+class _ZCheck:
+    """Where a ZFile check got to."""
+
+    ok_structure: bool = False  # jump table usable: blocks can be located
+    blocks_bad: int = 0
+
+
+def _check_zfile(
+    src: ReadAt,
+    rep: CheckReport,
+    *,
+    base: int,
+    progress: Progress,
+    threads: int,
+) -> _ZCheck:
+    """Check a ZFile at ``src`` (file offsets are ``base`` + offsets in ``src``)."""
+    st = _ZCheck()
+    total = src.size()
+
+    def bad(code: str, msg: str, off: int | None = None, sev: str = CORRUPTION) -> None:
+        rep.add(sev, code, msg, None if off is None else base + off)
+
+    if total < zf.SLOT_SIZE:
+        bad("zfile_header", f"ZFile is only {total} bytes", 0)
+        return st
+    head = src.pread(0, zf.SLOT_SIZE)
+    h = zf.HeaderTrailer.unpack(head)
+    if not h.magic_ok:
+        bad("zfile_header", "no ZFile magic in the header", 0)
+        return st
+    if not h.is_header:
+        bad("zfile_header", "ZFile header lacks the header flag", 32)
+    if not h.is_data_file and not h.header_overwrite:
+        bad("zfile_header", "ZFile header lacks the data-file flag", 32)
+    if h.digest_enabled:
+        want = zf.slot_digest(head)
+        if want != h.digest:
+            bad(
+                "zfile_digest",
+                f"ZFile header digest mismatch: stored {h.digest:#010x}, computed {want:#010x}",
+                28,
+            )
+    t: zf.HeaderTrailer | None = None
+    toff = total - zf.SLOT_SIZE
+    if total >= 2 * zf.SLOT_SIZE:
+        tail = src.pread(toff, zf.SLOT_SIZE)
+        tt = zf.HeaderTrailer.unpack(tail)
+        if tt.magic_ok:
+            t = tt
+            if tt.is_header or not tt.is_data_file or not tt.is_sealed:
+                bad(
+                    "zfile_trailer",
+                    f"bad ZFile trailer flags {tt.flags & 0x1F:#x} (want data and sealed, "
+                    "not header)",
+                    toff + 32,
+                )
+            if tt.digest_enabled and zf.slot_digest(tail) != tt.digest:
+                bad(
+                    "zfile_digest",
+                    f"ZFile trailer digest mismatch: stored {tt.digest:#010x}, computed "
+                    f"{zf.slot_digest(tail):#010x}",
+                    toff + 28,
+                )
+    if t is None:
+        msg = "ZFile trailer missing (no magic in the last 512 bytes): the file is truncated"
+        if not h.header_overwrite:
+            bad("zfile_trailer", msg + "; the jump table cannot be located", toff)
+            return st
+        bad("zfile_trailer", msg, toff)
+    info = h if h.header_overwrite else t
+    assert info is not None
+    if h.header_overwrite and t is not None:
+        for name in _ZFILE_INDEX_FIELDS:
+            if getattr(h, name) != getattr(t, name):
+                bad(
+                    "zfile_header_trailer",
+                    f"ZFile header and trailer disagree on {name} "
+                    f"(header {getattr(h, name)}, trailer {getattr(t, name)})",
+                    0,
+                )
+    if t is not None:
+        for name in _ZFILE_SHAPE_FIELDS:
+            if getattr(h, name) != getattr(t, name):
+                bad(
+                    "zfile_header_trailer",
+                    f"ZFile header and trailer disagree on {name} "
+                    f"(header {getattr(h, name)}, trailer {getattr(t, name)})",
+                    0,
+                )
+    if h.dict_size:
+        rep.add(ERROR, "unsupported", f"ZFile with a dictionary (dict_size {h.dict_size})")
+        return st
+    bs = h.block_size
+    if bs == 0 or bs & (bs - 1):
+        bad("zfile_header", f"bad ZFile block size {bs}", 72)
+        return st
+    if bs > zf.MAX_BLOCK_SIZE:
+        rep.add(ERROR, "unsupported", f"ZFile block size {bs} is larger than 64 KiB")
+        return st
+    codec = None
+    try:
+        codec = zf.get_codec(h.algo)
+    except UnsupportedError as e:
+        rep.add(ERROR, "unsupported", e.message + "; blocks not checked", base + 76)
+    verify = bool(h.verify)
+    data_start = zf.SLOT_SIZE
+    limit = toff if t is not None else total
+    info_at = 0 if info is h else toff
+    n, size, ioff = info.index_size, info.original_file_size, info.index_offset
+    rep.checked["blocks"] = n
+    if n > zf.MAX_INDEX_SIZE:
+        bad("zfile_jump_table", f"index_size {n} is larger than {zf.MAX_INDEX_SIZE}", info_at + 48)
+        return st
+    if -(-size // bs) != n:
+        bad(
+            "zfile_jump_table",
+            f"jump table has {n} blocks but original_file_size {size} needs "
+            f"{-(-size // bs)} blocks of {bs}",
+            info_at + 48,
+        )
+    if ioff < data_start or ioff + 4 * n > limit:
+        bad(
+            "zfile_jump_table",
+            f"jump table [{ioff}, {ioff + 4 * n}) lies outside [{data_start}, {limit}): "
+            "truncated or bad index_offset",
+            ioff if ioff < total else info_at + 40,
+        )
+        return st
+    table = src.pread(ioff, 4 * n)
+    if len(table) != 4 * n:
+        bad("zfile_jump_table", "jump table is truncated", ioff + len(table))
+        return st
+    if info.digest_enabled:
+        got = crc.raw(table, 0)
+        if got != info.index_crc:
+            bad(
+                "zfile_index_crc",
+                f"jump table checksum (index_crc) mismatch: stored {info.index_crc:#010x}, "
+                f"computed {got:#010x}",
+                ioff,
+            )
+    lengths = np.frombuffer(table, dtype="<u4").astype(np.int64)
+    minimum = 5 if verify else 1
+    maximum = (codec.bound(bs) if codec else bs + bs // 8 + 64) + (4 if verify else 0)
+    wrong = np.flatnonzero((lengths < minimum) | (lengths > maximum))
+    for b in wrong.tolist():
+        bad(
+            "zfile_jump_table",
+            f"jump table entry {b} has impossible stored length {int(lengths[b])}",
+            ioff + 4 * b,
+        )
+    offsets = np.empty(n + 1, dtype=np.int64)
+    offsets[0] = data_start
+    np.cumsum(lengths, out=offsets[1:])
+    offsets[1:] += data_start
+    end = int(offsets[-1])
+    if end > ioff:
+        bad(
+            "zfile_jump_table",
+            f"blocks run past the jump table: they end at {end}, the table starts at {ioff}",
+            ioff,
+        )
+        return st
+    if end < ioff:
+        rep.add(
+            LEAK, "zfile_gap", f"{ioff - end} unreferenced bytes after the last block", base + end
+        )
+        rep.leaked_bytes += ioff - end
+    if ioff + 4 * n < limit:
+        gap = limit - ioff - 4 * n
+        rep.add(
+            LEAK, "zfile_gap", f"{gap} unreferenced bytes after the jump table", base + ioff + 4 * n
+        )
+        rep.leaked_bytes += gap
+    if len(wrong):
+        return st
+    st.ok_structure = True
+    if codec is None:
+        return st
+    st.blocks_bad = _check_blocks(
+        src, rep, codec, offsets, lengths, bs, size, verify, base, progress, threads
+    )
+    return st
+
+
+def _check_blocks(
+    src: ReadAt,
+    rep: CheckReport,
+    codec: Any,
+    offsets: np.ndarray,
+    lengths: np.ndarray,
+    bs: int,
+    size: int,
+    verify: bool,
+    base: int,
+    progress: Progress,
+    threads: int,
+) -> int:
+    """CRC and decompress every block, batches in parallel; report each bad block."""
+    n = len(lengths)
+    if n == 0:
+        return 0
+    per = max(1, (4 << 20) // bs)
+    ranges = [(s, min(s + per, n)) for s in range(0, n, per)]
+    local = threading.local()
+    last_raw = size - (n - 1) * bs
+
+    def work(r: tuple[int, int]) -> tuple[int, list[tuple[int, str]], int]:
+        s, e = r
+        so, eo = int(offsets[s]), int(offsets[e])
+        stored = src.pread(so, eo - so)
+        buf = getattr(local, "buf", None)
+        if buf is None or len(buf) < per * bs:
+            buf = local.buf = bytearray(per * bs)
+        lens = lengths[s:e].tolist()
+        if len(stored) < eo - so:
+            # truncated: check what is there, report the rest
+            have = len(stored)
+            pos = 0
+            k = 0
+            while k < len(lens) and pos + lens[k] <= have:
+                pos += lens[k]
+                k += 1
+            bad = [(i, "truncated (past the end of the file)") for i in range(k, len(lens))]
+            if k:
+                bad = codec.decompress_blocks(stored[:pos], lens[:k], buf, bs, bs, verify) + bad
+            return s, bad, eo - so
+        lr = last_raw if e == n else bs
+        return s, codec.decompress_blocks(stored, lens, buf, bs, lr, verify), eo - so
+
+    nbad = 0
+
+    def take(res: tuple[int, list[tuple[int, str]], int]) -> None:
+        nonlocal nbad
+        s, bad, nbytes = res
+        for i, problem in bad:
+            b = s + i
+            nbad += 1
+            code = "zfile_block_crc" if "checksum" in problem else "zfile_block"
+            rep.add(CORRUPTION, code, f"ZFile block {b}: {problem}", base + int(offsets[b]))
+        if progress is not None:
+            progress(nbytes)
+
+    if threads <= 1 or len(ranges) < 2:
+        for r in ranges:
+            take(work(r))
+    else:
+        with ThreadPoolExecutor(threads, thread_name_prefix="check") as pool:
+            for res in pool.map(work, ranges):
+                take(res)
+    return nbad
+
+
+# ------------------------------------------------------------------------------- LSMT
+
+
+def _lsmt_ht(
+    view: ReadAt, rep: CheckReport, at: int, what: str, space: str
+) -> tuple[HeaderTrailer | None, bytes]:
+    raw = view.pread(at, HT_SLOT)
+    if len(raw) < HT_SLOT:
+        rep.add(CORRUPTION, f"lsmt_{what}", f"LSMT {what} is truncated", at, space=space)
+        return None, raw
+    try:
+        ht = HeaderTrailer.unpack(raw, offset=at, what=what)
+    except CorruptError:
+        rep.add(CORRUPTION, f"lsmt_{what}", f"LSMT {what} has a bad magic", at, space=space)
+        return None, raw
+    size = HeaderTrailer.STRUCT.unpack_from(raw)[2]
+    if size != HeaderTrailer.STRUCT.size:
+        rep.add(
+            CORRUPTION,
+            f"lsmt_{what}",
+            f"LSMT {what} size field is {size}, not {HeaderTrailer.STRUCT.size}",
+            at + LSMT_OFF["size"],
+            space=space,
+        )
+    if any(raw[HeaderTrailer.STRUCT.size :]):
+        rep.add(
+            WARNING,
+            f"lsmt_{what}",
+            f"LSMT {what} has non-zero bytes after its {HeaderTrailer.STRUCT.size}-byte struct",
+            at + HeaderTrailer.STRUCT.size,
+            space=space,
+        )
+    if (ht.version, ht.sub_version) != (1, 1):
+        rep.add(
+            WARNING,
+            f"lsmt_{what}",
+            f"LSMT {what} version {ht.version}.{ht.sub_version} (writers use 1.1)",
+            at + LSMT_OFF["version"],
+            space=space,
+        )
+    for name in ("uuid", "parent_uuid"):
+        text = getattr(ht, name)
+        if text and not uuidmod.is_valid(text):
+            rep.add(
+                CORRUPTION,
+                f"lsmt_{what}",
+                f"LSMT {what} {name} {text!r} is not a valid uuid",
+                at + LSMT_OFF[name],
+                space=space,
+            )
+    return ht, raw
+
+
+def _compare_ht(
+    a: HeaderTrailer,
+    b: HeaderTrailer,
+    rep: CheckReport,
+    names: tuple[str, ...],
+    *,
+    at_a: int,
+    at_b: int,
+    what: str,
+    space: str = "file",
+    path_b: str | None = None,
+    severity: str = CORRUPTION,
+) -> None:
+    for name in names:
+        va, vb = getattr(a, name), getattr(b, name)
+        same = va.upper() == vb.upper() if name in ("uuid", "parent_uuid") else va == vb
+        if not same:
+            where = f" at {path_b} offset {at_b + LSMT_OFF[name]}" if path_b else ""
+            rep.add(
+                severity,
+                "header_trailer_mismatch",
+                f"{what} disagree on {name}: {va!r} vs {vb!r}{where}",
+                at_a + LSMT_OFF[name],
+                space=space,
+            )
+
+
+def _padding_problems(m: Any, w_raw: np.ndarray, rep: CheckReport, at: int, space: str) -> None:
+    """Entries whose offset is the invalid marker must be all padding (w1 == 0...)."""
+    pad = m.offset == np.uint64(INVALID_OFFSET)
+    malformed = pad & ((m.length != 0) | (w_raw[:, 1] != 0))
+    for i in np.flatnonzero(malformed).tolist():
+        rep.add(
+            CORRUPTION,
+            "index_entry",
+            f"index entry {i} has the padding offset but other fields set",
+            at + i * ENTRY_SIZE,
+            space=space,
+        )
+
+
+def check_lsmt_ro(view: ReadAt, rep: CheckReport, *, space: str = "file") -> None:
+    """A read-only layer (commit output) or a sealed data file, everything of §1.5-§1.6."""
+    fsize = view.size()
+    if fsize < 2 * HT_SLOT:
+        rep.add(
+            CORRUPTION,
+            "lsmt_header",
+            f"too small for an LSMT layer ({fsize} bytes)",
+            0,
+            space=space,
+        )
+        return
+    if fsize % SECTOR:
+        rep.add(
+            WARNING,
+            "lsmt_trailer",
+            f"file size {fsize} is not a multiple of 512",
+            fsize,
+            space=space,
+        )
+    h, _ = _lsmt_ht(view, rep, 0, "header", space)
+    if h is not None and (not h.flags & FLAG_HEADER or not h.flags & FLAG_DATA):
+        rep.add(
+            CORRUPTION,
+            "lsmt_header",
+            f"header flags {h.flags:#x} are not a data-file header",
+            LSMT_OFF["flags"],
+            space=space,
+        )
+    toff = fsize - HT_SLOT
+    t, _ = _lsmt_ht(view, rep, toff, "trailer", space)
+    if t is None:
+        return
+    if t.flags & FLAG_HEADER or not t.flags & FLAG_DATA or not t.flags & FLAG_SEALED:
+        rep.add(
+            CORRUPTION,
+            "lsmt_trailer",
+            f"trailer flags {t.flags:#x} are not a sealed data-file trailer",
+            toff + LSMT_OFF["flags"],
+            space=space,
+        )
+    rep.uuid, rep.parent_uuid = uuid_or_none(t.uuid), uuid_or_none(t.parent_uuid)
+    if h is not None:
+        _compare_ht(
+            h,
+            t,
+            rep,
+            ("uuid", "parent_uuid", "virtual_size", "version", "sub_version", "user_tag"),
+            at_a=0,
+            at_b=toff,
+            what="header and trailer",
+            space=space,
+        )
+        if h.flags & FLAG_SEALED and (h.index_offset or h.index_size):
+            rep.add(
+                WARNING,
+                "lsmt_header",
+                "committed header carries index fields (writers leave them 0)",
+                LSMT_OFF["index_offset"],
+                space=space,
+            )
+    n, ioff = t.index_size, t.index_offset
+    rep.checked["index_entries"] = n
+    if n > MAX_RO_INDEX_SIZE:
+        rep.add(
+            CORRUPTION,
+            "index_bounds",
+            f"index has {n} entries, more than {MAX_RO_INDEX_SIZE}",
+            toff + LSMT_OFF["index_size"],
+            space=space,
+        )
+        return
+    if ioff % SECTOR or ioff < HT_SLOT or ioff > toff or n * ENTRY_SIZE > toff - ioff:
+        rep.add(
+            CORRUPTION,
+            "index_bounds",
+            f"index ({n} entries at offset {ioff}) does not fit between the header and the "
+            f"trailer at {toff}" + (" or is not 512-aligned" if ioff % SECTOR else ""),
+            toff + LSMT_OFF["index_offset"],
+            space=space,
+        )
+        return
+    raw = view.pread(ioff, n * ENTRY_SIZE)
+    if len(raw) != n * ENTRY_SIZE:
+        rep.add(CORRUPTION, "index_bounds", "index is truncated", ioff + len(raw), space=space)
+        return
+    m = decode_entries(raw)
+    words = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+    _padding_problems(m, words, rep, ioff, space)
+    valid = np.flatnonzero(m.offset != np.uint64(INVALID_OFFSET))
+    rep.checked["valid_entries"] = len(valid)
+    vm = m.select(valid)
+    _check_entries(vm, valid, rep, ioff, t.virtual_size, space)
+    # data area [4096, index_offset) bytes that no entry references
+    area = ioff - HT_SLOT
+    used = referenced_bytes(vm)
+    if area > used:
+        rep.add(
+            LEAK,
+            "garbage",
+            f"{area - used} bytes of the data area are not referenced by the index",
+            HT_SLOT,
+            space=space,
+        )
+        rep.leaked_bytes += area - used
+
+
+def _check_entries(
+    vm: Any, pos: np.ndarray, rep: CheckReport, ioff: int, vsize: int, space: str
+) -> None:
+    """Order, overlap, moffset ranges (§1.5) and shared stored data of valid entries."""
+
+    def at(i: int) -> int:
+        return ioff + int(pos[i]) * ENTRY_SIZE
+
+    off = vm.offset.astype(np.int64)
+    ln = vm.length.astype(np.int64)
+    mo = vm.moffset.astype(np.int64)
+    ze = vm.zeroed
+    end = off + ln
+    if len(off) > 1:
+        prev_end = np.maximum.accumulate(end)[:-1]
+        disorder = np.flatnonzero(off[1:] < off[:-1]) + 1
+        for i in disorder.tolist():
+            rep.add(
+                CORRUPTION,
+                "index_order",
+                f"index entry {int(pos[i])} is out of order (offset {int(off[i])} < previous "
+                f"offset {int(off[i - 1])} sectors)",
+                at(i),
+                space=space,
+            )
+        overlap = np.flatnonzero((off[1:] < prev_end) & (off[1:] >= off[:-1])) + 1
+        for i in overlap.tolist():
+            rep.add(
+                CORRUPTION,
+                "index_overlap",
+                f"index entry {int(pos[i])} overlaps an earlier entry (offset {int(off[i])} < "
+                f"end {int(prev_end[i - 1])} sectors)",
+                at(i),
+                space=space,
+            )
+    b, e = HT_SECTORS, ioff // SECTOR
+    mend = np.where(ze, mo, mo + ln)
+    data_bad = (~ze) & ((mo < b) | (mo >= e) | (mend <= b) | (mend > e))
+    zero_bad = ze & ((mo < b) | (mo > e))
+    for i in np.flatnonzero(data_bad | zero_bad).tolist():
+        rep.add(
+            CORRUPTION,
+            "index_moffset",
+            f"index entry {int(pos[i])} maps outside the data area [{b}, {e}) sectors "
+            f"(moffset {int(mo[i])}, length {int(ln[i])}{', zeroed' if ze[i] else ''})",
+            at(i),
+            space=space,
+        )
+    for i in np.flatnonzero(ln == 0).tolist():
+        rep.add(
+            WARNING, "index_entry", f"index entry {int(pos[i])} has length 0", at(i), space=space
+        )
+    past = np.flatnonzero(end * SECTOR > vsize)
+    for i in past.tolist():
+        rep.add(
+            WARNING,
+            "index_entry",
+            f"index entry {int(pos[i])} maps past the virtual size ({int(end[i]) * SECTOR} > {vsize})",
+            at(i),
+            space=space,
+        )
+    # two data entries sharing stored sectors
+    data = np.flatnonzero(~ze & (ln > 0))
+    if len(data) > 1:
+        order = data[np.argsort(mo[data], kind="stable")]
+        s, f = mo[order], mo[order] + ln[order]
+        prev = np.maximum.accumulate(f)[:-1]
+        for k in (np.flatnonzero(s[1:] < prev) + 1).tolist():
+            i = int(order[k])
+            rep.add(
+                CORRUPTION,
+                "index_shared",
+                f"index entry {int(pos[i])} maps stored data another entry maps too "
+                f"(moffset {int(mo[i])} sectors)",
+                at(i),
+                space=space,
+            )
+
+
+# --------------------------------------------------------------------------- writable
+
+
+def check_rw(data_path: str, index_path: str | None, rep: CheckReport) -> None:
+    """A writable layer's data file and (log-structured) index file (§2.1-§2.3)."""
+    from obd.formats.lsmt_rw import LSMTWritable
+
+    with open_file(data_path) as data:
+        dsize = data.size()
+        h, _ = _lsmt_ht(data, rep, 0, "header", "file")
+        if h is None:
+            return
+        rep.uuid, rep.parent_uuid = uuid_or_none(h.uuid), uuid_or_none(h.parent_uuid)
+        if not h.flags & FLAG_HEADER or not h.flags & FLAG_DATA:
+            rep.add(CORRUPTION, "lsmt_header", f"flags {h.flags:#x} are not a data-file header", 28)
+            return
+        if h.flags & FLAG_SPARSE:
+            if dsize < HT_SLOT + h.virtual_size:
+                rep.add(
+                    WARNING,
+                    "sparse_size",
+                    f"sparse data file is {dsize} bytes, shorter than 4096 + virtual size "
+                    f"{h.virtual_size} (the rest reads as zeros)",
+                    dsize,
+                )
+            with LSMTWritable.open(data, None, readonly=True) as layer:
+                rep.checked["segments"] = len(layer.idx)
+            return
+        if dsize % SECTOR:
+            rep.add(
+                LEAK,
+                "data_tail",
+                f"data file size {dsize} is not a multiple of 512 (an interrupted write)",
+                dsize - dsize % SECTOR,
+            )
+        if index_path is None:
+            rep.add(
+                ERROR,
+                "no_index",
+                "the index file of this writable layer was not found (give it with --index)",
+            )
+            return
+        if _check_rw_index(data_path, dsize, h, index_path, rep):
+            data2 = open_file(data_path)
+            index = open_file(index_path)
+            try:
+                layer = LSMTWritable.open(data2, index, readonly=True)
+            except ObdError as e:  # pragma: no cover - the checks above cover open()
+                data2.close()
+                index.close()
+                rep.add(CORRUPTION, "rw_open", str(e))
+                return
+            with layer:
+                garbage = layer.garbage_bytes()
+            if garbage:
+                rep.add(
+                    LEAK,
+                    "garbage",
+                    f"{garbage} bytes of the data file are overwritten data no longer "
+                    "referenced (a commit drops them)",
+                    HT_SLOT,
+                )
+                rep.leaked_bytes += garbage
+
+
+def _check_rw_index(
+    data_path: str, dsize: int, h: HeaderTrailer, index_path: str, rep: CheckReport
+) -> bool:
+    """Check the index file; True when the layer can be opened (no corruption)."""
+    before = rep.count(CORRUPTION)
+    with open_file(index_path) as ix:
+        isize = ix.size()
+        if isize < HT_SLOT:
+            rep.add(
+                CORRUPTION,
+                "rw_index_header",
+                f"index file is {isize} bytes, too small",
+                0,
+                path=index_path,
+            )
+            return False
+        sub = CheckReport(index_path)
+        ih, _ = _lsmt_ht(ix, sub, 0, "header", "file")
+        for f in sub.findings:
+            rep.findings.append(f)
+        if ih is None:
+            return False
+        if not ih.flags & FLAG_HEADER or ih.flags & FLAG_DATA or ih.flags & FLAG_SEALED:
+            rep.add(
+                CORRUPTION,
+                "rw_index_header",
+                f"index file header flags {ih.flags:#x} are not a writable index header",
+                LSMT_OFF["flags"],
+                path=index_path,
+            )
+        if ih.index_offset != HT_SLOT:
+            rep.add(
+                CORRUPTION,
+                "rw_index_header",
+                f"index file header has index_offset {ih.index_offset}, expected 4096",
+                LSMT_OFF["index_offset"],
+                path=index_path,
+            )
+        _compare_ht(
+            h,
+            ih,
+            rep,
+            ("uuid", "parent_uuid"),
+            at_a=0,
+            at_b=0,
+            what=f"data header and index header ({index_path})",
+            path_b=index_path,
+        )
+        _compare_ht(
+            h,
+            ih,
+            rep,
+            ("virtual_size",),
+            at_a=0,
+            at_b=0,
+            what=f"data header and index header ({index_path})",
+            path_b=index_path,
+            severity=WARNING,
+        )
+        rep.uuid, rep.parent_uuid = uuid_or_none(ih.uuid), uuid_or_none(ih.parent_uuid)
+        body = isize - HT_SLOT
+        n = body // ENTRY_SIZE
+        rep.checked["index_records"] = n
+        if body % ENTRY_SIZE:
+            rep.add(
+                LEAK,
+                "rw_index_torn",
+                f"torn tail: {body % ENTRY_SIZE} bytes after the last complete record "
+                "(an interrupted append; ignored on open)",
+                HT_SLOT + n * ENTRY_SIZE,
+                path=index_path,
+            )
+        if n > MAX_RW_INDEX_RECORDS:
+            rep.add(
+                CORRUPTION,
+                "rw_index_records",
+                f"index file holds {n} records, more than {MAX_RW_INDEX_RECORDS}",
+                HT_SLOT,
+                path=index_path,
+            )
+            return False
+        raw = ix.pread(HT_SLOT, n * ENTRY_SIZE)
+    m = decode_entries(raw)
+    words = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+    sub = CheckReport(index_path)
+    _padding_problems(m, words, sub, HT_SLOT, "file")
+    rep.findings.extend(sub.findings)
+    valid = (m.offset != np.uint64(INVALID_OFFSET)) & (m.length > 0)
+    ends = dsize // SECTOR
+    mo = m.moffset.astype(np.int64)
+    ln = m.length.astype(np.int64)
+    bad = valid & (
+        (mo < HT_SECTORS) | np.where(m.zeroed, mo > ends, (mo >= ends) | (mo + ln > ends))
+    )
+    for i in np.flatnonzero(bad).tolist():
+        rep.add(
+            CORRUPTION,
+            "rw_index_record",
+            f"index record {i} maps outside the data file [8, {ends}) sectors "
+            f"(moffset {int(mo[i])}, length {int(ln[i])}{', zeroed' if m.zeroed[i] else ''})",
+            HT_SLOT + i * ENTRY_SIZE,
+            path=index_path,
+        )
+    return rep.count(CORRUPTION) == before
+
+
+# ------------------------------------------------------------------------------ files
+
+
+def check_file(
+    path: str,
+    *,
+    index: str | None = None,
+    progress: Progress = None,
+    threads: int | None = None,
+) -> CheckReport:
+    """Check one file of any kind; every problem becomes a finding (never raises
+    :class:`ObdError`)."""
+    from obd.formats.tar import TarView, is_tar
+
+    rep = CheckReport(path)
+    nthreads = threads or os.cpu_count() or 1
+    try:
+        f = open_file(path)
+    except ObdError as e:
+        rep.add(ERROR, "access", e.message)
+        return rep
+    view: ReadAt = f
+    base = 0
+    try:
+        if is_tar(f.pread(0, 512)):
+            rep.wrappers.append("tar")
+            try:
+                view = TarView(f, path=path)
+            except CorruptError as e:
+                rep.add(CORRUPTION, "tar", e.message, e.offset)
+                return rep
+            base = view.offset
+        if zf.is_zfile(view.pread(0, 512)):
+            rep.wrappers.append("zfile")
+            zst = _check_zfile(view, rep, base=base, progress=progress, threads=nthreads)
+            if not zst.ok_structure:
+                rep.kind = KIND_ZFILE
+                return rep
+            try:
+                inner = zf.ZFileReader(view, cache_blocks=8, path=path)
+            except ObdError as e:
+                # structural problems already reported; the reader refuses the file
+                rep.kind = KIND_ZFILE
+                if not rep.count(CORRUPTION):
+                    rep.add(ERROR, "zfile", f"cannot open the ZFile: {e.message}")
+                return rep
+            try:
+                kind, _ = lsmt_kind(inner)
+            except ObdError as e:
+                rep.kind = KIND_ZFILE
+                rep.add(CORRUPTION, "lsmt_unreadable", f"cannot read the payload: {e.message}")
+                return rep
+            if kind == KIND_UNKNOWN:
+                rep.kind = KIND_ZFILE
+                return rep
+            rep.kind = kind
+            if kind in (KIND_LSMT_RO, KIND_LSMT_SEALED):
+                try:
+                    check_lsmt_ro(inner, rep, space="payload")
+                except CorruptError as e:
+                    rep.add(
+                        CORRUPTION,
+                        "lsmt_unreadable",
+                        f"cannot read the LSMT layer inside the ZFile: {e.message}",
+                    )
+            else:
+                rep.add(ERROR, "unsupported", f"a {kind} file inside a ZFile cannot be checked")
+            return rep
+        if "tar" in rep.wrappers:
+            kind, _ = lsmt_kind(view)
+        else:
+            kind, _ = lsmt_kind(f)
+        rep.kind = kind
+        if kind in (KIND_LSMT_RO, KIND_LSMT_SEALED):
+            check_lsmt_ro(view, rep)
+        elif kind in (KIND_LSMT_RW, KIND_LSMT_RW_SPARSE):
+            if rep.wrappers:
+                rep.add(ERROR, "unsupported", "a writable layer inside a tar cannot be checked")
+            else:
+                idx = index if index is not None else sibling_index(path)
+                check_rw(path, None if kind == KIND_LSMT_RW_SPARSE else idx, rep)
+        elif kind == KIND_LSMT_RW_INDEX:
+            _check_lone_index(view, rep)
+        elif not rep.wrappers and _trailer_kind(f) == "lsmt":
+            # the header is broken but an LSMT trailer ends the file
+            rep.kind = KIND_LSMT_RO
+            check_lsmt_ro(f, rep)
+        elif not rep.wrappers and _trailer_kind(f) == "zfile":
+            rep.kind = KIND_ZFILE
+            rep.add(
+                CORRUPTION, "zfile_header", "ZFile header has a bad magic (trailer is intact)", 0
+            )
+        else:
+            rep.add(ERROR, "unknown", "not an overlaybd file (no ZFile or LSMT header)")
+        if progress is not None and "zfile" not in rep.wrappers:
+            progress(f.size())
+    except ObdError as e:
+        rep.add(ERROR, "unreadable", str(e))
+    finally:
+        rep.finish()
+        view.close()
+    return rep
+
+
+def _trailer_kind(f: ReadAt) -> str | None:
+    """``"lsmt"`` or ``"zfile"`` when the file ends with that format's trailer magic."""
+    size = f.size()
+    if size >= 2 * HT_SLOT:
+        try:
+            t = HeaderTrailer.unpack(f.pread(size - HT_SLOT, HT_SLOT))
+        except CorruptError:
+            pass
+        else:
+            if not t.flags & FLAG_HEADER:
+                return "lsmt"
+    if size >= 2 * zf.SLOT_SIZE:
+        zt = zf.HeaderTrailer.unpack(f.pread(size - zf.SLOT_SIZE, zf.SLOT_SIZE))
+        if zt.magic_ok and not zt.is_header:
+            return "zfile"
+    return None
+
+
+def _check_lone_index(view: ReadAt, rep: CheckReport) -> None:
+    """An index file given alone: its header and the shape of its records."""
+    h, _ = _lsmt_ht(view, rep, 0, "header", "file")
+    if h is None:
+        return
+    rep.uuid, rep.parent_uuid = uuid_or_none(h.uuid), uuid_or_none(h.parent_uuid)
+    if h.index_offset != HT_SLOT or h.flags & FLAG_SEALED:
+        rep.add(CORRUPTION, "rw_index_header", "not a valid writable index header", 0)
+    body = view.size() - HT_SLOT
+    n = body // ENTRY_SIZE
+    rep.checked["index_records"] = n
+    if body % ENTRY_SIZE:
+        rep.add(
+            LEAK,
+            "rw_index_torn",
+            f"torn tail: {body % ENTRY_SIZE} bytes after the last complete record",
+            HT_SLOT + n * ENTRY_SIZE,
+        )
+    raw = view.pread(HT_SLOT, n * ENTRY_SIZE)
+    m = decode_entries(raw)
+    # record ranges are checked against the data file when the data file is checked
+    _padding_problems(m, np.frombuffer(raw, dtype="<u8").reshape(-1, 2), rep, HT_SLOT, "file")
+
+
+def check_image(
+    config_path: str, *, progress: Progress = None, threads: int | None = None
+) -> list[CheckReport]:
+    """Every layer of an image config, then the parent-uuid chain (reported on the
+    config's own report, which comes first)."""
+    from obd.image.config import load_image_config
+    from obd.image.layers import local_layer_path
+
+    top = CheckReport(config_path, kind=KIND_IMAGE)
+    try:
+        cfg = load_image_config(config_path)
+    except ObdError as e:
+        top.add(ERROR, "config", e.message)
+        return [top]
+    reports = [top]
+    rows: list[tuple[int, str | None, str | None]] = []
+    layers = list(cfg.lowers)
+    if cfg.accelerationLayer and layers:
+        layers = layers[:-1]
+    for i, lc in enumerate(layers):
+        p = local_layer_path(lc)
+        if p is None:
+            what = f"remote ({lc.digest})" if lc.digest else "not found"
+            top.add(ERROR, "layer_missing", f"layer {i} is {what}; it was not checked")
+            rows.append((i, None, None))
+            continue
+        r = check_file(p, progress=progress, threads=threads)
+        reports.append(r)
+        rows.append((i, r.uuid, r.parent_uuid))
+    if cfg.upper.present:
+        r = CheckReport(cfg.upper.data)
+        try:
+            lk, _ = _kind_of_local(cfg.upper.data)
+            r.kind = lk
+            check_rw(cfg.upper.data, cfg.upper.index, r)
+        except ObdError as e:
+            r.add(ERROR, "unreadable", str(e))
+        r.finish()
+        reports.append(r)
+        rows.append((len(rows), r.uuid, r.parent_uuid))
+    top.checked["layers"] = len(rows)
+    for c in chain_problems(rows):
+        top.add(CORRUPTION, "chain", c.message)
+    top.finish()
+    return reports
+
+
+def _kind_of_local(path: str) -> tuple[str, Any]:
+    with open_file(path) as f:
+        return lsmt_kind(f)
+
+
+def check_paths(
+    paths: list[str],
+    *,
+    index: str | None = None,
+    progress: Progress = None,
+    threads: int | None = None,
+) -> list[CheckReport]:
+    """Check files and image configs; ``index`` names the index file of a single
+    writable data file."""
+    reports: list[CheckReport] = []
+    for p in paths:
+        if looks_like_config(p):
+            reports.extend(check_image(p, progress=progress, threads=threads))
+        else:
+            reports.append(check_file(p, index=index, progress=progress, threads=threads))
+    return reports
+
+
+def total_bytes(paths: list[str]) -> int:
+    """What a progress bar over :func:`check_paths` counts to (file sizes, approximately)."""
+    from obd.image.config import load_image_config
+    from obd.image.layers import local_layer_path
+
+    files: list[str] = []
+    for p in paths:
+        if looks_like_config(p):
+            try:
+                cfg = load_image_config(p)
+            except ObdError:
+                continue
+            files += [q for q in (local_layer_path(lc) for lc in cfg.lowers) if q]
+            if cfg.upper.present:
+                files.append(cfg.upper.data)
+        else:
+            files.append(p)
+    total = 0
+    for q in files:
+        try:
+            total += os.path.getsize(q)
+        except OSError:
+            pass
+    return total
+
+
+__all__ = [
+    "CORRUPTION",
+    "ERROR",
+    "EXIT_CLEAN",
+    "EXIT_CORRUPT",
+    "EXIT_ERROR",
+    "EXIT_LEAKS",
+    "KIND_LSMT_RW_INDEX",
+    "LEAK",
+    "WARNING",
+    "CheckReport",
+    "Finding",
+    "check_file",
+    "check_image",
+    "check_paths",
+    "document",
+    "exit_code_of",
+]
