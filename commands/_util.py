@@ -14,11 +14,14 @@ _UNITS = {"": 1 << 30, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "
 
 
 def parse_size(text: str) -> int:
-    """Parse ``64G``, ``512M``, ``1T``, ``4096K`` or a bare integer meaning GiB."""
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGTP]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    """Parse ``64G``, ``512M``, ``1T``, ``4096K``, ``1536B`` (bytes) or a bare integer (GiB)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGTP]?)(i?B)?\s*", text, re.IGNORECASE)
     if not m:
         raise click.BadParameter(f"{text!r} is not a size like 64G, 512M, 1T or a number of GiB")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+    unit = m.group(2).upper()
+    if not unit and m.group(3):
+        return int(m.group(1))  # plain bytes
+    return int(m.group(1)) * _UNITS[unit]
 
 
 class SizeType(click.ParamType):

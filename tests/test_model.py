@@ -16,8 +16,7 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from obd.image import open_image
-from obd.image import ops
+from obd.image import open_image, ops
 from obd.image.layers import open_ro_layer, open_rw_layer
 
 VSIZE = 1 << 21  # 2 MiB
