@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -93,7 +94,8 @@ def test_create_from_raw_round_trips_and_skips_zero_blocks(tmp_path):
         size = lay.virtual_size
         assert size == -(-(len(raw) + 4) // 512) * 512
         assert lay.pread(0, size) == (bytes(raw) + b"tail").ljust(size, b"\0")
-        stored = sum(int(n) for n, z in zip(lay.mappings().length, lay.mappings().zeroed) if not z)
+        m = lay.mappings()
+        stored = int(m.length[~m.zeroed].sum())
     nonzero_blocks = sum(1 for k in range(0, len(raw), 4096) if any(raw[k : k + 4096])) + 1
     assert stored * 512 <= nonzero_blocks * 4096
     r = run_obd("create", "--from", tmp_path / "disk.raw", tmp_path / "s.d", tmp_path / "s.i", "1M")
@@ -202,11 +204,11 @@ def test_corrupt_read_only_layer(tmp_path, ro_layer, where, needle):
         "index_moffset": (ix + 16 * 2 + 14, 0x40),  # moffset of entry 2 far past the data
     }[where]
     bad = _corrupt(tmp_path, ro_layer, at, xor)
-    before = open(bad, "rb").read()
+    before = Path(bad).read_bytes()
     r = run_obd("merge", "--raw", "-o", tmp_path / "out.raw", bad)
     assert_one_line_error(r, 4, "bad.lsmt", needle)
     assert not (tmp_path / "out.raw").exists()
-    assert open(bad, "rb").read() == before  # inputs never change
+    assert Path(bad).read_bytes() == before  # inputs never change
 
 
 @pytest.mark.parametrize("keep", [0, 100, 4096, 8000, -4096, -1])
