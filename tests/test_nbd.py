@@ -448,7 +448,13 @@ def test_serve_writes_land_in_upper_and_survive_commit(tmp_path: Path) -> None:
         uri = sp.uri("disk")
         run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 1M", "-c", "write -P 0x33 5M 4k",
              "-c", "read -P 0x5a 0 1M", uri])  # fmt: skip
+        idle = RawClient(sp.port, "disk")  # still connected at SIGTERM, its write unflushed
+        assert idle.write(7 * MiB, b"\x77" * 8192) == 0
+        t0 = time.monotonic()
         status = sp.stop()  # SIGTERM: drain, flush, exit 0
+        assert time.monotonic() - t0 < 10
+        assert idle.closed_by_server()
+        idle.close()
         assert status == 0, sp.stderr
     obd(
         "commit",
@@ -463,6 +469,7 @@ def test_serve_writes_land_in_upper_and_survive_commit(tmp_path: Path) -> None:
         assert img.readonly
         assert img.pread(0, MiB) == b"\x5a" * MiB
         assert img.pread(5 * MiB, 4096) == b"\x33" * 4096
+        assert img.pread(7 * MiB, 8192) == b"\x77" * 8192
         assert img.pread(MiB, 4096) == bytes(4096)
 
 
