@@ -320,6 +320,17 @@ def test_threads_identical_and_streaming() -> None:
         assert bytes(o.buf) == data
 
 
+def test_write_accepts_any_buffer() -> None:
+    arr = np.arange(5000, dtype="<u4")
+    out = MemFile()
+    with ZFileWriter(out, algorithm="zstd", threads=2) as w:
+        w.write(memoryview(arr))
+        w.write(arr[:10])
+        w.write(b"")
+    assert w.bytes_in == 5010 * 4
+    assert zread(bytes(out.buf)).pread(0, 1 << 20) == arr.tobytes() + arr[:10].tobytes()
+
+
 def test_overwrite_header() -> None:
     data = mixed(50000)
     blob = zcompress(data, overwrite_header=True, algorithm="zstd")

@@ -542,6 +542,8 @@ class ZFileWriter:
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self._closed:
             raise ValueError("write to a closed ZFileWriter")
+        if not isinstance(data, (bytes, bytearray)):
+            data = memoryview(data).cast("B")  # count bytes, not items
         n = len(data)
         if not n:
             return 0
