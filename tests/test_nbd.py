@@ -543,15 +543,7 @@ def vector_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
 def _vector_params() -> list[object]:
     params: list[object] = []
     for name, _, vsize, digest in _vector_images():
-        marks = []
-        if name == "stack_a":
-            marks.append(
-                pytest.mark.xfail(
-                    reason="obd.image Stack reads stack_a with a wrong digest (reported to core)",
-                    strict=False,
-                )
-            )
-        params.append(pytest.param(name, vsize, digest, id=name, marks=marks))
+        params.append(pytest.param(name, vsize, digest, id=name))
     return params or [pytest.param("none", 0, "", marks=pytest.mark.skip(reason="no vectors"))]
 
 
