@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from commands.main import main
 from obd.formats.codecs import get_codec
+from obd.formats.zfile import HeaderTrailer
 from tests.vectors import REPO, fill_mixed, require_vectors
 
 DATA = fill_mixed(21, 300_000) + b"end"
@@ -247,3 +249,33 @@ def test_interrupted_leaves_no_output(tmp_path: Path) -> None:
     assert p.returncode == 130
     assert b"interrupted" in err and b"Traceback" not in err
     assert not target.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncate", "trailer", "jump_table", "header_magic", "block_size_128k"],
+)
+def test_damaged_files_one_line(capsys: pytest.CaptureFixture[str], src: Path, damage: str) -> None:
+    z = src.parent / "d.zf"
+    assert run(capsys, str(src), str(z))[0] == 0
+    blob = bytearray(z.read_bytes())
+    expected = 4
+    if damage == "truncate":
+        del blob[-700:]
+    elif damage == "trailer":
+        blob[-512 + 45] ^= 1
+    elif damage == "jump_table":
+        blob[-512 - 8] ^= 1
+    elif damage == "header_magic":
+        blob[0] ^= 1
+    else:  # a valid header saying 128 KiB blocks: unsupported, not corrupt
+        h = HeaderTrailer.unpack(blob)
+        blob[:512] = replace(h, block_size=128 << 10).pack_slot()
+        expected = 6
+    z.write_bytes(bytes(blob))
+    out = src.parent / "d.out"
+    for args in (["-x", str(z), str(out)], ["--verify", str(z)]):
+        code, stdout, err = run(capsys, *args)
+        one_line_error(err)
+        assert code == expected and stdout == ""
+    assert not out.exists() and leftovers(src.parent) == []
