@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -192,7 +193,7 @@ def test_stack_map_reproduces_digest(v: dict[str, Any], tmp_path: Path) -> None:
     # depth 0 is the topmost layer
     assert [Path(p).name for p in m["layers"]] == v["files"]["layers_bottom_to_top"][::-1]
     exts = m["extents"]
-    for a, b in zip(exts, exts[1:], strict=False):
+    for a, b in itertools.pairwise(exts):
         assert (a["kind"], a["depth"]) != (b["kind"], b["depth"]), "adjacent equal extents"
     for e in exts:
         assert set(e) == {"offset", "length", "kind", "depth"}
