@@ -224,6 +224,7 @@ class _Lz4System(Codec):
     def compress_blocks(
         self, data: bytes | bytearray | memoryview, block_size: int, crc: bool
     ) -> tuple[memoryview, list[int]]:
+        data = memoryview(data).cast("B")
         size = len(data)
         nblocks = -(-size // block_size)
         cap = self.bound(block_size)
@@ -391,6 +392,7 @@ class _ZstdSystem(Codec):
     def compress_blocks(
         self, data: bytes | bytearray | memoryview, block_size: int, crc: bool
     ) -> tuple[memoryview, list[int]]:
+        data = memoryview(data).cast("B")
         size = len(data)
         nblocks = -(-size // block_size) if size else 1
         cap = self.bound(block_size)
