@@ -1,0 +1,298 @@
+"""``obd check``: the reference vectors check clean; each corruption class exits 2 and is
+named; leaks exit 3; what cannot be checked exits 1. Work is done on copies."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from obd.formats.zfile import HeaderTrailer as ZHeader
+from obd.image.check import check_file
+from tests.conftest import run_obd
+from tests.vectors import manifest, require_vectors, vectors_of
+
+DOC_KEYS = {"version", "result", "exit_code", "summary", "files"}
+SUMMARY_KEYS = {"files", "corruptions", "leaks", "warnings", "errors", "leaked_bytes"}
+FILE_KEYS = {"path", "kind", "wrappers", "result", "checked", "leaked_bytes", "findings"}
+FINDING_KEYS = {"severity", "code", "message", "path", "offset", "space"}
+
+RO_INDEX_AT = 901632  # index_offset of ro_basic.lsmt (from its trailer)
+
+
+def copy(tmp: Path, name: str, new: str | None = None) -> Path:
+    dst = tmp / (new or name)
+    shutil.copy(require_vectors() / name, dst)
+    return dst
+
+
+def flip(path: Path, offset: int, mask: int = 0xFF) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b ^ mask]))
+
+
+def check_json(*args: Any) -> tuple[int, dict[str, Any]]:
+    r = run_obd("check", "--json", *args)
+    doc = json.loads(r.out)
+    assert doc["exit_code"] == r.code
+    return r.code, doc
+
+
+def codes(doc: dict[str, Any], severity: str = "corruption") -> set[str]:
+    return {f["code"] for fr in doc["files"] for f in fr["findings"] if f["severity"] == severity}
+
+
+def findings(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return [f for fr in doc["files"] for f in fr["findings"]]
+
+
+# ------------------------------------------------------------------------- clean vectors
+
+
+def test_every_vector_checks_clean(tmp_path: Path) -> None:
+    vectors = require_vectors()
+    vs = [v for v in manifest()["vectors"] if v["kind"] != "lsmt_stack"]
+    args = []
+    for v in vs:
+        f = v["files"]
+        args.append(str(vectors / (f.get("data") or f.get("layer") or f.get("zfile"))))
+    for v in vectors_of("lsmt_stack"):
+        cfg = tmp_path / f"{v['name']}.json"
+        lowers = [{"file": str(vectors / n)} for n in v["files"]["layers_bottom_to_top"]]
+        cfg.write_text(json.dumps({"lowers": lowers}))
+        args.append(str(cfg))
+    code, doc = check_json(*args)
+    assert set(doc) == DOC_KEYS and set(doc["summary"]) == SUMMARY_KEYS
+    assert doc["version"] == 1
+    assert doc["summary"]["corruptions"] == 0 and doc["summary"]["errors"] == 0, findings(doc)
+    for fr in doc["files"]:
+        assert set(fr) == FILE_KEYS
+        for f in fr["findings"]:
+            assert set(f) == FINDING_KEYS
+            assert f["severity"] in ("leak", "warning"), f
+    by_path = {fr["path"]: fr for fr in doc["files"]}
+    for v, p in zip(vs, args, strict=False):
+        fr = by_path[p]
+        if v["kind"] in ("lsmt_rw", "lsmt_sealed"):
+            # overwritten data stays in a log-structured data file: garbage, a leak
+            assert fr["result"] in ("clean", "leaks"), v["name"]
+            assert all(f["code"] == "garbage" for f in fr["findings"]), fr["findings"]
+        else:
+            assert fr["result"] == "clean", (v["name"], fr["findings"])
+            assert fr["findings"] == []
+        if v["kind"].startswith("zfile") or v["kind"] == "lsmt_ro_zfile":
+            assert fr["checked"]["blocks"] > 0
+    # rw_basic has overwrites, so the whole run reports leaks only
+    assert code == 3 and doc["result"] == "leaks"
+    assert by_path[str(vectors / "rw_basic.data")]["leaked_bytes"] == 182784
+    assert by_path[str(vectors / "sealed_basic.data")]["result"] == "leaks"
+
+
+def test_clean_exit_zero_and_human_output() -> None:
+    vectors = require_vectors()
+    r = run_obd("check", vectors / "zro_basic_lz4.zfile", vectors / "ro_basic.lsmt")
+    assert r.code == 0, r.out + r.err
+    assert "No errors were found." in r.out
+    assert "zro_basic_lz4.zfile: lsmt_ro in zfile: clean" in r.out
+
+
+# --------------------------------------------------------------------- corruption classes
+
+
+@pytest.mark.parametrize(
+    ("offset", "mask", "code", "needle"),
+    [
+        (3, 0xFF, "lsmt_header", "bad magic"),  # magic
+        (50, 0x01, "header_trailer_mismatch", "virtual_size"),  # virtual_size
+        (60, 0x02, "header_trailer_mismatch", "uuid"),  # uuid text
+        (28, 0x01, "lsmt_header", "flags"),  # header bit cleared
+    ],
+)
+def test_flipped_header_byte(
+    tmp_path: Path, offset: int, mask: int, code: str, needle: str
+) -> None:
+    p = copy(tmp_path, "ro_basic.lsmt")
+    flip(p, offset, mask)
+    rc, doc = check_json(p)
+    assert rc == 2
+    hits = [f for f in findings(doc) if f["code"] == code]
+    assert hits and needle in hits[0]["message"]
+    assert hits[0]["offset"] is not None and hits[0]["offset"] < 4096
+
+
+def test_flipped_index_entry(tmp_path: Path) -> None:
+    p = copy(tmp_path, "ro_basic.lsmt")
+    flip(p, RO_INDEX_AT + 3 * 16 + 13, 0x10)  # entry 3, high moffset bits
+    r = run_obd("check", p)
+    assert r.code == 2
+    assert "index entry 3 maps outside the data area" in r.out
+    assert f"offset {RO_INDEX_AT + 3 * 16}" in r.out
+    assert "Corruption was found." in r.out
+
+
+def test_out_of_order_index(tmp_path: Path) -> None:
+    p = copy(tmp_path, "ro_basic.lsmt")
+    with open(p, "r+b") as f:
+        f.seek(RO_INDEX_AT + 32)
+        two = f.read(32)
+        f.seek(RO_INDEX_AT + 32)
+        f.write(two[16:] + two[:16])
+    rc, doc = check_json(p)
+    assert rc == 2
+    (hit,) = [f for f in findings(doc) if f["code"] == "index_order"]
+    assert "out of order" in hit["message"] and hit["offset"] == RO_INDEX_AT + 3 * 16
+
+
+def test_flipped_block_bytes_every_one_reported(tmp_path: Path) -> None:
+    p = copy(tmp_path, "zfile_a_lz4_default.zfile")
+    for off in (5000, 60000, 200000):
+        flip(p, off)
+    rc, doc = check_json(p)
+    assert rc == 2
+    hits = [f for f in findings(doc) if f["code"] == "zfile_block_crc"]
+    assert len(hits) == 3
+    assert all("checksum mismatch" in h["message"] for h in hits)
+    offs = [h["offset"] for h in hits]
+    assert offs == sorted(offs) and offs[0] <= 5000
+
+
+def test_flipped_block_in_compressed_layer_and_tar(tmp_path: Path) -> None:
+    p = copy(tmp_path, "zro_basic_lz4.zfile")
+    flip(p, 5000)
+    r = run_obd("check", p)
+    assert r.code == 2 and "ZFile block" in r.out and "checksum mismatch" in r.out
+    t = copy(tmp_path, "zfile_a_tar.tar")
+    flip(t, 1536 + 5000)
+    rc, doc = check_json(t)
+    assert rc == 2
+    (hit,) = [f for f in findings(doc) if f["code"] == "zfile_block_crc"]
+    # offsets are file offsets: the tar payload starts at 1536
+    assert 1536 < hit["offset"] <= 1536 + 5000
+
+
+def test_truncated_jump_table(tmp_path: Path) -> None:
+    # commit -z output (header carries the index fields): the file is cut in the table
+    p = copy(tmp_path, "zro_basic_lz4.zfile")
+    os.truncate(p, p.stat().st_size - 512 - 100)
+    rc, doc = check_json(p)
+    assert rc == 2
+    assert "zfile_jump_table" in codes(doc)
+    # overlaybd-zfile output: the last 4 bytes of the table are gone, the trailer is intact
+    q = copy(tmp_path, "zfile_a_lz4_default.zfile")
+    raw = q.read_bytes()
+    q.write_bytes(raw[: -512 - 4] + raw[-512:])
+    r = run_obd("check", q)
+    assert r.code == 2
+    assert "jump table" in r.out
+
+
+def test_zfile_index_crc_and_digest(tmp_path: Path) -> None:
+    p = copy(tmp_path, "zfile_a_lz4_default.zfile")
+    raw = p.read_bytes()
+    t = ZHeader.unpack(raw[-512:])
+    flip(p, t.index_offset + 2)  # a jump table entry: index_crc and the blocks disagree
+    flip(p, 40)  # header byte covered by the digest
+    rc, doc = check_json(p)
+    assert rc == 2
+    assert {"zfile_index_crc", "zfile_digest"} <= codes(doc)
+
+
+def test_broken_chain(tmp_path: Path) -> None:
+    vectors = require_vectors()
+    cfg = tmp_path / "image.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "lowers": [
+                    {"file": str(vectors / "stack_a_l0.zfile")},
+                    {"file": str(vectors / "stack_a_l2.zfile")},
+                ]
+            }
+        )
+    )
+    rc, doc = check_json(cfg)
+    assert rc == 2
+    (hit,) = [f for f in findings(doc) if f["code"] == "chain"]
+    assert "broken chain" in hit["message"] and "layer 1" in hit["message"]
+    r = run_obd("check", cfg)
+    assert r.code == 2 and "broken chain" in r.out
+
+
+# ------------------------------------------------------------------ writable layers, leaks
+
+
+def test_torn_index_tail_is_a_leak(tmp_path: Path) -> None:
+    d = copy(tmp_path, "rw_tool.data")
+    i = copy(tmp_path, "rw_tool.index")
+    with open(i, "ab") as f:
+        f.write(b"\x01" * 7)
+    rc, doc = check_json(d)
+    assert rc == 3
+    (hit,) = [f for f in findings(doc) if f["code"] == "rw_index_torn"]
+    assert hit["path"] == str(i) and hit["offset"] == 4096 + 66 * 16
+
+
+def test_out_of_range_rw_record(tmp_path: Path) -> None:
+    d = copy(tmp_path, "rw_basic.data", "a.data")
+    i = copy(tmp_path, "rw_basic.index", "a.index")
+    with open(i, "r+b") as f:
+        f.seek(4096 + 5 * 16 + 8)
+        f.write(struct.pack("<Q", 1 << 40))  # record 5: moffset far past the data file
+    r = run_obd("check", d)
+    assert r.code == 2
+    assert "index record 5 maps outside the data file" in r.out
+
+
+def test_index_option(tmp_path: Path) -> None:
+    d = copy(tmp_path, "rw_basic.data", "disk")
+    i = copy(tmp_path, "rw_basic.index", "log")
+    r = run_obd("check", d)
+    assert r.code == 1 and "index file" in r.out
+    r = run_obd("check", "--index", i, d)
+    assert r.code == 3 and "overwritten data" in r.out
+
+
+def test_sealed_garbage_is_a_leak() -> None:
+    vectors = require_vectors()
+    rep = check_file(str(vectors / "sealed_basic.data"))
+    assert rep.exit_code == 3
+    assert rep.leaked_bytes == 182784
+
+
+# --------------------------------------------------------------- could not check, usage
+
+
+def test_could_not_check(tmp_path: Path) -> None:
+    vectors = require_vectors()
+    r = run_obd("check", tmp_path / "missing.lsmt")
+    assert r.code == 1
+    r = run_obd("check", vectors / "zsrc_a.bin")
+    assert r.code == 1 and "not an overlaybd file" in r.out
+    # corruption wins over could-not-check
+    p = copy(tmp_path, "ro_basic.lsmt")
+    flip(p, 50, 0x01)
+    r = run_obd("check", tmp_path / "missing.lsmt", p)
+    assert r.code == 2
+
+
+def test_usage_error_exits_1_not_2() -> None:
+    r = run_obd("check", "--no-such-option", "x")
+    assert r.code == 1
+    r = run_obd("check")
+    assert r.code == 1
+
+
+def test_progress_is_reported() -> None:
+    vectors = require_vectors()
+    seen: list[int] = []
+    rep = check_file(str(vectors / "zro_basic_lz4.zfile"), progress=seen.append, threads=2)
+    assert rep.exit_code == 0
+    assert sum(seen) > 0
