@@ -48,7 +48,8 @@ zfile_jump_table, zfile_index_crc, zfile_block_crc, zfile_block, zfile_gap,
 lsmt_header, lsmt_trailer, header_trailer_mismatch, index_bounds, index_entry,
 index_order, index_overlap, index_moffset, index_shared, garbage, rw_index_header,
 rw_index_records, rw_index_record, rw_index_torn, data_tail, sparse_size, chain,
-lsmt_unreadable, no_index, layer_missing, unsupported, unknown, access, config.
+lsmt_unreadable, rw_open, zfile, no_index, layer_missing, unsupported, unknown,
+unreadable, access, config.
 """
 
 
