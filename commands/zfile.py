@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 
 from commands._util import progress
 from obd.errors import CorruptError, UsageError
-from obd.formats.tar import TarView, TarWriter, is_tar
-from obd.formats.zfile import (
-    ZFileReader,
-    ZFileWriter,
-    compress_file,
-    decompress_to,
-    is_zfile,
-    verify_blocks,
-)
-from obd.io.base import ReadAt, WriteAt
+from obd.formats.sniff import open_zfile, peel_tar
+from obd.formats.tar import TarWriter
+from obd.formats.zfile import ZFileWriter, compress_file, decompress_to, verify_blocks
+from obd.io.base import WriteAt
 from obd.io.file import AtomicOutput, open_file
 
 _BLOCK_KIB = ("4", "8", "16", "32", "64")
@@ -111,10 +107,7 @@ def zfile(
 
 def _verify(source: str) -> None:
     with open_file(source) as f:
-        view: ReadAt = f
-        if is_tar(f.pread(0, 512)):
-            view = TarView(f, path=source)
-        problems = verify_blocks(view, path=source)
+        problems = verify_blocks(peel_tar(f, path=source), path=source)
     if problems:
         for block, offset, problem in problems:
             click.echo(f"obd: {source}: block {block} at offset {offset}: {problem}", err=True)
@@ -123,24 +116,14 @@ def _verify(source: str) -> None:
 
 
 def _extract(source: str, target: str, *, force: bool, tar: bool, threads: int) -> None:
-    f = open_file(source)
-    try:
-        src: ReadAt = f
-        # -t reads through the tar wrapper; without it a wrapper is still peeled (§0.4).
-        if is_tar(f.pread(0, 512)):
-            src = TarView(f, path=source)
-        elif tar:
-            raise CorruptError("not a tar file (no valid ustar header)", path=source)
-        if not is_zfile(src.pread(0, 512)):
-            raise CorruptError("not a ZFile (no ZFile magic)", path=source)
-        reader = ZFileReader(src, path=source)
+    # -t reads through the tar wrapper; without it a wrapper is still peeled (§0.4).
+    with open_file(source) as f:
+        reader = open_zfile(f, tar_required=tar, path=source)
         with (
             AtomicOutput(target, force=force, mode=0o644) as out,
             progress(reader.size(), "extract") as bar,
         ):
             decompress_to(reader, out, bar, threads=threads)
-    finally:
-        f.close()
 
 
 def _compress(
@@ -179,7 +162,7 @@ def _compress(
 
 
 def _compress_stream(
-    sink: WriteAt, algorithm: str, block_size: int, threads: int, bar: object
+    sink: WriteAt, algorithm: str, block_size: int, threads: int, bar: Callable[[int], Any]
 ) -> None:
     stdin = click.get_binary_stream("stdin")
     if stdin.isatty():
@@ -190,8 +173,7 @@ def _compress_stream(
             if not data:
                 break
             w.write(data)
-            if callable(bar):
-                bar(len(data))
+            bar(len(data))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from obd.errors import CorruptError
-from obd.formats.sniff import unwrap
+from obd.formats.sniff import open_zfile, peel_tar, unwrap
 from obd.formats.tar import (
     BASE_OFFSET,
     TarView,
@@ -165,3 +165,23 @@ def test_unwrap_all_nestings() -> None:
     bad[BASE_OFFSET + 30] ^= 0xFF  # ZFile header digest
     with pytest.raises(CorruptError, match="digest"):
         unwrap(MemFile(bytes(bad)))
+
+
+def test_peel_tar_and_open_zfile() -> None:
+    plain = b"payload " * 999
+    z = zcompress(plain)
+    out = MemFile()
+    wrap(MemFile(z), out)
+    tz = bytes(out.buf)
+    assert peel_tar(MemFile(tz)).pread(0, len(z)) == z
+    raw = MemFile(z)
+    assert peel_tar(raw) is raw
+    with pytest.raises(CorruptError, match="not a tar"):
+        peel_tar(MemFile(z), required=True, path="x")
+    for blob in (z, tz):
+        assert open_zfile(MemFile(blob)).pread(0, len(plain)) == plain
+    assert open_zfile(MemFile(tz), tar_required=True).size() == len(plain)
+    with pytest.raises(CorruptError, match="not a ZFile"):
+        open_zfile(MemFile(plain))
+    with pytest.raises(CorruptError, match="not a tar"):
+        open_zfile(MemFile(z), tar_required=True)

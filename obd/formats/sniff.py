@@ -7,6 +7,7 @@ ZFile magic is plain. (LSMT validation is the caller's business.)
 
 from __future__ import annotations
 
+from obd.errors import CorruptError
 from obd.formats.tar import TarView, is_tar
 from obd.formats.zfile import ZFileReader, is_zfile
 from obd.io.base import ReadAt
@@ -29,3 +30,25 @@ def unwrap(file: ReadAt, *, cache_blocks: int = 64) -> tuple[ReadAt, list[str]]:
         view = ZFileReader(view, cache_blocks=cache_blocks)
         found.append("zfile")
     return view, found
+
+
+def peel_tar(file: ReadAt, *, required: bool = False, path: str | None = None) -> ReadAt:
+    """``file`` without its tar wrapper (``file`` itself when there is none).
+
+    With ``required``, a file that is not tar is a :class:`CorruptError`.
+    """
+    if is_tar(file.pread(0, 512)):
+        return TarView(file, path=path)
+    if required:
+        raise CorruptError("not a tar file (no valid ustar header)", path=path)
+    return file
+
+
+def open_zfile(
+    file: ReadAt, *, tar_required: bool = False, path: str | None = None, cache_blocks: int = 64
+) -> ZFileReader:
+    """The ZFile in ``file`` (tar wrapper peeled); :class:`CorruptError` when it is none."""
+    view = peel_tar(file, required=tar_required, path=path)
+    if not is_zfile(view.pread(0, 512)):
+        raise CorruptError("not a ZFile (no ZFile magic)", path=path)
+    return ZFileReader(view, cache_blocks=cache_blocks, path=path)
