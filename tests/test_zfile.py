@@ -585,3 +585,16 @@ def test_errors_are_obd_errors(good: bytes) -> None:
         except ObdError:
             continue
         assert got == DATA
+
+
+@pytest.mark.parametrize("algorithm", ["lz4", "zstd"])
+def test_u16_group_deltas_cannot_overflow(algorithm: str) -> None:
+    """§4.6: upstream keeps u16 deltas per 64 KiB group; worst-case blocks must fit."""
+    codec = get_codec(algorithm)
+    for bs in (4096, 8192, 16384, 32768, 65536):
+        group = 65536 // bs
+        assert (group - 1) * (codec.bound(bs) + 4) < 65535
+    # and real incompressible data stays under the bound
+    data = random.Random(1).randbytes(16 * 4096)
+    _, lengths = codec.compress_blocks(data, 4096, True)
+    assert max(lengths) <= codec.bound(4096) + 4
