@@ -296,3 +296,40 @@ def test_progress_is_reported() -> None:
     rep = check_file(str(vectors / "zro_basic_lz4.zfile"), progress=seen.append, threads=2)
     assert rep.exit_code == 0
     assert sum(seen) > 0
+
+
+def test_tar_wrapped_plain_layer_offsets_are_file_offsets(tmp_path: Path) -> None:
+    from obd.formats.tar import wrap
+    from obd.io.file import open_file
+
+    vectors = require_vectors()
+    out = tmp_path / "ro.tar"
+    with (
+        open_file(vectors / "ro_basic.lsmt") as src,
+        open_file(out, writable=True, create=True) as dst,
+    ):
+        wrap(src, dst)
+    assert check_file(str(out)).exit_code == 0
+    flip(out, 1536 + RO_INDEX_AT + 3 * 16 + 13, 0x10)
+    rc, doc = check_json(out)
+    assert rc == 2
+    (hit,) = [f for f in findings(doc) if f["code"] == "index_moffset"]
+    assert hit["offset"] == 1536 + RO_INDEX_AT + 3 * 16 and hit["space"] == "file"
+
+
+def test_image_with_upper(tmp_path: Path) -> None:
+    vectors = require_vectors()
+    d = copy(tmp_path, "rw_tool.data")
+    i = copy(tmp_path, "rw_tool.index")
+    cfg = tmp_path / "image.json"
+    lowers = [{"file": str(vectors / "stack_a_l0.zfile")}]
+    cfg.write_text(json.dumps({"lowers": lowers, "upper": {"data": str(d), "index": str(i)}}))
+    # rw_tool's parent uuid (…0F00) is not stack_a_l0's uuid (…0300): a broken chain
+    rc, doc = check_json(cfg)
+    assert rc == 2 and codes(doc) == {"chain"}
+    assert [fr["kind"] for fr in doc["files"]] == ["image_config", "lsmt_ro", "lsmt_rw"]
+    r = run_obd("inspect", "--json", cfg)
+    (it,) = json.loads(r.out)["items"]
+    assert [row["role"] for row in it["layers"]] == ["lower", "upper"]
+    assert it["read_only"] is False and it["chain_ok"] is False
+    assert it["virtual_size"] == 1 << 30

@@ -304,3 +304,16 @@ def test_not_an_overlaybd_file(tmp_path: Path) -> None:
     assert "not an overlaybd file" in r.err
     r = run_obd("inspect", tmp_path / "missing")
     assert r.code == 3
+
+
+def test_upper_only_image_map_reproduces_digest(tmp_path: Path) -> None:
+    vectors = require_vectors()
+    (v,) = [x for x in vectors_of("lsmt_rw") if "image_config" in x]
+    cfg = tmp_path / "image.json"
+    upper = {k: str(vectors / name) for k, name in v["image_config"]["upper"].items()}
+    cfg.write_text(json.dumps({"lowers": [], "upper": upper}))
+    (m,) = json.loads(run_obd("inspect", "--map", "--json", cfg).out)["maps"]
+    assert m["layers"] == [upper["data"]]
+    assert {e["depth"] for e in m["extents"] if e["kind"] != "hole"} == {0}
+    with open_image(str(cfg), readonly=True) as img:
+        assert _digest_of_map(str(cfg), img, v["virtual_size"], m["extents"]) == v["sha256"]

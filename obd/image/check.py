@@ -31,7 +31,7 @@ import struct
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -1028,13 +1028,16 @@ def check_file(
             else:
                 rep.add(ERROR, "unsupported", f"a {kind} file inside a ZFile cannot be checked")
             return rep
-        if "tar" in rep.wrappers:
-            kind, _ = lsmt_kind(view)
-        else:
-            kind, _ = lsmt_kind(f)
+        kind, _ = lsmt_kind(view)
         rep.kind = kind
         if kind in (KIND_LSMT_RO, KIND_LSMT_SEALED):
+            first = len(rep.findings)
             check_lsmt_ro(view, rep)
+            if base:  # a tar-wrapped plain layer: offsets in the payload -> file offsets
+                rep.findings[first:] = [
+                    replace(x, offset=x.offset + base) if x.offset is not None else x
+                    for x in rep.findings[first:]
+                ]
         elif kind in (KIND_LSMT_RW, KIND_LSMT_RW_SPARSE):
             if rep.wrappers:
                 rep.add(ERROR, "unsupported", "a writable layer inside a tar cannot be checked")
