@@ -482,7 +482,9 @@ class _ZstdPython(Codec):
         return pair
 
     def bound(self, raw_size: int) -> int:
-        return raw_size + (raw_size >> 8) + 64
+        # ZSTD_COMPRESSBOUND
+        small = ((128 << 10) - raw_size) >> 11 if raw_size < (128 << 10) else 0
+        return raw_size + (raw_size >> 8) + small
 
     def compress(self, raw: bytes | bytearray | memoryview) -> bytes:
         return bytes(self._pair()[0].compress(raw))
