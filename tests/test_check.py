@@ -333,3 +333,12 @@ def test_image_with_upper(tmp_path: Path) -> None:
     assert [row["role"] for row in it["layers"]] == ["lower", "upper"]
     assert it["read_only"] is False and it["chain_ok"] is False
     assert it["virtual_size"] == 1 << 30
+
+
+def test_zfile_with_a_broken_header_magic(tmp_path: Path) -> None:
+    p = copy(tmp_path, "zfile_a_lz4_default.zfile")
+    flip(p, 2)
+    rc, doc = check_json(p)
+    assert rc == 2
+    (hit,) = [f for f in findings(doc) if f["code"] == "zfile_header"]
+    assert "bad magic" in hit["message"] and hit["offset"] == 0

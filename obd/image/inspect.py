@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -692,9 +691,8 @@ def map_path(path: str, *, index: str | None = None) -> ExtentMap:
             index = sibling_index(path)
             if index is None:
                 raise UsageError(f"{path}: index file not found; name it with --index")
-        with ExitStack() as es:
-            up = open_rw_layer(path, index if kind == KIND_LSMT_RW else None, readonly=True)
-            st = es.enter_context(Stack([], up, readonly=True))
+        up = open_rw_layer(path, index if kind == KIND_LSMT_RW else None, readonly=True)
+        with Stack([], up, readonly=True) as st:
             return _stack_map(path, st, [path])
     if kind == KIND_LSMT_RW_INDEX:
         raise UsageError(f"{path} is a writable index file; map its data file instead")
