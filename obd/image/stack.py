@@ -8,9 +8,11 @@ The writable upper, when present, sits above every lower; all writes go to it.
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from obd.errors import ObdError, ReadOnlyError, UsageError
 from obd.formats.lsmt import (
@@ -26,6 +28,12 @@ from obd.formats.lsmt import (
 )
 from obd.formats.lsmt_rw import LSMTWritable
 from obd.io.base import Extent, ExtentKind, ReadAt, merge_extents
+from obd.io.file import LocalFile
+
+
+def _swap(pread: Callable[[int, int], bytes]) -> Callable[[int, int], bytes]:
+    return lambda length, offset: pread(offset, length)
+
 
 _KINDS = {RUN_DATA: ExtentKind.DATA, RUN_ZERO: ExtentKind.ZERO, RUN_HOLE: ExtentKind.HOLE}
 
@@ -55,6 +63,11 @@ class Stack:
         self.lower_index = SegmentIndex(self.lower_mappings)
         self.lower_files: list[ReadAt] = [lay.file for lay in top_first]
         self._lower_preads = [f.pread for f in self.lower_files]
+        # os.pread-shaped readers, (length, offset): local files skip a Python frame
+        self._lower_raw = [
+            functools.partial(os.pread, f.fd) if isinstance(f, LocalFile) else _swap(f.pread)
+            for f in self.lower_files
+        ]
         lower_vsize = next((lay.virtual_size for lay in top_first if lay.virtual_size > 0), 0)
         if upper is not None:
             upper.tag = len(lowers)
@@ -65,6 +78,8 @@ class Stack:
             self._vsize = lower_vsize
         self._readonly = readonly or upper is None or upper.readonly
         self._lock = upper.lock if upper is not None else threading.RLock()
+        if upper is None:
+            self.pread = self._pread_lowers  # type: ignore[method-assign]
 
     # -- BlockDevice ------------------------------------------------------------------
 
@@ -96,24 +111,29 @@ class Stack:
             else:
                 yield run
 
+    def _pread_lowers(self, offset: int, length: int) -> bytes:
+        """``pread`` of a stack without an upper, with a fast path for one segment."""
+        if not (offset | length) & (SECTOR - 1) and offset + length <= self._vsize:
+            idx = self.lower_index
+            s = offset >> 9
+            i = bisect_right(idx.starts, s) - 1
+            if i >= 0 and idx.ends[i] >= s + (length >> 9) and not idx.zeroed[i]:
+                data = self._lower_raw[idx.tags[i]](
+                    length, (idx.moffsets[i] + s - idx.starts[i]) << 9
+                )
+                if len(data) == length:
+                    return data
+        return self._pread(offset, length)
+
     def pread(self, offset: int, length: int) -> bytes:
+        return self._pread(offset, length)
+
+    def _pread(self, offset: int, length: int) -> bytes:
         vsize = self._vsize
         if offset >= vsize or length <= 0:
             return b""
         if offset + length > vsize:
             length = vsize - offset
-        if self.upper is None and not (offset | length) & (SECTOR - 1):
-            # fast path: one data segment covers the whole request
-            idx = self.lower_index
-            s = offset >> 9
-            i = bisect_right(idx.starts, s) - 1
-            if i >= 0 and idx.ends[i] >= s + (length >> 9) and not idx.zeroed[i]:
-                data = self._lower_preads[idx.tags[i]](
-                    (idx.moffsets[i] + s - idx.starts[i]) << 9, length
-                )
-                if len(data) == length:
-                    return data
-                return data + bytes(length - len(data))
         end = offset + length
         s0 = offset // SECTOR
         s1 = -(-end // SECTOR)
