@@ -166,7 +166,7 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = [
-        ("open layer, %d index entries" % n, f"{t_open * 1000:.0f} ms", "goal < 1000 ms", ""),
+        (f"open layer, {n} index entries", f"{t_open * 1000:.0f} ms", "goal < 1000 ms", ""),
         (
             f"random 4 KiB reads, 3-layer stack ({vsize >> 20} MiB)",
             f"{obd_rate / 1000:.0f} k/s",
