@@ -342,3 +342,43 @@ def test_zfile_with_a_broken_header_magic(tmp_path: Path) -> None:
     assert rc == 2
     (hit,) = [f for f in findings(doc) if f["code"] == "zfile_header"]
     assert "bad magic" in hit["message"] and hit["offset"] == 0
+
+
+@pytest.mark.parametrize(
+    "name", ["ro_basic.lsmt", "zro_basic_lz4.zfile", "zfile_a_tar.tar", "sealed_basic.data"]
+)
+def test_damaged_files_never_crash(name: str, tmp_path: Path) -> None:
+    """Random bit flips (biased to headers, index and trailers) and truncations: check
+    returns a report, inspect and map raise only ObdError."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from obd.errors import ObdError
+    from obd.image.inspect import inspect_file, map_path
+
+    raw = (require_vectors() / name).read_bytes()
+    n = len(raw)
+    where = st.one_of(
+        st.integers(0, 4095), st.integers(max(0, n - 8192), n - 1), st.integers(0, n - 1)
+    )
+
+    @settings(max_examples=25, deadline=None, database=None)
+    @given(
+        flips=st.lists(st.tuples(where, st.integers(0, 7)), min_size=1, max_size=4),
+        cut=st.one_of(st.none(), st.integers(0, n - 1)),
+    )
+    def run(flips: list[tuple[int, int]], cut: int | None) -> None:
+        data = bytearray(raw)
+        for off, bit in flips:
+            data[off] ^= 1 << bit
+        p = tmp_path / name
+        p.write_bytes(bytes(data[:cut] if cut is not None else data))
+        rep = check_file(str(p), threads=1)
+        assert rep.exit_code in (0, 1, 2, 3)
+        for fn in (inspect_file, map_path):
+            try:
+                fn(str(p))
+            except ObdError:
+                pass
+
+    run()
