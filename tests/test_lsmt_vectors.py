@@ -11,6 +11,7 @@ from obd.image.layers import open_ro_layer, open_rw_layer
 from tests.conftest import run_obd
 from tests.vectors import (
     require_vectors,
+    resparsify,
     sha256_file,
     sha256_of_reader,
     vector_params,
@@ -57,46 +58,11 @@ def test_commit_reproduces_upstream_bytes(v, tmp_path):
     if not src_data.exists():
         pytest.skip(f"{data} is not shipped with the vectors")
     if v["name"].startswith("ro_sparse"):
-        src_data = _resparsify(src_data, tmp_path / data, data.removesuffix(".data"))
+        src_data = resparsify(src_data, tmp_path / data, data.removesuffix(".data"))
     out = tmp_path / output
     r = run_obd("commit", *opts, src_data, d / index, out)
     assert r.code == 0, r.err
     assert sha256_file(out) == v["files_sha256"][output]
-
-
-def _resparsify(src, dst, name):
-    """Recreate the holes the sparse data file had where it was made.
-
-    Copying the vector loses its holes. The writable layer's ops say which 4 KiB
-    blocks were written (allocated) and which were discarded (punched), so replaying
-    them over an empty file of the same size restores the allocation upstream saw.
-    """
-    from obd.io.file import data_extents, punch_hole
-
-    spec = {v["name"]: v for v in vectors_of("lsmt_rw_sparse")}.get(name)
-    if spec is None:
-        pytest.skip(f"no ops for {name}")
-    size = src.stat().st_size
-    with open(src, "rb") as fs, open(dst, "wb") as fd:
-        fd.truncate(size)
-        fd.write(fs.read(4096))
-        for op in spec["ops"]:
-            a = 4096 + op["offset"]
-            b = a + op["length"]
-            if op["op"] == "write":
-                a -= a % 4096
-                b += -b % 4096
-                fs.seek(a)
-                fd.seek(a)
-                fd.write(fs.read(b - a))
-            else:
-                fd.flush()
-                punch_hole(fd.fileno(), a, b - a)
-        fd.flush()
-        ext = list(data_extents(fd.fileno(), 0, size))
-    if len(ext) < 2:
-        pytest.skip("this filesystem does not keep holes")
-    return dst
 
 
 def test_seal_reproduces_sealed_basic(tmp_path):

@@ -119,3 +119,38 @@ FILLS = {"hash": fill_hash, "text": fill_text, "byte": fill_byte, "mixed": fill_
 
 def fill(spec: dict[str, Any], length: int) -> bytes:
     return FILLS[spec["kind"]](spec["seed"], length)
+
+
+def resparsify(src, dst, name):
+    """Recreate the holes the sparse data file had where it was made.
+
+    Copying the vector loses its holes. The writable layer's ops say which 4 KiB
+    blocks were written (allocated) and which were discarded (punched), so replaying
+    them over an empty file of the same size restores the allocation upstream saw.
+    """
+    from obd.io.file import data_extents, punch_hole
+
+    spec = {v["name"]: v for v in vectors_of("lsmt_rw_sparse")}.get(name)
+    if spec is None:
+        pytest.skip(f"no ops for {name}")
+    size = src.stat().st_size
+    with open(src, "rb") as fs, open(dst, "wb") as fd:
+        fd.truncate(size)
+        fd.write(fs.read(4096))
+        for op in spec["ops"]:
+            a = 4096 + op["offset"]
+            b = a + op["length"]
+            if op["op"] == "write":
+                a -= a % 4096
+                b += -b % 4096
+                fs.seek(a)
+                fd.seek(a)
+                fd.write(fs.read(b - a))
+            else:
+                fd.flush()
+                punch_hole(fd.fileno(), a, b - a)
+        fd.flush()
+        ext = list(data_extents(fd.fileno(), 0, size))
+    if len(ext) < 2:
+        pytest.skip("this filesystem does not keep holes")
+    return dst

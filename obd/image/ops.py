@@ -62,7 +62,13 @@ def output_sink(
         )
     else:
         sink = FileSink(target)
-    yield sink
+    try:
+        yield sink
+    except BaseException:
+        abort = getattr(sink, "abort", None)
+        if abort is not None:
+            abort()
+        raise
     sink.close()
     if tar_writer is not None:
         tar_writer.close()
