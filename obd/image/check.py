@@ -1076,7 +1076,12 @@ def check_file(
                 CORRUPTION, "zfile_header", "ZFile header has a bad magic (trailer is intact)", 0
             )
         else:
-            rep.add(ERROR, "unknown", "not an overlaybd file (no ZFile or LSMT header)")
+            what = (
+                "empty file (the index file of a sparse layer is empty)"
+                if f.size() == 0
+                else "not an overlaybd file (no ZFile or LSMT header)"
+            )
+            rep.add(ERROR, "unknown", what)
         if progress is not None and "zfile" not in rep.wrappers:
             progress(f.size())
     except ObdError as e:

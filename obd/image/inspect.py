@@ -545,6 +545,8 @@ def inspect_file(path: str, *, index: str | None = None) -> FileInfo:
         elif op.kind == KIND_UNKNOWN:
             inside = f" inside the {'/'.join(op.wrappers)} wrapper" if op.wrappers else ""
             info.error = f"not an overlaybd file (no ZFile or LSMT header{inside})"
+            if info.file_size == 0:
+                info.error = "empty file (the index file of a sparse layer is empty)"
     except ObdError as e:
         info.error = str(e.with_path(path))
     finally:
