@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -69,18 +70,33 @@ def make_mixed(path: str, size: int, seed: int = 1) -> None:
 
 
 REPEAT = 3
+CPU: dict[int, float] = {}  # id(fn) -> CPU seconds of its best run
+
+
+def _cpu() -> float:
+    """CPU seconds used so far by this process and its finished children."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def timed(fn: Callable[[], object], before: Callable[[], object] | None = None) -> float:
-    """Best of REPEAT runs (this VM's page-cache writes are noisy)."""
+    """Best wall time of REPEAT runs (this VM's page-cache writes are noisy).
+
+    The CPU seconds of that run are kept in ``CPU[id(fn)]``: unlike wall time they do
+    not depend on what else the machine is doing.
+    """
     best = float("inf")
     for _ in range(REPEAT):
         if before is not None:
             before()
         os.sync()  # no writeback of earlier runs during this one
+        c = _cpu()
         t = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t)
+        wall = time.perf_counter() - t
+        if wall < best:
+            best, CPU[id(fn)] = wall, _cpu() - c
     return best
 
 
@@ -109,10 +125,12 @@ def main() -> None:
         t = time.perf_counter() - t0
         print(f"built {args.size_mib} MiB mixed file in {t:.1f}s", file=sys.stderr)
     mib = size / (1 << 20)
-    rows: list[tuple[str, str, str, float, float | None]] = []
+    # (algo, who, op, wall seconds, cpu seconds, reference tool's wall seconds)
+    rows: list[tuple[str, str, str, float, float, float]] = []
     cpu = os.cpu_count()
     py = [sys.executable, "-m", "commands.main", "zfile"]
     out = os.path.join(folder, "obd.out")
+    load0 = os.getloadavg()[0]
     try:
         # warm the page cache
         with open(src, "rb") as f:
@@ -120,24 +138,25 @@ def main() -> None:
                 pass
         for algo, tool, level in (("lz4", "lz4", "-1"), ("zstd", "zstd", "-3")):
             ref = os.path.join(folder, f"ref.{algo}")
-            drop(ref)
             refout = os.path.join(folder, "ref.out")
             # lz4 takes the output as a second operand, zstd with -o
             oc = [ref] if tool == "lz4" else ["-o", ref]
             ox = [refout] if tool == "lz4" else ["-o", refout]
-            tool_c = timed(
-                lambda t=tool, lv=level, oc=oc: run([t, lv, "-q", "-f", src, *oc]),
-                lambda ref=ref: drop(ref),
-            )
-            tool_x = timed(
-                lambda t=tool, ref=ref, ox=ox: run([t, "-d", "-q", "-f", ref, *ox]),
-                lambda refout=refout: drop(refout),
-            )
+
+            def tool_c_fn(t: str = tool, lv: str = level, oc: list[str] = oc) -> None:
+                run([t, lv, "-q", "-f", src, *oc])
+
+            def tool_x_fn(t: str = tool, ref: str = ref, ox: list[str] = ox) -> None:
+                run([t, "-d", "-q", "-f", ref, *ox])
+
+            tool_c = timed(tool_c_fn, lambda ref=ref: drop(ref))
+            rows.append((algo, f"{tool} {level}", "compress", tool_c, CPU[id(tool_c_fn)], tool_c))
+            tool_x = timed(tool_x_fn, lambda refout=refout: drop(refout))
+            rows.append((algo, f"{tool} {level}", "extract", tool_x, CPU[id(tool_x_fn)], tool_x))
             ratio_tool = os.path.getsize(ref) / size
             zf = os.path.join(folder, f"obd.{algo}.zfile")
 
             for threads in sorted({1, args.threads}):
-                drop(zf)
 
                 def api_c(zf: str = zf, threads: int = threads, algo: str = algo) -> None:
                     with open_file(src) as s, open_file(zf, writable=True, create=True) as o:
@@ -151,37 +170,44 @@ def main() -> None:
                         decompress_to(r, o, threads=threads)
 
                 c = timed(api_c, lambda zf=zf: drop(zf))
+                rows.append((algo, f"api t={threads}", "compress", c, CPU[id(api_c)], tool_c))
                 x = timed(api_x, lambda: drop(out))
+                rows.append((algo, f"api t={threads}", "extract", x, CPU[id(api_x)], tool_x))
                 drop(out)
-                rows.append((algo, f"api t={threads}", "compress", mib / c, tool_c / c))
-                rows.append((algo, f"api t={threads}", "extract", mib / x, tool_x / x))
             ratio = os.path.getsize(zf) / size
-            c = timed(
-                lambda zf=zf, algo=algo: run([*py, "--algorithm", algo, src, zf]),
-                lambda zf=zf: drop(zf),
-            )
-            x = timed(lambda zf=zf: run([*py, "-x", zf, out]), lambda: drop(out))
-            rows.append((algo, f"cli t={cpu}", "compress", mib / c, tool_c / c))
-            rows.append((algo, f"cli t={cpu}", "extract", mib / x, tool_x / x))
-            rows.append((algo, f"{tool} {level}", "compress", mib / tool_c, 1.0))
-            rows.append((algo, f"{tool} {level}", "extract", mib / tool_x, 1.0))
+
+            def cli_c(zf: str = zf, algo: str = algo) -> None:
+                run([*py, "--algorithm", algo, src, zf])
+
+            def cli_x(zf: str = zf) -> None:
+                run([*py, "-x", zf, out])
+
+            c = timed(cli_c, lambda zf=zf: drop(zf))
+            rows.append((algo, f"cli t={cpu}", "compress", c, CPU[id(cli_c)], tool_c))
+            x = timed(cli_x, lambda: drop(out))
+            rows.append((algo, f"cli t={cpu}", "extract", x, CPU[id(cli_x)], tool_x))
             print(
                 f"{algo}: obd zfile size ratio {ratio:.3f}, {tool} {level} size ratio {ratio_tool:.3f}",
                 file=sys.stderr,
             )
-            drop(out)
-            drop(ref)
-            drop(os.path.join(folder, "ref.out"))
+            for p in (out, ref, refout, zf):
+                drop(p)
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
+    load1 = os.getloadavg()[0]
     print(
-        f"\n{args.size_mib} MiB mixed file, {cpu} cores, 4 KiB blocks, CRC on, "
-        f"best of {REPEAT}; MiB/s of plain bytes; 'x tool' = speed / tool's speed"
+        f"\n{args.size_mib} MiB mixed file, {cpu} cores (load average {load0:.1f} -> {load1:.1f}), "
+        f"4 KiB blocks, CRC on, best of {REPEAT}.\nMiB/s = plain bytes per wall second; "
+        "x tool = our speed / the reference tool's; MiB/cpu-s = plain bytes per CPU second "
+        "(all threads and children), which other load on the machine does not change."
     )
-    print(f"{'algo':5} {'who':14} {'op':9} {'MiB/s':>9} {'x tool':>7}")
-    for algo, who, op, speed, rel in rows:
-        print(f"{algo:5} {who:14} {op:9} {speed:9.1f} {rel:7.2f}")
+    print(f"{'algo':5} {'who':10} {'op':9} {'MiB/s':>8} {'x tool':>7} {'MiB/cpu-s':>10}")
+    for algo, who, op, wall, cpu_s, ref_wall in rows:
+        print(
+            f"{algo:5} {who:10} {op:9} {mib / wall:8.1f} {ref_wall / wall:7.2f} "
+            f"{mib / max(cpu_s, 1e-9):10.1f}"
+        )
 
 
 if __name__ == "__main__":
