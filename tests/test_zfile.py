@@ -598,3 +598,22 @@ def test_u16_group_deltas_cannot_overflow(algorithm: str) -> None:
     data = random.Random(1).randbytes(16 * 4096)
     _, lengths = codec.compress_blocks(data, 4096, True)
     assert max(lengths) <= codec.bound(4096) + 4
+
+
+def test_concurrent_preads() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = mixed(400_000, seed=3)
+    for algorithm in ("lz4", "zstd"):
+        r = zread(zcompress(data, algorithm=algorithm), cache_blocks=4)
+
+        def check(seed: int, r: ZFileReader = r) -> bool:
+            rnd = random.Random(seed)
+            for _ in range(200):
+                off, n = rnd.randrange(len(data)), rnd.choice([1, 100, 4096, 9000, 70000])
+                if r.pread(off, n) != data[off : off + n]:
+                    return False
+            return True
+
+        with ThreadPoolExecutor(4) as pool:
+            assert all(pool.map(check, range(8)))
