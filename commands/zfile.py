@@ -55,7 +55,7 @@ _STDIN_CHUNK = 4 << 20
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="Worker threads (default: all cores).",
+    help="Worker threads (default: every CPU this process may use).",
 )
 @click.option("--verify", is_flag=True, help="Check every block CRC of SOURCE (tar auto-detected).")
 @click.argument("source")
@@ -80,7 +80,7 @@ def zfile(
     ZFile, bad blocks), 5 TARGET exists (use -f), 6 unsupported (e.g. --verify of a
     ZFile without block CRCs), 130 interrupted.
     """
-    nthreads = threads or os.cpu_count() or 1
+    nthreads = threads or _cores()
     if verify:
         if target is not None:
             raise UsageError("--verify takes only SOURCE")
@@ -103,6 +103,14 @@ def zfile(
             block_size=int(bs) * 1024,
             threads=nthreads,
         )
+
+
+def _cores() -> int:
+    """CPUs this process may run on (affinity / cpuset aware), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _verify(source: str) -> None:
