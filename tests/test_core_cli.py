@@ -310,3 +310,47 @@ def test_kill_9_loses_nothing_flushed(tmp_path):
             # the last flushed write of this block, or a later one that also landed
             ok = {bytes([m % 251 + 1]) * 4096 for m in range(n, n + 5000, 1000)}
             assert lay.pread((n % 1000) * 4096, 4096) in ok
+
+
+def test_merge_image_with_upper_and_zero_size_upper(tmp_path):
+    """An upper created with size 0 takes the lowers' size; merge flattens upper too."""
+    rng = random.Random(3)
+    base = _layer(tmp_path, "b", "2M")
+    model = bytearray(2 << 20)
+    with open_rw_layer(str(base[0]), str(base[1])) as lay:
+        data = rng.randbytes(1 << 20)
+        lay.pwrite(0, data)
+        model[: 1 << 20] = data
+    assert run_obd("commit", *base, tmp_path / "b.lsmt").code == 0
+    up = _layer(tmp_path, "u", "0")
+    cfg = _config(tmp_path, [tmp_path / "b.lsmt"], up)
+    with open_image(str(cfg)) as img:
+        assert img.virtual_size == 2 << 20
+        img.pwrite(4096, b"x" * 8192)
+        img.discard(65536, 65536)
+        model[4096 : 4096 + 8192] = b"x" * 8192
+        model[65536 : 65536 + 65536] = bytes(65536)
+    with open_rw_layer(str(up[0]), str(up[1]), readonly=True) as lay:
+        assert lay.virtual_size == 2 << 20  # the headers were rewritten
+    for args in (["--compress=false"], []):
+        out = tmp_path / f"m{len(args)}"
+        r = run_obd("merge", *args, cfg, out)
+        assert r.code == 0, r.err
+        with open_ro_layer(str(out)) as m:
+            assert m.pread(0, len(model)) == bytes(model)
+    r = run_obd("merge", "--raw", cfg, tmp_path / "disk.raw")
+    assert r.code == 0, r.err
+    assert (tmp_path / "disk.raw").read_bytes() == bytes(model)
+
+
+def test_read_only_image_refuses_writes(tmp_path):
+    d = require_vectors()
+    cfg = _config(tmp_path, [d / "ro_basic.lsmt"])
+    from obd.errors import ReadOnlyError
+
+    with open_image(str(cfg)) as img:
+        assert img.readonly
+        with pytest.raises(ReadOnlyError):
+            img.pwrite(0, bytes(512))
+        with pytest.raises(ReadOnlyError):
+            img.discard(0, 512)
