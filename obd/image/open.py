@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from obd.errors import ObdError
 from obd.formats.lsmt import LSMTReadOnly
 from obd.formats.lsmt_rw import LSMTWritable
 from obd.image.config import ImageConfig
@@ -29,6 +28,3 @@ def open_config(cfg: ImageConfig, *, readonly: bool = False) -> Stack:
         if upper is not None:
             upper.close()
         raise
-
-
-__all__ = ["ObdError", "open_config"]
