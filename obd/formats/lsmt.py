@@ -11,6 +11,7 @@ import struct
 from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 
@@ -283,6 +284,42 @@ RUN_ZERO = 1
 RUN_DATA = 2
 
 
+def iter_runs(
+    starts: list[int],
+    ends: list[int],
+    moffsets: list[int],
+    zeroed: list[bool],
+    tags: list[int] | None,
+    start: int,
+    end: int,
+) -> Iterator[tuple[int, int, int, int, int]]:
+    """Walk sorted segments over ``[start, end)``: ``(kind, sector, count, moffset, tag)``.
+
+    Holes (no segment) have kind RUN_HOLE; ``tags`` None means every tag is 0.
+    """
+    i = bisect_right(starts, start) - 1
+    if i < 0 or ends[i] <= start:
+        i += 1
+    pos = start
+    n = len(starts)
+    while pos < end:
+        if i >= n or starts[i] >= end:
+            yield (RUN_HOLE, pos, end - pos, 0, 0)
+            return
+        s = starts[i]
+        if s > pos:
+            yield (RUN_HOLE, pos, s - pos, 0, 0)
+            pos = s
+        e = min(ends[i], end)
+        tag = tags[i] if tags is not None else 0
+        if zeroed[i]:
+            yield (RUN_ZERO, pos, e - pos, 0, tag)
+        else:
+            yield (RUN_DATA, pos, e - pos, moffsets[i] + (pos - s), tag)
+        pos = e
+        i += 1
+
+
 class SegmentIndex:
     """An immutable, sorted, non-overlapping index for lookups (sectors).
 
@@ -305,27 +342,7 @@ class SegmentIndex:
 
     def runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
         """Yield ``(kind, sector, count, moffset, tag)`` covering ``[start, end)``."""
-        starts, ends = self.starts, self.ends
-        i = bisect_right(starts, start) - 1
-        if i < 0 or ends[i] <= start:
-            i += 1
-        pos = start
-        n = len(starts)
-        while pos < end:
-            if i >= n or starts[i] >= end:
-                yield (RUN_HOLE, pos, end - pos, 0, 0)
-                return
-            s = starts[i]
-            if s > pos:
-                yield (RUN_HOLE, pos, s - pos, 0, 0)
-                pos = s
-            e = min(ends[i], end)
-            if self.zeroed[i]:
-                yield (RUN_ZERO, pos, e - pos, 0, self.tags[i])
-            else:
-                yield (RUN_DATA, pos, e - pos, self.moffsets[i] + (pos - s), self.tags[i])
-            pos = e
-            i += 1
+        return iter_runs(self.starts, self.ends, self.moffsets, self.zeroed, self.tags, start, end)
 
     def allocated_sectors(self) -> int:
         m = self.m
@@ -499,9 +516,11 @@ class LSMTReadOnly:
         self.close()
 
 
-def read_view(
-    index: SegmentIndex, files: list[ReadAt], offset: int, length: int, vsize: int
-) -> bytes:
+class RunSource(Protocol):
+    def runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]: ...
+
+
+def read_view(index: RunSource, files: list[ReadAt], offset: int, length: int, vsize: int) -> bytes:
     """Read ``[offset, offset+length)`` of a virtual disk described by ``index``.
 
     ``files[tag]`` holds the data of segments with that tag. Any byte range is accepted;

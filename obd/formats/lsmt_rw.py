@@ -30,10 +30,10 @@ from obd.formats.lsmt import (
     SECTOR,
     HeaderTrailer,
     Mappings,
-    SegmentIndex,
     decode_entries,
     encode_entries,
     encode_entry,
+    iter_runs,
     read_view,
 )
 from obd.io.file import LocalFile
@@ -50,11 +50,11 @@ class MutableIndex:
     its ``moffset``, trimming a zeroed one does not (as upstream does).
     """
 
-    __slots__ = ("lens", "moffs", "starts", "zeroed")
+    __slots__ = ("ends", "moffs", "starts", "zeroed")
 
     def __init__(self) -> None:
         self.starts: list[int] = []
-        self.lens: list[int] = []
+        self.ends: list[int] = []
         self.moffs: list[int] = []
         self.zeroed: list[bool] = []
 
@@ -65,69 +65,44 @@ class MutableIndex:
         if length <= 0:
             return
         end = off + length
-        starts, lens, moffs, zs = self.starts, self.lens, self.moffs, self.zeroed
+        starts, ends, moffs, zs = self.starts, self.ends, self.moffs, self.zeroed
         lo = bisect_right(starts, off) - 1
-        if lo < 0 or starts[lo] + lens[lo] <= off:
+        if lo < 0 or ends[lo] <= off:
             lo += 1
         hi = bisect_left(starts, end, lo)
         n_s = []
-        n_l = []
+        n_e = []
         n_m = []
         n_z = []
         if lo < hi and starts[lo] < off:  # keep the head of the first overlapped entry
             n_s.append(starts[lo])
-            n_l.append(off - starts[lo])
+            n_e.append(off)
             n_m.append(moffs[lo])
             n_z.append(zs[lo])
         n_s.append(off)
-        n_l.append(length)
+        n_e.append(end)
         n_m.append(moff)
         n_z.append(zeroed)
         if lo < hi:
             last = hi - 1
-            lend = starts[last] + lens[last]
-            if lend > end:  # keep the tail of the last overlapped entry
-                delta = end - starts[last]
+            if ends[last] > end:  # keep the tail of the last overlapped entry
                 n_s.append(end)
-                n_l.append(lend - end)
-                n_m.append(moffs[last] if zs[last] else moffs[last] + delta)
+                n_e.append(ends[last])
+                n_m.append(moffs[last] if zs[last] else moffs[last] + (end - starts[last]))
                 n_z.append(zs[last])
         starts[lo:hi] = n_s
-        lens[lo:hi] = n_l
+        ends[lo:hi] = n_e
         moffs[lo:hi] = n_m
         zs[lo:hi] = n_z
 
     def mappings(self, tag: int = 0) -> Mappings:
-        return Mappings.from_lists(self.starts, self.lens, self.moffs, self.zeroed, tag)
-
-    def snapshot(self) -> SegmentIndex:
-        return SegmentIndex(self.mappings())
+        m = Mappings.from_lists(self.starts, self.ends, self.moffs, self.zeroed, tag)
+        m.length = m.length - m.offset
+        return m
 
     def runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
-        # same contract as SegmentIndex.runs, on the live lists
-        from obd.formats.lsmt import RUN_DATA, RUN_HOLE, RUN_ZERO
-
-        starts, lens = self.starts, self.lens
-        i = bisect_right(starts, start) - 1
-        if i < 0 or starts[i] + lens[i] <= start:
-            i += 1
-        pos = start
-        n = len(starts)
-        while pos < end:
-            if i >= n or starts[i] >= end:
-                yield (RUN_HOLE, pos, end - pos, 0, 0)
-                return
-            s = starts[i]
-            if s > pos:
-                yield (RUN_HOLE, pos, s - pos, 0, 0)
-                pos = s
-            e = min(s + lens[i], end)
-            if self.zeroed[i]:
-                yield (RUN_ZERO, pos, e - pos, 0, 0)
-            else:
-                yield (RUN_DATA, pos, e - pos, self.moffs[i] + (pos - s), 0)
-            pos = e
-            i += 1
+        """The same walk as :meth:`SegmentIndex.runs`, on the live lists."""
+        return iter_runs(self.starts, self.ends, self.moffs, self.zeroed, None, start, end)
 
 
 class LSMTWritable:
@@ -323,8 +298,7 @@ class LSMTWritable:
 
     def pread(self, offset: int, length: int) -> bytes:
         with self.lock:
-            snap = _LiveIndex(self.idx)
-            return read_view(snap, [self.data], offset, length, self._vsize)  # type: ignore[arg-type]
+            return read_view(self.idx, [self.data], offset, length, self._vsize)
 
     # -- writes ---------------------------------------------------------------------
 
@@ -436,18 +410,6 @@ class LSMTWritable:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _LiveIndex:
-    """Adapter giving a MutableIndex the ``runs`` of a SegmentIndex."""
-
-    __slots__ = ("idx",)
-
-    def __init__(self, idx: MutableIndex) -> None:
-        self.idx = idx
-
-    def runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
-        return self.idx.runs(start, end)
 
 
 def _has_trailer(data: LocalFile) -> bool:
