@@ -690,21 +690,34 @@ def decompress_to(
     per = max(1, (4 << 20) // bs)
     _preallocate(out, offset, reader.size())
     ranges = [(b, min(b + per, n)) for b in range(0, n, per)]
+    # Output buffers are recycled: no fresh (page-faulting) allocation per batch.
+    free: deque[memoryview] = deque()
 
-    def put(b: int, data: memoryview) -> None:
-        out.pwrite(offset + b * bs, data)
+    def decode(b: int, e: int) -> tuple[memoryview, int]:
+        try:
+            buf = free.pop()
+        except IndexError:
+            buf = np.empty(per * bs, dtype=np.uint8).data
+        length = reader.blocks_span(b, e)
+        reader.read_blocks_into(b, e, buf[:length])
+        return buf, length
+
+    def put(b: int, decoded: tuple[memoryview, int]) -> None:
+        buf, length = decoded
+        out.pwrite(offset + b * bs, buf[:length])
         if progress is not None:
-            progress(len(data))
+            progress(length)
+        free.append(buf)
 
     if threads <= 1 or len(ranges) < 2:
         for b, e in ranges:
-            put(b, reader.read_blocks(b, e))
+            put(b, decode(b, e))
         return reader.size()
     with ThreadPoolExecutor(threads, thread_name_prefix="unzfile") as pool:
-        pending: deque[tuple[int, Future[memoryview]]] = deque()
+        pending: deque[tuple[int, Future[tuple[memoryview, int]]]] = deque()
         try:
             for b, e in ranges:
-                pending.append((b, pool.submit(reader.read_blocks, b, e)))
+                pending.append((b, pool.submit(decode, b, e)))
                 while len(pending) > 2 * threads:
                     pb, fut = pending.popleft()
                     put(pb, fut.result())
