@@ -157,9 +157,14 @@ class Server:
     def __init__(self, label: str, cmd: list[str], port: int, export: str = "", cwd: Path | None = None):  # fmt: skip
         self.label = label
         env = dict(os.environ, PYTHONPATH=str(REPO))
-        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)  # fmt: skip
-        wait_port(port, self.proc)
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server)
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self.log, stderr=self.log)
+        try:
+            wait_port(port, self.proc)
+        except SystemExit:
+            self.log.seek(0)
+            sys.stderr.write(self.log.read().decode(errors="replace")[-2000:])
+            raise
         self.uri = f"nbd://127.0.0.1:{port}/{export}"
 
     def stop(self) -> None:
