@@ -101,12 +101,18 @@ class Codec:
     # -- batches ---------------------------------------------------------------------
 
     def compress_blocks(
-        self, data: bytes | bytearray | memoryview, block_size: int, crc: bool
+        self,
+        data: bytes | bytearray | memoryview,
+        block_size: int,
+        crc: bool,
+        scratch: bytearray | None = None,
     ) -> tuple[memoryview, list[int]]:
         """Compress consecutive ``block_size`` chunks of ``data`` (the last may be short).
 
         Returns the stored records back to back (each followed by its CRC when ``crc``)
-        and the list of record lengths (CRC included), i.e. jump-table entries.
+        and the list of record lengths (CRC included), i.e. jump-table entries. The
+        records may be written into ``scratch`` (a buffer to recycle; the returned view's
+        ``obj``) when it is large enough.
         """
         mv = memoryview(data).cast("B")
         out = bytearray()
@@ -222,13 +228,18 @@ class _Lz4System(Codec):
         return bytes(out)
 
     def compress_blocks(
-        self, data: bytes | bytearray | memoryview, block_size: int, crc: bool
+        self,
+        data: bytes | bytearray | memoryview,
+        block_size: int,
+        crc: bool,
+        scratch: bytearray | None = None,
     ) -> tuple[memoryview, list[int]]:
         data = memoryview(data).cast("B")
         size = len(data)
         nblocks = -(-size // block_size)
         cap = self.bound(block_size)
-        out = bytearray(nblocks * (cap + 4))
+        need = nblocks * (cap + 4)
+        out = scratch if scratch is not None and len(scratch) >= need else bytearray(need)
         mv = memoryview(out)
         src = _address(data)
         dst = _address(out)
@@ -390,13 +401,18 @@ class _ZstdSystem(Codec):
         return bytes(out)
 
     def compress_blocks(
-        self, data: bytes | bytearray | memoryview, block_size: int, crc: bool
+        self,
+        data: bytes | bytearray | memoryview,
+        block_size: int,
+        crc: bool,
+        scratch: bytearray | None = None,
     ) -> tuple[memoryview, list[int]]:
         data = memoryview(data).cast("B")
         size = len(data)
         nblocks = -(-size // block_size) if size else 1
         cap = self.bound(block_size)
-        out = bytearray(nblocks * (cap + 4))
+        need = nblocks * (cap + 4)
+        out = scratch if scratch is not None and len(scratch) >= need else bytearray(need)
         mv = memoryview(out)
         src = _address(data)
         dst = _address(out)

@@ -518,6 +518,7 @@ class ZFileWriter:
         self._buf = bytearray()
         self._index: array = array("I")
         self._pending: deque[Future[tuple[memoryview, list[int]]]] = deque()
+        self._free: deque[bytearray] = deque()
         self._pool: ThreadPoolExecutor | None = (
             ThreadPoolExecutor(self.threads, thread_name_prefix="zfile")
             if self.threads > 1
@@ -570,13 +571,18 @@ class ZFileWriter:
                 self._submit(mv[pos : pos + batch])
         return n
 
+    def _compress(self, chunk: bytes | memoryview) -> tuple[memoryview, list[int]]:
+        try:
+            scratch: bytearray | None = self._free.pop()
+        except IndexError:
+            scratch = None
+        return self.codec.compress_blocks(chunk, self.block_size, self.verify, scratch)
+
     def _submit(self, chunk: bytes | memoryview) -> None:
         if self._pool is None:
-            self._emit(self.codec.compress_blocks(chunk, self.block_size, self.verify))
+            self._emit(self._compress(chunk))
             return
-        self._pending.append(
-            self._pool.submit(self.codec.compress_blocks, chunk, self.block_size, self.verify)
-        )
+        self._pending.append(self._pool.submit(self._compress, chunk))
         while len(self._pending) > 2 * self.threads:
             self._emit(self._pending.popleft().result())
 
@@ -585,6 +591,8 @@ class ZFileWriter:
         self.out.pwrite(self._pos, stored)
         self._pos += len(stored)
         self._index.extend(lengths)
+        if isinstance(stored.obj, bytearray):
+            self._free.append(stored.obj)  # recycle the output buffer
 
     def close(self) -> None:
         """Finish the file: last block, jump table, trailer (and header rewrite)."""
