@@ -514,6 +514,25 @@ def test_serve_all_images_failing_exits_with_error(tmp_path: Path) -> None:
     assert r.returncode == 7 and "bad.json" in r.stderr
 
 
+def test_serve_listen_errors(tmp_path: Path) -> None:
+    cfg = writable_image(tmp_path, "l")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        r = obd(
+            "serve", "--nbd", "--listen", f"127.0.0.1:{port}", str(cfg), check=False, timeout=20
+        )
+        assert r.returncode == 3 and "cannot listen" in r.stderr, r.stderr
+    r = obd("serve", "--nbd", "--listen", "nonsense", str(cfg), check=False, timeout=20)
+    assert r.returncode == 2
+    sock = tmp_path / "plain-file"
+    sock.write_text("x")
+    r = obd("serve", "--nbd", "--socket", str(sock), str(cfg), check=False, timeout=20)
+    assert r.returncode == 3 and "not a socket" in r.stderr
+    assert sock.read_text() == "x"
+
+
 def _vector_images() -> list[tuple[str, list[str], int, str]]:
     """(name, lower files, virtual size, sha256) of every read-only vector image."""
     out = []
