@@ -117,12 +117,19 @@ class Stack:
             idx = self.lower_index
             s = offset >> 9
             i = bisect_right(idx.starts, s) - 1
-            if i >= 0 and idx.ends[i] >= s + (length >> 9) and not idx.zeroed[i]:
+            e = s + (length >> 9)
+            if i >= 0 and idx.ends[i] >= e:
+                if idx.zeroed[i]:
+                    return bytes(length)
                 data = self._lower_raw[idx.tags[i]](
                     length, (idx.moffsets[i] + s - idx.starts[i]) << 9
                 )
                 if len(data) == length:
                     return data
+            elif (i < 0 or idx.ends[i] <= s) and (
+                i + 1 >= len(idx.starts) or idx.starts[i + 1] >= e
+            ):
+                return bytes(length)  # a hole
         return self._pread(offset, length)
 
     def pread(self, offset: int, length: int) -> bytes:
