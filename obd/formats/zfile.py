@@ -515,7 +515,8 @@ class ZFileWriter:
         self.overwrite_header = overwrite_header
         self.threads = max(1, int(threads))
         self._batch = max(1, (1 << 20) // block_size) * block_size
-        self._buf = bytearray()
+        self._stage = bytearray(self._batch)  # plain bytes waiting for a full batch
+        self._fill = 0
         self._index: array = array("I")
         self._pending: deque[Future[tuple[memoryview, list[int]]]] = deque()
         self._free: deque[bytearray] = deque()
@@ -543,33 +544,34 @@ class ZFileWriter:
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self._closed:
             raise ValueError("write to a closed ZFileWriter")
-        if not isinstance(data, (bytes, bytearray)):
-            data = memoryview(data).cast("B")  # count bytes, not items
-        n = len(data)
-        if not n:
-            return 0
+        mv = memoryview(data).cast("B")  # count bytes, not items
+        n = len(mv)
         self.bytes_in += n
         batch = self._batch
-        if not self._buf and n >= batch:
+        pos = 0
+        if not self._fill and n >= batch:
             # Fast path: cut whole batches straight from the caller's data.
-            mv = memoryview(data).cast("B")
-            full = n // batch * batch
+            pos = n // batch * batch
             # Threads need data that cannot change after we return: bytes is immutable.
-            src = mv if isinstance(data, bytes) or self._pool is None else bytes(mv[:full])
-            for pos in range(0, full, batch):
-                self._submit(src[pos : pos + batch])
-            if full < n:
-                self._buf += mv[full:]
-            return n
-        self._buf += data
-        if len(self._buf) >= batch:
-            full = len(self._buf) // batch * batch
-            chunk = bytes(self._buf[:full])
-            del self._buf[:full]
-            mv = memoryview(chunk)
-            for pos in range(0, full, batch):
-                self._submit(mv[pos : pos + batch])
+            src = mv if isinstance(data, bytes) or self._pool is None else bytes(mv[:pos])
+            for off in range(0, pos, batch):
+                self._submit(src[off : off + batch])
+        stage, fill = self._stage, self._fill
+        while pos < n:
+            take = min(batch - fill, n - pos)
+            stage[fill : fill + take] = mv[pos : pos + take]
+            fill += take
+            pos += take
+            if fill == batch:
+                self._submit_stage(fill)
+                fill = 0
+        self._fill = fill
         return n
+
+    def _submit_stage(self, fill: int) -> None:
+        view = memoryview(self._stage)[:fill]
+        # One thread compresses the staging buffer in place; workers get a copy.
+        self._submit(view if self._pool is None else bytes(view))
 
     def _compress(self, chunk: bytes | memoryview) -> tuple[memoryview, list[int]]:
         try:
@@ -599,9 +601,9 @@ class ZFileWriter:
         if self._closed:
             return
         try:
-            if self._buf:
-                self._submit(bytes(self._buf))
-                self._buf = bytearray()
+            if self._fill:
+                self._submit_stage(self._fill)
+                self._fill = 0
             while self._pending:
                 self._emit(self._pending.popleft().result())
         finally:
