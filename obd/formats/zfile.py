@@ -10,6 +10,14 @@ trailer slot. :class:`HeaderTrailer` is the 96-byte structure at the start of bo
   output identical to one thread.
 * :func:`compress_file`, :func:`decompress_to`, :func:`verify_blocks` are the helpers
   behind ``obd zfile``.
+
+Where we are stricter than upstream (each is a CorruptError, never wrong bytes): the
+trailer digest is checked when the trailer's digest bit is set (upstream checks only the
+header's); ``index_size`` must equal ``ceil(original_file_size / block_size)``; a stored
+length must fit the codec's compress bound (+4 with CRC); the block size must be a power
+of two. ``block_size > 64 KiB`` (upstream: opens, every read fails) and a dictionary are
+UnsupportedError. Only flag bits 0-4 are looked at, so pre-2023 files with garbage in
+the other bits, ``digest`` and the slot tail still open.
 """
 
 from __future__ import annotations
