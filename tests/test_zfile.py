@@ -566,6 +566,19 @@ def test_retry_then_success(good: bytes) -> None:
         ZFileReader(src).pread(2 * BS, 1)
 
 
+def test_open_retries_after_evict(good: bytes) -> None:
+    r0 = zread(good)
+    src = Flaky(good, r0.index_offset + 3, 2)  # the jump table reads bad twice
+    assert ZFileReader(src).pread(0, len(DATA)) == DATA
+    assert src.evicted == 2
+    src = Flaky(good, 40, 3)  # the header stays bad: three opens, then the error
+    with pytest.raises(CorruptError, match="digest"):
+        ZFileReader(src)
+    assert src.evicted == 2
+    with pytest.raises(CorruptError, match="digest"):  # no evict: no retry
+        ZFileReader(MemFile(_flip(good, 40)))
+
+
 def test_verify_blocks_needs_crc() -> None:
     blob = zcompress(b"abc" * 5000, verify=False)
     with pytest.raises(UnsupportedError, match="verify = 0"):

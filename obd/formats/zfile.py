@@ -219,7 +219,17 @@ class ZFileReader:
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_blocks = max(0, cache_blocks)
         self._closed = False
-        self._open()
+        # A cached source (``evict(offset, length)``) may hold a bad copy: evict it all
+        # and open again, twice at most (upstream does the same when the index fails).
+        evict = getattr(src, "evict", None)
+        for attempt in range(3 if evict is not None else 1):
+            try:
+                self._open()
+                break
+            except CorruptError:
+                if evict is None or attempt == 2:
+                    raise
+                evict(0, src.size())
 
     # -- open ------------------------------------------------------------------------
 
