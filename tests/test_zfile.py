@@ -630,3 +630,25 @@ def test_concurrent_preads() -> None:
 
         with ThreadPoolExecutor(4) as pool:
             assert all(pool.map(check, range(8)))
+
+
+def test_verify_blocks_source_shrinks(good: bytes) -> None:
+    r = zread(good)
+
+    class Shrinking(MemFile):
+        opened = False
+
+        def pread(self, offset: int, length: int) -> bytes:
+            data = super().pread(offset, length)
+            if self.opened:  # after open: cut inside block 4
+                data = data[: max(0, int(r.offsets[4]) + 3 - offset)]
+            return data
+
+    src = Shrinking(good)
+    zr = ZFileReader(src)
+    src.opened = True
+    with pytest.MonkeyPatch.context() as mp:  # reuse the reader opened before the cut
+        mp.setattr("obd.formats.zfile.ZFileReader", lambda *a, **k: zr)
+        problems = verify_blocks(src)
+    assert [p[0] for p in problems] == list(range(4, r.nblocks))
+    assert all(p[2] == "truncated" for p in problems)

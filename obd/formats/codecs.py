@@ -50,6 +50,9 @@ _MASK = 0xFFFFFFFF
 _BLOCK_SEED_INV = ~100007 & _MASK
 _U32 = struct.Struct("<I")
 
+# Jump-table entries: a list or a numpy integer array.
+Lengths = Sequence[int] | np.ndarray
+
 # Problem strings reported per block by decompress_blocks().
 PROBLEM_CRC = "checksum mismatch"
 PROBLEM_DECODE = "decompression failed"
@@ -130,7 +133,7 @@ class Codec:
     def decompress_blocks(
         self,
         stored: bytes | bytearray | memoryview,
-        lengths: Sequence[int],
+        lengths: Lengths,
         out: bytearray | memoryview,
         block_size: int,
         last_raw: int,
@@ -147,7 +150,7 @@ class Codec:
         bad: list[tuple[int, str]] = []
         pos = 0
         last = len(lengths) - 1
-        for i, n in enumerate(lengths):
+        for i, n in enumerate(np.asarray(lengths, dtype=np.int64).tolist()):
             body = n - 4 if crc else n
             rec = src[pos : pos + body]
             if (
@@ -169,15 +172,57 @@ class Codec:
 
 
 def _check_sizes(
-    src: memoryview, lengths: Sequence[int], out: Any, block_size: int, last_raw: int
+    src: memoryview, lengths: Lengths, out: Any, block_size: int, last_raw: int
 ) -> None:
     """Refuse buffers too small for a batch (C code must never run past them)."""
-    if not lengths:
+    if not len(lengths):
         return
-    if sum(lengths) > len(src):
+    if int(np.sum(np.asarray(lengths, dtype=np.int64))) > len(src):
         raise ValueError("stored buffer shorter than the records it should hold")
     if (len(lengths) - 1) * block_size + last_raw > len(out) or last_raw > block_size:
         raise ValueError("output buffer too small for the blocks")
+
+
+def _plan(
+    src: memoryview, lengths: Lengths, crc: bool
+) -> tuple[list[int], list[int], list[int] | None]:
+    """Record starts, body lengths and (with ``crc``) the expected standard-CRC32C
+    value of each body, decoded in bulk with numpy instead of block by block."""
+    lens = np.asarray(lengths, dtype=np.int64)
+    starts = np.zeros(len(lens), dtype=np.int64)
+    if len(lens) > 1:
+        np.cumsum(lens[:-1], out=starts[1:])
+    if not crc:
+        return starts.tolist(), lens.tolist(), None
+    if int(lens.min()) < 4:
+        raise ValueError("stored record shorter than its CRC")
+    bodies = lens - 4
+    u8 = np.frombuffer(src, dtype=np.uint8)
+    at = starts + bodies
+    stored = (
+        u8[at].astype(np.uint32)
+        | (u8[at + 1].astype(np.uint32) << 8)
+        | (u8[at + 2].astype(np.uint32) << 16)
+        | (u8[at + 3].astype(np.uint32) << 24)
+    )
+    # raw = ~S(body, ~seed)  <=>  S(body, ~seed) == ~raw
+    return starts.tolist(), bodies.tolist(), (~stored).tolist()
+
+
+def bad_crcs(stored: bytes | bytearray | memoryview, lengths: Lengths) -> list[int]:
+    """Indices of the records (CRC included in ``lengths``) whose per-block CRC fails."""
+    src = memoryview(stored).cast("B")
+    if not len(lengths):
+        return []
+    if int(np.sum(np.asarray(lengths, dtype=np.int64))) > len(src):
+        raise ValueError("stored buffer shorter than the records it should hold")
+    starts, bodies, expect = _plan(src, lengths, True)
+    assert expect is not None
+    return [
+        i
+        for i, (pos, body, want) in enumerate(zip(starts, bodies, expect, strict=True))
+        if _crc32c(src[pos : pos + body], _BLOCK_SEED_INV) != want
+    ]
 
 
 # ----------------------------------------------------------------------------- LZ4
@@ -262,7 +307,7 @@ class _Lz4System(Codec):
     def decompress_blocks(
         self,
         stored: bytes | bytearray | memoryview,
-        lengths: Sequence[int],
+        lengths: Lengths,
         out: bytearray | memoryview,
         block_size: int,
         last_raw: int,
@@ -270,29 +315,29 @@ class _Lz4System(Codec):
     ) -> list[tuple[int, str]]:
         src_mv = memoryview(stored).cast("B")
         _check_sizes(src_mv, lengths, out, block_size, last_raw)
+        if not len(lengths):
+            return []
         src = _address(stored)
         dst = _address(out)
         dec = self._d
-        unpack = _U32.unpack_from
+        starts, bodies, expect = _plan(src_mv, lengths, crc)
         bad: list[tuple[int, str]] = []
-        pos = 0
-        last = len(lengths) - 1
-        dpos = 0
-        for i, n in enumerate(lengths):
-            body = n - 4 if crc else n
-            if (
-                crc
-                and (~_crc32c(src_mv[pos : pos + body], _BLOCK_SEED_INV) & _MASK)
-                != unpack(src_mv, pos + body)[0]
-            ):
-                bad.append((i, PROBLEM_CRC))
-            else:
-                want = last_raw if i == last else block_size
-                r = dec(src + pos, dst + dpos, body, want)
+        last = len(bodies) - 1
+        if expect is not None:
+            for i, (pos, body, want_crc) in enumerate(zip(starts, bodies, expect, strict=True)):
+                if _crc32c(src_mv[pos : pos + body], _BLOCK_SEED_INV) != want_crc:
+                    bad.append((i, PROBLEM_CRC))
+                    continue
+                want = block_size if i != last else last_raw
+                r = dec(src + pos, dst + i * block_size, body, want)
                 if r != want:
                     bad.append((i, PROBLEM_DECODE if r < 0 else PROBLEM_SIZE))
-            pos += n
-            dpos += block_size
+        else:
+            for i, (pos, body) in enumerate(zip(starts, bodies, strict=True)):
+                want = block_size if i != last else last_raw
+                r = dec(src + pos, dst + i * block_size, body, want)
+                if r != want:
+                    bad.append((i, PROBLEM_DECODE if r < 0 else PROBLEM_SIZE))
         return bad
 
 
@@ -437,7 +482,7 @@ class _ZstdSystem(Codec):
     def decompress_blocks(
         self,
         stored: bytes | bytearray | memoryview,
-        lengths: Sequence[int],
+        lengths: Lengths,
         out: bytearray | memoryview,
         block_size: int,
         last_raw: int,
@@ -445,30 +490,25 @@ class _ZstdSystem(Codec):
     ) -> list[tuple[int, str]]:
         src_mv = memoryview(stored).cast("B")
         _check_sizes(src_mv, lengths, out, block_size, last_raw)
+        if not len(lengths):
+            return []
         src = _address(stored)
         dst = _address(out)
         dctx = self._ctx().dctx
         dec = self._d
-        unpack = _U32.unpack_from
+        starts, bodies, expect = _plan(src_mv, lengths, crc)
         bad: list[tuple[int, str]] = []
-        pos = 0
-        last = len(lengths) - 1
-        dpos = 0
-        for i, n in enumerate(lengths):
-            body = n - 4 if crc else n
-            if (
-                crc
-                and (~_crc32c(src_mv[pos : pos + body], _BLOCK_SEED_INV) & _MASK)
-                != unpack(src_mv, pos + body)[0]
+        last = len(bodies) - 1
+        for i, (pos, body) in enumerate(zip(starts, bodies, strict=True)):
+            if expect is not None and (
+                _crc32c(src_mv[pos : pos + body], _BLOCK_SEED_INV) != expect[i]
             ):
                 bad.append((i, PROBLEM_CRC))
-            else:
-                want = last_raw if i == last else block_size
-                r = dec(dctx, dst + dpos, want, src + pos, body)
-                if r != want:
-                    bad.append((i, PROBLEM_DECODE if r > want else PROBLEM_SIZE))
-            pos += n
-            dpos += block_size
+                continue
+            want = block_size if i != last else last_raw
+            r = dec(dctx, dst + i * block_size, want, src + pos, body)
+            if r != want:
+                bad.append((i, PROBLEM_DECODE if r > want else PROBLEM_SIZE))
         return bad
 
 

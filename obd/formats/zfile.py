@@ -41,6 +41,7 @@ from obd.formats.codecs import (
     ALGO_NAMES,
     PROBLEM_CRC,
     Codec,
+    bad_crcs,
     get_codec,
 )
 from obd.io.base import ReadAt, WriteAt
@@ -459,7 +460,7 @@ class ZFileReader:
             e = min(max(e, s + 1), end)
             so, eo = int(offsets[s]), int(offsets[e])
             stored = self._src.pread(so, eo - so)
-            lengths = self.lengths[s:e].tolist()
+            lengths = self.lengths[s:e]
             dst = view[(s - first) * bs :]
             if len(stored) < eo - so:
                 bad = [(i, "truncated") for i in range(len(lengths))]
@@ -787,21 +788,19 @@ def verify_blocks(src: ReadAt, *, path: str | None = None) -> list[tuple[int, in
     offsets, lengths = r.offsets, r.lengths
     n = r.nblocks
     s = 0
-    block_seed_check = crc.block_crc
     while s < n:
         limit = int(offsets[s]) + (8 << 20)
         e = min(max(int(np.searchsorted(offsets, limit, side="right")) - 1, s + 1), n)
         so, eo = int(offsets[s]), int(offsets[e])
-        stored = memoryview(src.pread(so, eo - so))
-        pos = 0
-        for i, ln in enumerate(lengths[s:e].tolist()):
-            if pos + ln > len(stored):
-                problems.append((s + i, so + pos, "truncated"))
-            else:
-                body = ln - 4
-                got = block_seed_check(stored[pos : pos + body])
-                if got != int.from_bytes(stored[pos + body : pos + ln], "little"):
-                    problems.append((s + i, so + pos, PROBLEM_CRC))
-            pos += ln
+        stored = src.pread(so, eo - so)
+        if len(stored) < eo - so:  # the source shrank under us: the rest is missing
+            got = so + len(stored)
+            e = max(int(np.searchsorted(offsets, got, side="right")) - 1, s)
+            for i in bad_crcs(stored[: int(offsets[e]) - so], lengths[s:e]):
+                problems.append((s + i, int(offsets[s + i]), PROBLEM_CRC))
+            problems.extend((b, int(offsets[b]), "truncated") for b in range(e, n))
+            break
+        for i in bad_crcs(stored, lengths[s:e]):
+            problems.append((s + i, int(offsets[s + i]), PROBLEM_CRC))
         s = e
     return problems
