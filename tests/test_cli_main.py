@@ -65,3 +65,10 @@ def test_man_page_lists_exit_codes():
 def test_unknown_command_is_usage_error():
     r = run_obd("frobnicate")
     assert r.code == 2 and "No such command" in r.err
+
+
+def test_systemd_unit_ships_in_the_package():
+    from importlib.resources import files
+
+    unit = files("obd").joinpath("data/obd-serve.service").read_text()
+    assert "Restart=always" in unit and "obd serve --nbd" in unit
