@@ -55,7 +55,7 @@ _STDIN_CHUNK = 4 << 20
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="Worker threads (default: every CPU this process may use).",
+    help="Threads, the one doing I/O included (default: every CPU this process may use).",
 )
 @click.option("--verify", is_flag=True, help="Check every block CRC of SOURCE (tar auto-detected).")
 @click.argument("source")
