@@ -210,7 +210,7 @@ class SparseMachine(RuleBasedStateMachine):
 
 
 _settings = settings(
-    max_examples=int(os.environ.get("OBD_MODEL_EXAMPLES", "25")),
+    max_examples=int(os.environ.get("OBD_MODEL_EXAMPLES", "50")),
     stateful_step_count=25,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
