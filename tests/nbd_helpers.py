@@ -245,3 +245,13 @@ class RawClient:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+def make_raw(path: str, size: int, chunks: dict[int, bytes] | None = None) -> str:
+    """A sparse file of ``size`` bytes with ``chunks`` (offset -> bytes) written in it."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, data in (chunks or {}).items():
+            f.seek(off)
+            f.write(data)
+    return path

@@ -24,12 +24,12 @@ from obd.serve import ImageSpec, NbdService
 from obd.serve import nbd as N
 from obd.serve.audit import AuditLog, setup_logs
 from obd.serve.result import failure_reason, write_failure, write_success
-from tests.nbd_devices import RawFileDevice, make_raw
 from tests.nbd_helpers import (
     RawClient,
     ServeProcess,
     image_config,
     in_process_server,
+    make_raw,
     obd,
     require_tools,
     run,
@@ -55,12 +55,49 @@ def raw_pair(tmp_path: Path) -> tuple[Path, Path, dict[int, bytes]]:
     return rw, ro, chunks
 
 
+def _image_of_raw(tmp_path: Path, name: str, raw: Path, *, writable: bool) -> Path:
+    """An obd image holding ``raw``'s content: a committed layer (a ZFile for read-only
+    images), plus an empty upper (size 0: it takes the layer's size) when writable."""
+    from obd.image import ops
+
+    d, i = str(tmp_path / f"{name}-l.data"), str(tmp_path / f"{name}-l.index")
+    ops.create(d, i, None, from_raw=str(raw))
+    layer = str(tmp_path / f"{name}.layer")
+    ops.commit(d, i, layer, zfile=None if writable else ops.ZFileOptions())
+    cfg: dict[str, object] = {"lowers": [{"file": layer}]}
+    if writable:
+        ud, ui = str(tmp_path / f"{name}-u.data"), str(tmp_path / f"{name}-u.index")
+        ops.create(ud, ui, 0)
+        cfg["upper"] = {"data": ud, "index": ui}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
 @pytest.fixture
-def server(raw_pair: tuple[Path, Path, dict[int, bytes]]):  # type: ignore[no-untyped-def]
+def images(tmp_path: Path, raw_pair) -> dict[str, Path]:  # type: ignore[no-untyped-def]
     rw, ro, _ = raw_pair
+    return {
+        "rw": _image_of_raw(tmp_path, "rw", rw, writable=True),
+        "ro": _image_of_raw(tmp_path, "ro", ro, writable=False),
+    }
+
+
+def _read_image(cfg: Path, offset: int, length: int) -> bytes:
+    """Read what an image's files hold now (a second, read-only opening)."""
+    from obd.image import open_image
+
+    with open_image(str(cfg), readonly=True) as img:
+        return img.pread(offset, length)
+
+
+@pytest.fixture
+def server(images):  # type: ignore[no-untyped-def]
+    from obd.image import open_image
+
     exports = [
-        N.Export("rw", RawFileDevice(str(rw))),
-        N.Export("ro", RawFileDevice(str(ro), readonly=True)),
+        N.Export("rw", open_image(str(images["rw"]))),
+        N.Export("ro", open_image(str(images["ro"]))),
     ]
     with in_process_server(exports, failed={"broken": "failed to open layer 0"}) as (srv, port):
         yield srv, port
@@ -123,10 +160,9 @@ def test_qemu_img_info_and_compare(server, raw_pair) -> None:  # type: ignore[no
     run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(ro), f"nbd://127.0.0.1:{port}/ro"])
 
 
-def test_qemu_io_write_read_patterns(server, raw_pair) -> None:  # type: ignore[no-untyped-def]
+def test_qemu_io_write_read_patterns(server, images) -> None:  # type: ignore[no-untyped-def]
     require_tools("qemu-io")
     _, port = server
-    rw, _, _ = raw_pair
     uri = f"nbd://127.0.0.1:{port}/rw"
     cmds = ["write -P 0xab 0 64k", "write -P 0xcd 1M 4k", "write -z 2M 1M", "flush",
             "read -P 0xab 0 64k", "read -P 0xcd 1M 4k", "read -P 0 2M 1M"]  # fmt: skip
@@ -137,10 +173,10 @@ def test_qemu_io_write_read_patterns(server, raw_pair) -> None:  # type: ignore[
     # a mismatch makes read -P fail
     bad = run(["qemu-io", "-f", "raw", "-c", "read -P 0x11 0 4k", uri], check=False)
     assert "Pattern verification failed" in bad.stdout + bad.stderr
-    with open(rw, "rb") as f:
-        assert f.read(65536) == b"\xab" * 65536
-        f.seek(MiB)
-        assert f.read(4096) == b"\xcd" * 4096
+    # the writes landed in the image's upper layer
+    assert _read_image(images["rw"], 0, 65536) == b"\xab" * 65536
+    assert _read_image(images["rw"], MiB, 4096) == b"\xcd" * 4096
+    assert _read_image(images["rw"], 2 * MiB, MiB) == bytes(MiB)
 
 
 def test_nbdinfo_list_and_map(server) -> None:  # type: ignore[no-untyped-def]
@@ -175,9 +211,8 @@ def test_nbdcopy_digest(server, raw_pair, tmp_path: Path) -> None:  # type: igno
     assert _sha256(out) == _sha256(ro)
 
 
-def test_eight_concurrent_clients(server, raw_pair) -> None:  # type: ignore[no-untyped-def]
+def test_eight_concurrent_clients(server, images) -> None:  # type: ignore[no-untyped-def]
     _, port = server
-    rw, _, _ = raw_pair
     errors: list[BaseException] = []
     slice_ = 4 * MiB
 
@@ -200,10 +235,8 @@ def test_eight_concurrent_clients(server, raw_pair) -> None:  # type: ignore[no-
     for t in threads:
         t.join(60)
     assert not errors, errors
-    with open(rw, "rb") as f:
-        for i in range(8):
-            f.seek(i * slice_)
-            assert f.read(slice_) == bytes([i + 1]) * slice_
+    for i in range(8):
+        assert _read_image(images["rw"], i * slice_, slice_) == bytes([i + 1]) * slice_
 
 
 def test_concurrent_qemu_io_processes(server) -> None:  # type: ignore[no-untyped-def]
@@ -393,10 +426,12 @@ def test_export_name_option(server) -> None:  # type: ignore[no-untyped-def]
     s.close()
 
 
-def test_worker_pool_mode(raw_pair) -> None:  # type: ignore[no-untyped-def]
+def test_worker_pool_mode(images) -> None:  # type: ignore[no-untyped-def]
     """--workers: requests of one connection run in a pool; pipelined replies all arrive."""
-    rw, _, _ = raw_pair
-    with in_process_server([N.Export("rw", RawFileDevice(str(rw)))], workers=3) as (_, port):
+    from obd.image import open_image
+
+    dev = open_image(str(images["rw"]))
+    with in_process_server([N.Export("rw", dev)], workers=3) as (_, port):
         c = RawClient(port, "rw")
         for i in range(64):  # pipeline 64 writes, then collect the replies
             c.send_request(N.NBD_CMD_WRITE, i * 4096, 4096, 0, bytes([i]) * 4096)
@@ -411,10 +446,12 @@ def test_worker_pool_mode(raw_pair) -> None:  # type: ignore[no-untyped-def]
         c.disconnect()
 
 
-def test_unix_socket_and_default_export(raw_pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_unix_socket_and_default_export(raw_pair, images, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     require_tools("qemu-img")
+    from obd.image import open_image
+
     _, ro, _ = raw_pair
-    srv = N.NbdServer([N.Export("only", RawFileDevice(str(ro), readonly=True))])
+    srv = N.NbdServer([N.Export("only", open_image(str(images["ro"])))])
     sock = str(tmp_path / "s.sock")
     srv.listen_unix(sock)
     srv.start()
