@@ -12,29 +12,19 @@ so a config can be compared field by field.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import Any
 
-from obd.errors import ConfigError, FileAccessError
+from obd.errors import ConfigError
+from obd.image.jsonconfig import load_json, parse, u32, u64
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/etc/overlaybd/overlaybd.json"
 CACHE_TYPES = ("file", "ocf", "download")
 CREDENTIAL_MODES = ("", "file", "http", "https", "uds")
-UINT32_MAX = (1 << 32) - 1
-UINT64_MAX = (1 << 64) - 1
-
-
-def _u32(default: int) -> Any:
-    return field(default=default, metadata={"kind": "uint32"})
-
-
-def _u64(default: int) -> Any:
-    return field(default=default, metadata={"kind": "uint64"})
 
 
 @dataclass(frozen=True)
@@ -49,9 +39,9 @@ class CredentialConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    logLevel: int = _u32(1)
+    logLevel: int = u32(1)
     logPath: str = ""
-    logSizeMB: int = _u32(10)
+    logSizeMB: int = u32(10)
     logRotateNum: int = 3
 
 
@@ -62,7 +52,7 @@ class DownloadConfig:
     delayExtra: int = 30
     maxMBps: int = 100
     tryCnt: int = 5
-    blockSize: int = _u32(262144)
+    blockSize: int = u32(262144)
 
 
 @dataclass(frozen=True)
@@ -76,24 +66,24 @@ class ExporterConfig:
     enable: bool = False
     uriPrefix: str = "/metrics"
     port: int = 9863
-    updateInterval: int = _u64(60000000)  # µs; parsed, unused (as upstream)
+    updateInterval: int = u64(60000000)  # µs; parsed, unused (as upstream)
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     cacheType: str = ""
     cacheDir: str = "/opt/overlaybd/registry_cache"
-    cacheSizeGB: int = _u32(4)
-    refillSize: int = _u32(262144)
-    blockSize: int = _u32(65536)
+    cacheSizeGB: int = u32(4)
+    refillSize: int = u32(262144)
+    blockSize: int = u32(65536)
 
 
 @dataclass(frozen=True)
 class GzipCacheConfig:
     enable: bool = False
     cacheDir: str = "/opt/overlaybd/gzip_cache"
-    cacheSizeGB: int = _u32(4)
-    refillSize: int = _u32(1048576)
+    cacheSizeGB: int = u32(4)
+    refillSize: int = u32(1048576)
 
 
 @dataclass(frozen=True)
@@ -118,12 +108,12 @@ class GlobalConfig:
     """The parsed global config. ``path`` is the file it came from ("" for defaults)."""
 
     registryCacheDir: str = "/opt/overlaybd/registry_cache"
-    registryCacheSizeGB: int = _u32(4)
+    registryCacheSizeGB: int = u32(4)
     cacheType: str = "file"
     credentialFilePath: str = "/opt/overlaybd/cred.json"
     credentialConfig: CredentialConfig = field(default_factory=CredentialConfig)
-    ioEngine: int = _u32(0)
-    logLevel: int = _u32(1)
+    ioEngine: int = u32(0)
+    logLevel: int = u32(1)
     logPath: str = "/var/log/overlaybd.log"
     logConfig: LogConfig = field(default_factory=LogConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
@@ -165,64 +155,6 @@ class GlobalConfig:
         return LogConfig(logLevel=self.logLevel, logPath=self.logPath, logSizeMB=10, logRotateNum=3)
 
 
-def _type_name(kind: Any) -> str:
-    if dataclasses.is_dataclass(kind):
-        return "object"
-    return {str: "string", int: "integer", bool: "boolean", "uint32": "unsigned integer",
-            "uint64": "unsigned integer"}.get(kind, str(kind))  # fmt: skip
-
-
-def _parse(cls: type, obj: Any, path: str, prefix: str) -> Any:
-    if not isinstance(obj, dict):
-        raise ConfigError(f"key {prefix.rstrip('.') or '(top)'} must be an object", path=path)
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    values: dict[str, Any] = {}
-    for key, value in obj.items():
-        f = fields.get(key)
-        if f is None:
-            log.warning("%s: unknown key %s%s ignored", path, prefix, key)
-            continue
-        kind: Any = f.metadata.get("kind", hints[key])
-        name = prefix + key
-        if dataclasses.is_dataclass(kind):
-            values[key] = _parse(kind, value, path, name + ".")  # type: ignore[arg-type]
-            continue
-        if kind is bool:
-            ok = isinstance(value, bool)
-        elif kind in (int, "uint32", "uint64"):
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, kind)
-        if not ok:
-            raise ConfigError(
-                f"key {name} must be of type {_type_name(kind)}, not {_json_type(value)}",
-                path=path,
-            )
-        if kind == "uint32" and not 0 <= value <= UINT32_MAX:
-            raise ConfigError(
-                f"key {name} must be between 0 and {UINT32_MAX}, not {value}", path=path
-            )
-        if kind == "uint64" and not 0 <= value <= UINT64_MAX:
-            raise ConfigError(f"key {name} must not be negative, not {value}", path=path)
-        values[key] = value
-    return cls(**values)
-
-
-def _json_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return "null" if value is None else type(value).__name__
-
-
 def _validate(cfg: GlobalConfig, path: str) -> None:
     def bad(key: str, msg: str) -> ConfigError:
         return ConfigError(f"key {key} {msg}", path=path)
@@ -259,7 +191,7 @@ def _validate(cfg: GlobalConfig, path: str) -> None:
 
 def parse_global_config(doc: Any, path: str = "") -> GlobalConfig:
     """Build a :class:`GlobalConfig` from a decoded JSON document."""
-    cfg = _parse(GlobalConfig, doc, path or "(global config)", "")
+    cfg = parse(GlobalConfig, doc, path or "(global config)")
     cfg = dataclasses.replace(cfg, path=path)
     _validate(cfg, path or "(global config)")
     return cfg
@@ -273,21 +205,9 @@ def load_global_config(path: str | os.PathLike[str] | None = None) -> GlobalConf
     """
     explicit = path is not None
     p = os.fspath(path) if path is not None else DEFAULT_PATH
-    try:
-        with open(p, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        if not explicit:
-            return GlobalConfig()
-        raise FileAccessError("no such global config", path=p) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise FileAccessError(f"cannot read global config: {e}", path=p) from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(
-            f"bad JSON at line {e.lineno} column {e.colno}: {e.msg}", path=p
-        ) from None
+    if not explicit and not os.path.exists(p):
+        return GlobalConfig()
+    doc = load_json(p, "global config")
     return parse_global_config(doc, p)
 
 
