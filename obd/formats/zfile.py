@@ -362,6 +362,8 @@ class ZFileReader:
         self.lengths = lengths
         self.offsets = offsets
         self.nblocks = n
+        # plain ints for the one-block path (no numpy scalars per request)
+        self._offsets_list: list[int] = offsets.tolist()
 
     # -- ReadAt ----------------------------------------------------------------------
 
@@ -425,12 +427,30 @@ class ZFileReader:
             if blk is not None:
                 self._cache.move_to_end(b)
                 return blk
-        blk = bytes(self.read_blocks(b, b + 1))
+        blk = self._decode_block(b)
         with self._lock:
             self._cache[b] = blk
             while len(self._cache) > self._cache_blocks:
                 self._cache.popitem(last=False)
         return blk
+
+    def _decode_block(self, b: int) -> bytes:
+        """Decode one block, checked (CRC, size); a failure goes to :meth:`_retry_block`."""
+        so = self._offsets_list[b]
+        n = self._offsets_list[b + 1] - so
+        stored = self._src.pread(so, n)
+        if len(stored) < n:
+            return self._retry_block(b, "truncated")
+        if self.verify:
+            body = memoryview(stored)[: n - 4]
+            if crc.block_crc(body) != int.from_bytes(stored[n - 4 :], "little"):
+                return self._retry_block(b, PROBLEM_CRC)
+        else:
+            body = memoryview(stored)
+        try:
+            return self.codec.decompress(body, self.raw_size(b))
+        except ValueError as e:
+            return self._retry_block(b, str(e))
 
     def blocks_span(self, first: int, end: int) -> int:
         """Plain bytes held by blocks ``[first, end)``."""
