@@ -72,3 +72,47 @@ def test_systemd_unit_ships_in_the_package():
 
     unit = files("obd").joinpath("data/obd-serve.service").read_text()
     assert "Restart=always" in unit and "obd serve --nbd" in unit
+
+
+def _on_terminal(args: list[str], cwd) -> tuple[int, bytes]:
+    """Run obd with a pseudo-terminal (100 columns) as stdin, stdout and stderr."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    m, s = pty.openpty()
+    fcntl.ioctl(s, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.Popen(
+        [sys.executable, "-m", "commands.main", *args],
+        stdin=s, stdout=s, stderr=s, close_fds=True, cwd=cwd, env=env,
+    )  # fmt: skip
+    os.close(s)
+    out = b""
+    while True:
+        r, _, _ = select.select([m], [], [], 30)
+        if not r:
+            break
+        try:
+            d = os.read(m, 65536)
+        except OSError:
+            break
+        if not d:
+            break
+        out += d
+    os.close(m)
+    return p.wait(timeout=30), out
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path):
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(os.urandom(1 << 20) * 48)
+    code, out = _on_terminal(["create", "--from", str(raw), "l.data", "l.index"], tmp_path)
+    assert code == 0 and b"create:" in out and b"48.0M" in out
+    code, out = _on_terminal(["commit", "l.data", "l.index", "l.lsmt"], tmp_path)
+    assert code == 0 and b"commit:" in out
+    r = run_obd("merge", "--raw", "-o", tmp_path / "back.raw", tmp_path / "l.lsmt")
+    assert r.code == 0 and r.err == "" and r.out == ""  # piped: no bar
+    assert (tmp_path / "back.raw").read_bytes() == raw.read_bytes()
