@@ -834,3 +834,25 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_pipelined_requests_on_one_connection(server) -> None:  # type: ignore[no-untyped-def]
+    """Many requests sent before any reply is read: replies gathered in one send still
+    come back complete and in order, reads see the writes sent before them."""
+    _, port = server
+    c = RawClient(port, "rw")
+    cookies = []
+    for i in range(200):
+        cookies.append(
+            c.send_request(N.NBD_CMD_WRITE, i * 4096, 4096, 0, bytes([i % 250 + 1]) * 4096)
+        )
+        cookies.append(c.send_request(N.NBD_CMD_READ, i * 4096, 4096))
+    cookies.append(c.send_request(N.NBD_CMD_FLUSH, 0, 0))
+    for i in range(200):
+        err, cookie = c.simple_reply()
+        assert (err, cookie) == (0, cookies[2 * i])
+        err, cookie = c.simple_reply()
+        assert (err, cookie) == (0, cookies[2 * i + 1])
+        assert c.recv(4096) == bytes([i % 250 + 1]) * 4096
+    assert c.simple_reply() == (0, cookies[-1])
+    c.disconnect()

@@ -285,16 +285,53 @@ class _Connection:
         self.export: Export | None = None
         self.block_status = False
         self.thread: threading.Thread | None = None
+        self._rbuf = bytearray(self._RBUF)
+        self._rview = memoryview(self._rbuf)
+        self._rstart = self._rend = 0
+        self._pending: list[bytes | bytearray | memoryview] = []
+        self._pending_bytes = 0
+        self.gather = False  # set in the sequential transmission loop only
 
     # -- socket helpers ----------------------------------------------------------------
+    # Reads go through a buffer: one recv can bring many pipelined requests. While
+    # requests are waiting in it, replies are gathered (``_pending``) and go out together
+    # just before the next recv would block, in one sendmsg.
+    _RBUF = 256 << 10
+    _PENDING_MAX = 1 << 20
+
     def recv_into(self, view: memoryview) -> None:
-        got, want = 0, len(view)
+        want = len(view)
+        got = 0
+        if self._rend > self._rstart:
+            got = min(want, self._rend - self._rstart)
+            view[:got] = self._rview[self._rstart : self._rstart + got]
+            self._rstart += got
+        if got == want:
+            return
+        self.flush_replies()
         sock = self.sock
         while got < want:
-            n = sock.recv_into(view[got:])
+            if want - got >= self._RBUF // 2:
+                n = sock.recv_into(view[got:])  # a large payload: straight into place
+                if n == 0:
+                    raise _ClientGone("connection closed by peer")
+                got += n
+                continue
+            n = sock.recv_into(self._rview)
             if n == 0:
                 raise _ClientGone("connection closed by peer")
-            got += n
+            take = min(n, want - got)
+            view[got : got + take] = self._rview[:take]
+            got += take
+            self._rstart, self._rend = take, n
+
+    def buffered(self) -> int:
+        return self._rend - self._rstart
+
+    def flush_replies(self) -> None:
+        if self._pending:
+            parts, self._pending, self._pending_bytes = self._pending, [], 0
+            self._sendmsg(parts)
 
     def recv(self, n: int) -> bytes:
         buf = bytearray(n)
@@ -303,7 +340,21 @@ class _Connection:
         return bytes(buf)
 
     def send(self, *parts: bytes | bytearray | memoryview) -> None:
-        """Send ``parts`` as one message (callers hold ``send_lock`` in transmission)."""
+        """Send ``parts`` as one message (callers hold ``send_lock`` in transmission).
+
+        When requests are already waiting in the receive buffer (and replies may be
+        gathered), the parts join the pending replies instead.
+        """
+        if self.gather or self._pending:  # never overtake replies already gathered
+            self._pending.extend(parts)
+            self._pending_bytes += sum(len(p) for p in parts)
+            if self.gather and self._pending_bytes < self._PENDING_MAX and len(self._pending) < 512:
+                return
+            parts = tuple(self._pending)
+            self._pending, self._pending_bytes = [], 0
+        self._sendmsg(parts)
+
+    def _sendmsg(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
         total = sum(len(p) for p in parts)
         sent = self.sock.sendmsg(parts)
         if sent == total:
@@ -501,7 +552,11 @@ class _Connection:
                     log.debug("%s: NBD_CMD_DISC", self.peer)
                     return
                 if pool is None:
+                    # gather this reply when another request is already buffered
+                    self.gather = self.buffered() >= REQUEST.size
                     self.handle(export, flags, cmd, cookie, offset, length, payload)
+                    if self.buffered() < REQUEST.size:
+                        self.flush_replies()
                 else:
                     assert slots is not None
                     slots.acquire()
@@ -509,6 +564,9 @@ class _Connection:
                         self._pooled, slots, export, flags, cmd, cookie, offset, length, payload
                     )
         finally:
+            self.gather = False
+            with contextlib.suppress(OSError):
+                self.flush_replies()
             if pool is not None:
                 pool.shutdown(wait=True)  # in-flight requests are answered first
 
