@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hypothesis.strategies as st
 import numpy as np
-from hypothesis import given, settings
+import pytest
+from hypothesis import HealthCheck, given, settings
 
 from obd.formats.lsmt import RUN_DATA, RUN_HOLE, RUN_ZERO, Mappings, SegmentIndex, merge_layers
 from obd.formats.lsmt_rw import MutableIndex
@@ -39,9 +40,18 @@ def _flatten(model):
     return [None if m is None else ("z" if m[1] is None else m[1]) for m in model]
 
 
-@settings(max_examples=300, deadline=None)
-@given(records)
-def test_insert_and_bulk_load_agree_with_model(recs):
+@pytest.fixture(params=[2, 3, 512], ids=lambda n: f"chunk{n}")
+def chunk_load(request, monkeypatch):
+    """Small chunks make inserts cross, split and empty chunks."""
+    monkeypatch.setattr(MutableIndex, "LOAD", request.param)
+    return request.param
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(recs=records)
+def test_insert_and_bulk_load_agree_with_model(recs, chunk_load):
     seq = MutableIndex()
     for off, ln, mo, z in recs:
         seq.insert(off, ln, mo, z)
@@ -51,6 +61,15 @@ def test_insert_and_bulk_load_agree_with_model(recs):
     keep = m.length > 0
     bulk = MutableIndex.from_log(m.select(keep))
     assert _from_index(seq) == _flatten(_paint(recs))
+    assert len(seq) == len(seq.starts)
+    for a in range(0, 350, 37):  # runs over any window agree with the whole walk
+        got = [(k, s, c, m) for k, s, c, m, _ in seq.runs(a, a + 50)]
+        want = []
+        for k, s, c, m, _ in seq.runs(0, 400):
+            lo, hi = max(s, a), min(s + c, a + 50)
+            if hi > lo:
+                want.append((k, lo, hi - lo, m + (lo - s) if k == RUN_DATA else 0))
+        assert got == want
     # the bulk load builds the very same entries (sealing writes them out as they are)
     assert (bulk.starts, bulk.ends, bulk.moffs, bulk.zeroed) == (
         seq.starts,

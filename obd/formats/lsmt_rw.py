@@ -10,8 +10,9 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -47,54 +48,165 @@ MAX_IO_SECTORS = (4 << 20) // SECTOR  # writes are split into 4 MiB pieces
 class MutableIndex:
     """An overlap-resolving, sorted index: a newer mapping replaces what it covers.
 
-    Kept as parallel Python lists (sectors); trimming the front of a data segment advances
-    its ``moffset``, trimming a zeroed one does not (as upstream does).
+    Segments (sectors) are kept in chunks of at most ``2 * LOAD`` entries, each as
+    parallel Python lists, with the first start of every chunk in ``_firsts`` for
+    bisection: an insert moves O(LOAD) entries, not O(n), so a layer with millions of
+    segments still takes writes quickly. Trimming the front of a data segment advances its
+    ``moffset``; trimming a zeroed one does not (as upstream does).
     """
 
-    __slots__ = ("ends", "moffs", "starts", "zeroed")
+    LOAD = 512
+    __slots__ = ("_chunks", "_firsts", "_n")
 
     def __init__(self) -> None:
-        self.starts: list[int] = []
-        self.ends: list[int] = []
-        self.moffs: list[int] = []
-        self.zeroed: list[bool] = []
+        # each chunk: [starts, ends, moffs, zeroed], never empty
+        self._chunks: list[list[list[Any]]] = []
+        self._firsts: list[int] = []
+        self._n = 0
+
+    @classmethod
+    def from_sorted(
+        cls, starts: list[int], ends: list[int], moffs: list[int], zeroed: list[bool]
+    ) -> MutableIndex:
+        idx = cls()
+        step = cls.LOAD
+        for k in range(0, len(starts), step):
+            idx._chunks.append(
+                [
+                    starts[k : k + step],
+                    ends[k : k + step],
+                    moffs[k : k + step],
+                    zeroed[k : k + step],
+                ]
+            )
+            idx._firsts.append(starts[k])
+        idx._n = len(starts)
+        return idx
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return self._n
+
+    # flat views (O(n): for tests and bulk export)
+    def _flat(self, k: int) -> list[Any]:
+        out: list[Any] = []
+        for c in self._chunks:
+            out.extend(c[k])
+        return out
+
+    @property
+    def starts(self) -> list[int]:
+        return self._flat(0)
+
+    @property
+    def ends(self) -> list[int]:
+        return self._flat(1)
+
+    @property
+    def moffs(self) -> list[int]:
+        return self._flat(2)
+
+    @property
+    def zeroed(self) -> list[bool]:
+        return self._flat(3)
+
+    def _locate(self, sector: int) -> tuple[int, int]:
+        """(chunk, index) of the first segment whose end is past ``sector``."""
+        chunks = self._chunks
+        if not chunks:
+            return 0, 0
+        ci = bisect_right(self._firsts, sector) - 1
+        if ci < 0:
+            return 0, 0
+        c = chunks[ci]
+        i = bisect_right(c[0], sector) - 1
+        if i < 0 or c[1][i] <= sector:
+            i += 1
+        if i == len(c[0]) and ci + 1 < len(chunks):
+            return ci + 1, 0
+        return ci, i
 
     def insert(self, off: int, length: int, moff: int, zeroed: bool) -> None:
         if length <= 0:
             return
         end = off + length
-        starts, ends, moffs, zs = self.starts, self.ends, self.moffs, self.zeroed
-        lo = bisect_right(starts, off) - 1
-        if lo < 0 or ends[lo] <= off:
-            lo += 1
-        hi = bisect_left(starts, end, lo)
-        n_s = []
-        n_e = []
-        n_m = []
-        n_z = []
-        if lo < hi and starts[lo] < off:  # keep the head of the first overlapped entry
-            n_s.append(starts[lo])
-            n_e.append(off)
-            n_m.append(moffs[lo])
-            n_z.append(zs[lo])
-        n_s.append(off)
-        n_e.append(end)
-        n_m.append(moff)
-        n_z.append(zeroed)
-        if lo < hi:
-            last = hi - 1
-            if ends[last] > end:  # keep the tail of the last overlapped entry
-                n_s.append(end)
-                n_e.append(ends[last])
-                n_m.append(moffs[last] if zs[last] else moffs[last] + (end - starts[last]))
-                n_z.append(zs[last])
-        starts[lo:hi] = n_s
-        ends[lo:hi] = n_e
-        moffs[lo:hi] = n_m
-        zs[lo:hi] = n_z
+        chunks = self._chunks
+        if not chunks:
+            chunks.append([[off], [end], [moff], [zeroed]])
+            self._firsts.append(off)
+            self._n = 1
+            return
+        ci, i = self._locate(off)
+        # collect the overlapped run [ci:i .. cj:j) and the pieces to keep around it
+        new_s: list[int] = []
+        new_e: list[int] = []
+        new_m: list[int] = []
+        new_z: list[bool] = []
+        last: tuple[int, int, int, bool] = (0, 0, 0, False)
+        cj, j = ci, i
+        first = True
+        removed = 0
+        while cj < len(chunks):
+            c = chunks[cj]
+            cs, ce, cm, cz = c
+            while j < len(cs) and cs[j] < end:
+                if first and cs[j] < off:  # head of the first overlapped segment
+                    new_s.append(cs[j])
+                    new_e.append(off)
+                    new_m.append(cm[j])
+                    new_z.append(cz[j])
+                first = False
+                last = (cs[j], ce[j], cm[j], cz[j])
+                j += 1
+                removed += 1
+            if j < len(cs) or cj + 1 == len(chunks):
+                break
+            cj += 1
+            j = 0
+        new_s.append(off)
+        new_e.append(end)
+        new_m.append(moff)
+        new_z.append(zeroed)
+        if removed and last[1] > end:  # tail of the last overlapped segment
+            ls, le, lm, lz = last
+            new_s.append(end)
+            new_e.append(le)
+            new_m.append(lm if lz else lm + (end - ls))
+            new_z.append(lz)
+        # splice: keep chunk ci's entries before i, chunk cj's entries from j
+        c0 = chunks[ci]
+        parts: tuple[list[Any], ...] = (new_s, new_e, new_m, new_z)
+        if cj == ci:
+            for k, part in enumerate(parts):
+                c0[k][i:j] = part
+            merged = [ci]
+        else:
+            cl = chunks[cj]
+            for k, part in enumerate(parts):
+                c0[k][i:] = part
+                del cl[k][:j]
+            del chunks[ci + 1 : cj]
+            del self._firsts[ci + 1 : cj]
+            merged = [ci, ci + 1]
+        self._n += len(new_s) - removed
+        for k in reversed(merged):
+            self._fix(k)
+
+    def _fix(self, ci: int) -> None:
+        """Drop an empty chunk, split an oversized one, refresh its first start."""
+        c = self._chunks[ci]
+        n = len(c[0])
+        if n == 0:
+            del self._chunks[ci]
+            del self._firsts[ci]
+            return
+        if n > 2 * self.LOAD:
+            half = n // 2
+            right = [lst[half:] for lst in c]
+            for lst in c:
+                del lst[half:]
+            self._chunks.insert(ci + 1, right)
+            self._firsts.insert(ci + 1, right[0][0])
+        self._firsts[ci] = c[0][0]
 
     @classmethod
     def from_log(cls, log: Mappings) -> MutableIndex:
@@ -108,16 +220,18 @@ class MutableIndex:
         mos = log.moffset.tolist()
         zs = log.zeroed.tolist()
         n = len(offs)
-        idx = cls()
+        o_s: list[int] = []
+        o_e: list[int] = []
+        o_m: list[int] = []
+        o_z: list[bool] = []
         if n == 0:
-            return idx
+            return cls()
         # events: (position, kind 0=end/1=start, record); starts push, ends pop lazily
         points = sorted(set(offs) | set(ends))
         starts_at: dict[int, list[int]] = {}
         for r in range(n):
             starts_at.setdefault(offs[r], []).append(r)
         heap: list[int] = []  # -record: the newest covering record on top
-        o_s, o_e, o_m, o_z = idx.starts, idx.ends, idx.moffs, idx.zeroed
         cur = -1
         for k, pos in enumerate(points):
             for r in starts_at.get(pos, ()):
@@ -139,16 +253,36 @@ class MutableIndex:
             o_e.append(nxt)
             o_m.append(mos[owner] if zs[owner] else mos[owner] + (pos - offs[owner]))
             o_z.append(zs[owner])
-        return idx
+        return cls.from_sorted(o_s, o_e, o_m, o_z)
 
     def mappings(self, tag: int = 0) -> Mappings:
-        m = Mappings.from_lists(self.starts, self.ends, self.moffs, self.zeroed, tag)
+        starts = self.starts
+        m = Mappings.from_lists(starts, self.ends, self.moffs, self.zeroed, tag)
         m.length = m.length - m.offset
         return m
 
     def runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
-        """The same walk as :meth:`SegmentIndex.runs`, on the live lists."""
-        return iter_runs(self.starts, self.ends, self.moffs, self.zeroed, None, start, end)
+        """The same walk as :meth:`SegmentIndex.runs`, over the segments in range."""
+        s: list[int] = []
+        e: list[int] = []
+        mo: list[int] = []
+        z: list[bool] = []
+        chunks = self._chunks
+        ci, i = self._locate(start)
+        while ci < len(chunks):
+            cs, ce, cm, cz = chunks[ci]
+            j = i
+            while j < len(cs) and cs[j] < end:
+                j += 1
+            s += cs[i:j]
+            e += ce[i:j]
+            mo += cm[i:j]
+            z += cz[i:j]
+            if j < len(cs):
+                break
+            ci += 1
+            i = 0
+        return iter_runs(s, e, mo, z, None, start, end)
 
 
 class LSMTWritable:
