@@ -74,8 +74,13 @@ def output_sink(
         tar_writer.close()
 
 
-def _source_header(data: LocalFile) -> HeaderTrailer:
-    return HeaderTrailer.unpack(data.pread(0, 4096), path=data.path)
+@dataclass(frozen=True)
+class LayerMeta:
+    """What commit writes into the new layer's header besides the data (§1.8 step 1)."""
+
+    uuid: str | None = None
+    parent_uuid: str | None = None
+    message: bytes = b""
 
 
 def commit(
@@ -92,19 +97,13 @@ def commit(
     progress: Progress = None,
 ) -> None:
     """Commit a writable layer into a read-only layer file (§2.5, §1.8)."""
-    layer = open_rw_layer(data_path, index_path, readonly=True)
-    with layer:
-        hdr = _source_header(layer.data)
-        header = commit_header(
-            virtual_size=hdr.virtual_size,
-            uuid=uuid,
-            parent_uuid=parent_uuid,
-            source_parent_uuid=hdr.parent_uuid,
-            message=message,
-        )
-        _write_compacted(
-            layer.mappings(), [layer.data], header, output, force, zfile, tar, progress
-        )
+    with open_rw_layer(data_path, index_path, readonly=True) as layer:
+        # virtual size and parent come from the data file's own header
+        src = HeaderTrailer.unpack(layer.data.pread(0, 4096), path=layer.data.path)
+        _commit_from(
+            layer.mappings(), [layer.data], src, output,
+            LayerMeta(uuid, parent_uuid, message), force, zfile, tar, progress,
+        )  # fmt: skip
 
 
 def commit_sealed(
@@ -120,16 +119,32 @@ def commit_sealed(
     progress: Progress = None,
 ) -> None:
     """Compact a file sealed in place by :func:`seal` (``--commit_sealed``)."""
-    layer = open_ro_layer(sealed_path)
-    with contextlib.closing(layer):
-        header = commit_header(
-            virtual_size=layer.header.virtual_size,
-            uuid=uuid,
-            parent_uuid=parent_uuid,
-            source_parent_uuid=layer.header.parent_uuid,
-            message=message,
-        )
-        _write_compacted(layer.mappings, [layer.file], header, output, force, zfile, tar, progress)
+    with open_ro_layer(sealed_path) as layer:
+        _commit_from(
+            layer.mappings, [layer.file], layer.header, output,
+            LayerMeta(uuid, parent_uuid, message), force, zfile, tar, progress,
+        )  # fmt: skip
+
+
+def _commit_from(
+    m: Mappings,
+    sources: list[ReadAt],
+    src: HeaderTrailer,
+    output: str,
+    meta: LayerMeta,
+    force: bool,
+    zfile: ZFileOptions | None,
+    tar: bool,
+    progress: Progress,
+) -> None:
+    header = commit_header(
+        virtual_size=src.virtual_size,
+        uuid=meta.uuid,
+        parent_uuid=meta.parent_uuid,
+        source_parent_uuid=src.parent_uuid,
+        message=meta.message,
+    )
+    _write_compacted(m, sources, header, output, force, zfile, tar, progress)
 
 
 def seal(data_path: str, index_path: str | None) -> None:
