@@ -223,3 +223,23 @@ def _render_maps(maps: list[Any]) -> None:
                 layer,
             )
         con.print(t)
+
+
+@click.command(
+    "map",
+    short_help="Show the extents of a layer's or image's virtual disk.",
+    help="Show the extents of the virtual disk of each FILE or IMAGE_CONFIG: the same as "
+    "obd inspect --map (offset, length, data / zero / hole, depth; adjacent equal extents "
+    "merged, like qemu-img map). --json prints the document described in obd-inspect(1).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option(
+    "--index",
+    metavar="INDEX",
+    type=click.Path(dir_okay=False),
+    help="Index file of a single writable data FILE (when not named X.index).",
+)
+@click.argument("paths", metavar="FILE|IMAGE_CONFIG...", nargs=-1, required=True)
+@click.pass_context
+def map_(ctx: click.Context, as_json: bool, index: str | None, paths: tuple[str, ...]) -> None:
+    ctx.invoke(inspect, as_json=as_json, as_map=True, index=index, paths=paths)

@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "merge": "commands.merge:merge",
     "zfile": "commands.zfile:zfile",
     "inspect": "commands.inspect:inspect",
+    "map": "commands.inspect:map_",
     "check": "commands.check:check",
     "serve": "commands.serve:serve",
 }
@@ -31,6 +32,7 @@ SHORT_HELP: dict[str, str] = {
     "merge": "Flatten a stack of layers into one layer or a raw disk.",
     "zfile": "Compress or extract a ZFile (seekable compressed file).",
     "inspect": "Show what an overlaybd file or image holds.",
+    "map": "Show the extents of a layer's or image's virtual disk.",
     "check": "Verify every checksum and index of files or images.",
     "serve": "Serve images as block devices (NBD).",
 }

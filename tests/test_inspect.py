@@ -317,3 +317,12 @@ def test_upper_only_image_map_reproduces_digest(tmp_path: Path) -> None:
     assert {e["depth"] for e in m["extents"] if e["kind"] != "hole"} == {0}
     with open_image(str(cfg), readonly=True) as img:
         assert _digest_of_map(str(cfg), img, v["virtual_size"], m["extents"]) == v["sha256"]
+
+
+def test_map_command_is_inspect_map(tmp_path):
+    d = require_vectors()
+    a = run_obd("map", "--json", d / "ro_basic.lsmt")
+    b = run_obd("inspect", "--map", "--json", d / "ro_basic.lsmt")
+    assert a.code == b.code == 0
+    assert json.loads(a.out) == json.loads(b.out)
+    assert json.loads(a.out)["maps"][0]["extents"]
