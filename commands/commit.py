@@ -105,35 +105,23 @@ def commit(
             raise click.UsageError("--seal takes DATA and INDEX only")
         ops.seal(data, index)
         return
+    common = dict(
+        uuid=uuid, parent_uuid=parent_uuid, message=msg, force=force, zfile=zopts, tar=tar
+    )
     if commit_sealed:
         out = output or index
         if out is None or (output is not None and index is not None):
             raise click.UsageError("--commit_sealed takes SEALED and OUTPUT")
-        with progress(os.path.getsize(data) if os.path.exists(data) else None, "commit") as bar:
-            ops.commit_sealed(
-                data,
-                out,
-                uuid=uuid,
-                parent_uuid=parent_uuid,
-                message=msg,
-                force=force,
-                zfile=zopts,
-                tar=tar,
-                progress=bar,
-            )
+        with progress(_size(data), "commit") as bar:
+            ops.commit_sealed(data, out, progress=bar, **common)
         return
     if output is None:
         raise click.UsageError("missing OUTPUT (obd commit DATA INDEX OUTPUT)")
-    with progress(os.path.getsize(data) if os.path.exists(data) else None, "commit") as bar:
-        ops.commit(
-            data,
-            index,
-            output,
-            uuid=uuid,
-            parent_uuid=parent_uuid,
-            message=msg,
-            force=force,
-            zfile=zopts,
-            tar=tar,
-            progress=bar,
-        )
+    with progress(_size(data), "commit") as bar:
+        ops.commit(data, index, output, progress=bar, **common)
+
+
+def _size(path: str) -> int | None:
+    import os
+
+    return os.path.getsize(path) if os.path.exists(path) else None

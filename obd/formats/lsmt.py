@@ -344,10 +344,6 @@ class SegmentIndex:
         """Yield ``(kind, sector, count, moffset, tag)`` covering ``[start, end)``."""
         return iter_runs(self.starts, self.ends, self.moffsets, self.zeroed, self.tags, start, end)
 
-    def allocated_sectors(self) -> int:
-        m = self.m
-        return int(m.length[~m.zeroed].sum())
-
 
 def merge_layers(indexes: list[Mappings], tag_offsets: list[int] | None = None) -> Mappings:
     """Merge layer indexes, given **top first**, into one view (§3.2).

@@ -597,8 +597,4 @@ def _has_trailer(data: LocalFile) -> bool:
     return not t.is_header and t.is_sealed
 
 
-def is_sealed_file(data: LocalFile) -> bool:
-    return _has_trailer(data)
-
-
-__all__ = ["LSMTWritable", "MutableIndex", "is_sealed_file"]
+__all__ = ["LSMTWritable", "MutableIndex"]

@@ -172,15 +172,8 @@ def _write_compacted(
 
 
 def _paths_of(sources: list[ReadAt]) -> list[str]:
-    out = []
-    for s in sources:
-        p = getattr(s, "path", None)
-        while p is None and hasattr(s, "src"):
-            s = s.src
-            p = getattr(s, "path", None)
-        if p:
-            out.append(p)
-    return out
+    """Paths of the local files behind ``sources`` (views carry their file's path)."""
+    return [p for p in (getattr(s, "path", None) for s in sources) if p]
 
 
 def merge(

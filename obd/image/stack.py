@@ -102,9 +102,7 @@ class Stack:
         if self.upper is None:
             yield from self.lower_index.runs(start, end)
             return
-        with self._lock:
-            upper_runs = list(self.upper.idx.runs(start, end))
-        for run in upper_runs:
+        for run in self.upper.runs(start, end):
             if run[0] == RUN_HOLE:
                 for kind, sec, cnt, moff, tag in self.lower_index.runs(run[1], run[1] + run[2]):
                     yield (kind, sec, cnt, moff, tag + 1 if kind != RUN_HOLE else 0)
