@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 
@@ -80,7 +81,10 @@ class LocalFile:
         self._unsynced = 0
 
     def size(self) -> int:
-        return os.fstat(self.fd).st_size
+        st = os.fstat(self.fd)
+        if stat.S_ISBLK(st.st_mode):
+            return os.lseek(self.fd, 0, os.SEEK_END)
+        return st.st_size
 
     def pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
@@ -151,7 +155,8 @@ def open_file(
         flags |= os.O_CREAT
     if exclusive:
         flags |= os.O_EXCL
-    flags |= getattr(os, "O_CLOEXEC", 0)
+    # O_NONBLOCK: opening a FIFO must not hang (it is refused below); regular files ignore it
+    flags |= os.O_CLOEXEC | os.O_NONBLOCK
     try:
         fd = os.open(p, flags, mode)
     except FileExistsError:
@@ -164,7 +169,27 @@ def open_file(
         raise FileAccessError("permission denied", path=p) from None
     except OSError as e:
         raise FileAccessError(e.strerror or str(e), path=p) from None
+    try:
+        mode_ = os.fstat(fd).st_mode
+    except OSError as e:  # pragma: no cover - fstat of an open fd
+        os.close(fd)
+        raise FileAccessError(e.strerror or str(e), path=p) from None
+    if not (stat.S_ISREG(mode_) or stat.S_ISBLK(mode_)):
+        os.close(fd)
+        raise FileAccessError(f"not a regular file ({_file_kind(mode_)})", path=p)
     return LocalFile(fd, p, writable)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a pipe"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+    ):
+        if test(mode):
+            return name
+    return "not a file"
 
 
 class AtomicOutput:
