@@ -44,4 +44,6 @@ def lock_writer(fd: int, path: str) -> None:
         who = f"process {pid}" if pid is not None else "another process"
         if pid == os.getpid():
             who = "this process (opened twice)"
-        raise FileAccessError(f"in use by {who}, which has it open for writing", path=path) from None
+        raise FileAccessError(
+            f"in use by {who}, which has it open for writing", path=path
+        ) from None
