@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import tempfile
+from pathlib import Path
 
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, settings
@@ -54,12 +55,12 @@ class StackMachine(RuleBasedStateMachine):
         self.n += 1
         return os.path.join(self.dir, f"{self.n}-{name}")
 
-    def _new_upper(self) -> tuple[str, str]:
+    def _new_upper(self, size: int = VSIZE) -> tuple[str, str]:
         d, i = self._path("u.data"), self._path("u.index")
-        ops.create(d, i, VSIZE)
+        ops.create(d, i, size)
         return d, i
 
-    def _open(self):
+    def _config(self) -> str:
         cfg = {
             "lowers": [{"file": p} for p in self.lowers],
             "upper": {"data": self.upper[0], "index": self.upper[1]},
@@ -67,7 +68,10 @@ class StackMachine(RuleBasedStateMachine):
         path = os.path.join(self.dir, "config.v1.json")
         with open(path, "w") as f:
             json.dump(cfg, f)
-        return open_image(path)
+        return path
+
+    def _open(self):
+        return open_image(self._config())
 
     def teardown(self) -> None:
         try:
@@ -103,6 +107,36 @@ class StackMachine(RuleBasedStateMachine):
         self.stack.close()
         self.stack = self._open()
 
+    @rule(index_junk=st.integers(0, 15), data_junk=st.integers(0, 511))
+    def torn_tails_then_reopen(self, index_junk: int, data_junk: int) -> None:
+        """A crash left a partial index record and a partial data sector; writes go on."""
+        self.stack.flush()
+        self.stack.close()
+        with open(self.upper[1], "ab") as f:
+            f.write(b"\x5a" * index_junk)
+        with open(self.upper[0], "ab") as f:
+            f.write(b"\xa5" * data_junk)
+        self.stack = self._open()
+
+    @rule(s=sectors, n=counts, seed=st.integers(0, 1 << 30))
+    def write_lost_in_a_crash(self, s: int, n: int, seed: int) -> None:
+        """An unflushed write whose index record reached the disk but whose data did not."""
+        self.stack.flush()
+        data_size = os.path.getsize(self.upper[0])
+        off, ln = self._clip(s, n)
+        self.stack.pwrite(off, _pattern(seed, ln))
+        self.stack.close()
+        os.truncate(self.upper[0], data_size)
+        self.stack = self._open()  # the model is unchanged: the write was never acknowledged
+
+    @rule()
+    def read_only_view(self) -> None:
+        """The same image opened read-only beside the writer reads the flushed disk."""
+        self.stack.flush()
+        with open_image(self._config(), readonly=True) as ro:
+            assert ro.readonly
+            assert ro.pread(0, VSIZE) == bytes(self.model)
+
     @rule(compress=st.sampled_from(["plain", "lz4", "zstd"]), seal=st.booleans())
     def commit(self, compress: str, seal: bool) -> None:
         """Commit (or seal) the upper into a new lower; start a new upper on top."""
@@ -118,8 +152,19 @@ class StackMachine(RuleBasedStateMachine):
                 z = ops.ZFileOptions(algorithm=compress, block_size=4096 << (self.n % 5))
             ops.commit(self.upper[0], self.upper[1], out, zfile=z)
         self.lowers.append(out)
-        self.upper = self._new_upper()
+        # half the time a size-0 upper, which takes the lowers' size when stacked
+        self.upper = self._new_upper(0 if self.n % 2 else VSIZE)
+        if self.n % 3 == 0:
+            self.read_only_view_before_write()
         self.stack = self._open()
+
+    def read_only_view_before_write(self) -> None:
+        """A fresh (maybe size-0) upper opened read-only first: nothing is written."""
+        path = self._config()
+        before = [Path(p).read_bytes() for p in self.upper]
+        with open_image(path, readonly=True) as ro:
+            assert ro.pread(0, VSIZE) == bytes(self.model)
+        assert [Path(p).read_bytes() for p in self.upper] == before
 
     @precondition(lambda self: len(self.lowers) >= 2)
     @rule(compress=st.booleans())

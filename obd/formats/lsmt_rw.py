@@ -39,6 +39,7 @@ from obd.formats.lsmt import (
     read_view,
 )
 from obd.io.file import LocalFile
+from obd.io.lock import lock_writer
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +312,12 @@ class LSMTWritable:
         self._readonly = readonly
         self.lock = threading.RLock()
         self.tag = 0
-        self._data_end = data.size()
+        # Appends go to the next whole sector past the data file's end: a torn append may
+        # have left a partial sector, and the index stores sector offsets (§2.1).
+        dsize = data.size()
+        self._data_end = dsize + (-dsize % SECTOR)
+        # Index records go right after the last whole record (see :meth:`open`).
+        self._index_end = index.size() if index is not None and not self.sparse else 0
         self._dirty = False
 
     # -- creation and opening -------------------------------------------------------
@@ -349,7 +355,17 @@ class LSMTWritable:
     def open(
         cls, data: LocalFile, index: LocalFile | None, *, readonly: bool = False
     ) -> LSMTWritable:
-        """Reopen a writable layer, rebuilding its index (§2.2, §2.3)."""
+        """Reopen a writable layer, rebuilding its index (§2.2, §2.3).
+
+        A writer (``readonly=False``) first takes the exclusive writer's lock on the data
+        file. What a crash before a flush can leave at the end of the files is the tail of
+        unacknowledged appends: a partial index record, index records whose data never
+        reached the data file (they point past its end: they and every record after them),
+        a partial data sector. Readers ignore that tail; a writer also cuts the index
+        file back to its last good record (logged once), so that new records follow it.
+        """
+        if not readonly:
+            lock_writer(data.fd, data.path)
         dsize = data.size()
         if dsize < HT_SLOT:
             raise CorruptError(f"too small for an LSMT data file ({dsize} bytes)", path=data.path)
@@ -397,38 +413,37 @@ class LSMTWritable:
         n = body // ENTRY_SIZE
         if n > MAX_RW_INDEX_RECORDS:
             raise CorruptError(f"index file holds {n} records, too many", path=index.path)
-        if body % ENTRY_SIZE:
-            log.warning(
-                "%s: dropping a torn trailing index record (%d bytes)",
-                index.path,
-                body % ENTRY_SIZE,
+        if ihdr.uuid != hdr.uuid:
+            raise CorruptError(
+                f"index file belongs to layer {ihdr.uuid}, but data file {data.path} is layer {hdr.uuid}",
+                path=index.path,
             )
         raw = index.pread(HT_SLOT, n * ENTRY_SIZE)
         m = decode_entries(raw)
-        ends = dsize // SECTOR
-        valid = m.offset != np.uint64(INVALID_OFFSET)
-        mend = m.mend()
-        bad = (
-            valid
-            & (
-                (m.moffset < HT_SECTORS)
-                | np.where(m.zeroed, m.moffset > ends, (m.moffset >= ends) | (mend > ends))
+        keep = _whole_records(m, dsize, path=index.path)
+        dropped = n - keep
+        torn = body % ENTRY_SIZE
+        if dropped or torn:
+            log.warning(
+                "%s: %s %d index record(s) of writes lost before a flush%s",
+                index.path,
+                "ignoring" if readonly else "cutting off",
+                dropped,
+                f" and a torn record of {torn} bytes" if torn else "",
             )
-            & (m.length > 0)
-        )
-        if bad.any():
-            i = int(np.nonzero(bad)[0][0])
-            raise CorruptError(
-                f"index record {i} maps outside the data file (moffset {int(m.moffset[i])}, length {int(m.length[i])} sectors)",
-                path=index.path,
-                offset=HT_SLOT + i * ENTRY_SIZE,
-            )
-        idx = MutableIndex.from_log(m.select(valid & (m.length > 0)))
+            if not readonly:
+                index.truncate(HT_SLOT + keep * ENTRY_SIZE)
+                index.flush()
+        m = m.select(np.arange(n) < keep)
+        valid = (m.offset != np.uint64(INVALID_OFFSET)) & (m.length > 0)
+        idx = MutableIndex.from_log(m.select(valid))
         # vsize and uuid of a log-structured layer come from the index file header
         hdr = hdr.with_(
             virtual_size=ihdr.virtual_size, uuid=ihdr.uuid, parent_uuid=ihdr.parent_uuid
         )
-        return cls(data, index, hdr, idx, readonly=readonly)
+        layer = cls(data, index, hdr, idx, readonly=readonly)
+        layer._index_end = HT_SLOT + keep * ENTRY_SIZE
+        return layer
 
     # -- properties -----------------------------------------------------------------
 
@@ -502,9 +517,7 @@ class LSMTWritable:
                     self.data.pwrite(at, piece)
                     self._data_end = at + n
                     rec = (sec, n // SECTOR, at // SECTOR, False)
-                    assert self.index_file is not None
-                    self.index_file.append(encode_entry(*rec, tag=self.tag))
-                    self.idx.insert(*rec)
+                    self._log(rec)
                 pos += n
             self._vsize = max(self._vsize, offset + total)
             self._dirty = True
@@ -521,28 +534,45 @@ class LSMTWritable:
                     self.data.punch_hole(HT_SLOT + sec * SECTOR, step * SECTOR)
                     self.idx.insert(sec, step, HT_SECTORS + sec, True)
                 else:
-                    rec = (sec, step, self._data_end // SECTOR, True)
-                    assert self.index_file is not None
-                    self.index_file.append(encode_entry(*rec, tag=self.tag))
-                    self.idx.insert(*rec)
+                    self._log((sec, step, self._data_end // SECTOR, True))
                 sec += step
                 nsec -= step
             self._dirty = True
 
     write_zeroes = discard
 
+    def _log(self, rec: tuple[int, int, int, bool]) -> None:
+        """Append one mapping to the index file and apply it (under ``self.lock``)."""
+        assert self.index_file is not None
+        self.index_file.pwrite(self._index_end, encode_entry(*rec, tag=self.tag))
+        self._index_end += ENTRY_SIZE
+        self.idx.insert(*rec)
+
     def flush(self) -> None:
+        """Make every write that returned before this call durable.
+
+        The data file is synced before the index file, so a durable index record never
+        points at data that is not. The fsyncs run outside the layer lock: reads and
+        further writes go on meanwhile (those writes are not covered by this flush).
+        """
         with self.lock:
-            self.data.flush()
-            if self.index_file is not None and not self.sparse:
-                self.index_file.flush()
             self._dirty = False
+        if self._readonly:
+            return
+        self.data.flush()
+        if self.index_file is not None and not self.sparse:
+            self.index_file.flush()
 
     def update_vsize(self, vsize: int) -> None:
-        """Rewrite the virtual size in the headers of both files (§2.1)."""
+        """Rewrite the virtual size in the headers of both files (§2.1).
+
+        A layer opened read-only only takes the new size in memory.
+        """
         with self.lock:
             self._vsize = vsize
             self.header = self.header.with_(virtual_size=vsize)
+            if self._readonly:
+                return
             self.data.pwrite(0, self.header.pack())
             if self.sparse:
                 self.data.truncate(HT_SLOT + vsize)
@@ -560,11 +590,12 @@ class LSMTWritable:
                 raise ReadOnlyError("layer is opened read-only")
             m = self.idx.mappings()
             raw = encode_entries(m)
-            index_offset = self.data.size()
-            if index_offset % SECTOR:
-                raise CorruptError("data file size is not 512-aligned", path=self.data.path)
+            # the next whole sector past the data (a torn append may end mid-sector)
+            index_offset = self._data_end
             pad = -len(raw) % SECTOR
             self.data.pwrite(index_offset, raw + bytes(pad))
+            # the index is durable before the trailer that makes it the layer's index
+            self.data.flush()
             trailer = self.header.with_(
                 flags=FLAG_DATA | FLAG_SEALED | (FLAG_SPARSE if self.sparse else 0),
                 index_offset=index_offset,
@@ -584,6 +615,43 @@ class LSMTWritable:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _whole_records(m: Mappings, data_size: int, *, path: str) -> int:
+    """How many leading records of a writable index are whole; raise on corruption.
+
+    Data is appended in order, so the records whose data did not reach the data file (a
+    crash before a flush) are a suffix: from the first record that points past the data
+    file's end, every non-empty record must too. A record pointing into the header, or a
+    record inside the data file after one past its end, is corruption.
+    """
+    live = (m.offset != np.uint64(INVALID_OFFSET)) & (m.length > 0)
+    low = live & (m.moffset < HT_SECTORS)
+    if low.any():
+        i = int(np.flatnonzero(low)[0])
+        raise CorruptError(
+            f"index record {i} maps into the data file's header (moffset {int(m.moffset[i])})",
+            path=path,
+            offset=HT_SLOT + i * ENTRY_SIZE,
+        )
+    # data must lie in whole sectors of the file; a zeroed record's moffset is the append
+    # point when it was written, the file's end rounded up to a sector
+    whole = np.uint64(data_size // SECTOR)
+    append_point = np.uint64(-(-data_size // SECTOR))
+    past = live & np.where(m.zeroed, m.moffset > append_point, m.mend() > whole)
+    if not past.any():
+        return len(m)
+    first = int(np.flatnonzero(past)[0])
+    inside = live[first:] & ~past[first:]
+    if inside.any():
+        i = first + int(np.flatnonzero(inside)[0])
+        raise CorruptError(
+            f"index record {first} maps past the data file's end but record {i} after it "
+            "does not: not a crash's lost appends",
+            path=path,
+            offset=HT_SLOT + first * ENTRY_SIZE,
+        )
+    return first
 
 
 def _has_trailer(data: LocalFile) -> bool:

@@ -272,7 +272,8 @@ def create(
             )
         if os.path.abspath(data_path) == os.path.abspath(index_path):
             raise UsageError("data and index files must differ")
-        with AtomicOutput(data_path, force=force) as d, AtomicOutput(index_path, force=force) as i:
+        # the index is renamed into place after the data file it describes
+        with AtomicOutput(index_path, force=force) as i, AtomicOutput(data_path, force=force) as d:
             layer = LSMTWritable.create(
                 d, i, virtual_size, uuid=uuid, parent_uuid=parent_uuid, sparse=sparse
             )

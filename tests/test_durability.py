@@ -1,0 +1,257 @@
+"""Writable layers after a crash, beside another writer, and opened read-only (issue 8).
+
+Each test here reproduces a way the writable layer lost or corrupted data before:
+a torn index tail or data tail followed by more writes, records of appends a crash lost,
+a second writer, a size-0 upper opened read-only, a mismatched data/index pair, a flush
+that stalled reads, a seal over a torn data tail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from obd.errors import CorruptError, FileAccessError
+from obd.formats.lsmt import ENTRY_SIZE, HT_SLOT
+from obd.image import open_image, ops
+from obd.image.layers import open_ro_layer, open_rw_layer
+from obd.io.file import LocalFile
+from tests.conftest import REPO, assert_one_line_error, run_obd
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def layer(tmp_path):
+    d, i = str(tmp_path / "l.data"), str(tmp_path / "l.index")
+    ops.create(d, i, 4 * MiB)
+    return d, i
+
+
+def _fill(d: str, i: str, writes: list[tuple[int, bytes]]) -> None:
+    with open_rw_layer(d, i) as lay:
+        for off, data in writes:
+            lay.pwrite(off, data)
+        lay.flush()
+
+
+def test_torn_index_tail_then_more_writes(layer):
+    d, i = layer
+    _fill(d, i, [(0, b"a" * 4096)])
+    with open(i, "ab") as f:
+        f.write(b"\1\2\3\4\5")  # a crash tore the next record
+    _fill(d, i, [(8192, b"b" * 4096)])
+    assert (os.path.getsize(i) - HT_SLOT) % ENTRY_SIZE == 0  # the writer cut the torn bytes
+    with open_rw_layer(d, i, readonly=True) as lay:
+        assert lay.pread(0, 12288) == b"a" * 4096 + bytes(4096) + b"b" * 4096
+
+
+def test_torn_index_tail_is_left_alone_by_readers(layer):
+    d, i = layer
+    _fill(d, i, [(0, b"a" * 4096)])
+    with open(i, "ab") as f:
+        f.write(b"\1\2\3")
+    before = os.path.getsize(i)
+    with open_rw_layer(d, i, readonly=True) as lay:
+        assert lay.pread(0, 4096) == b"a" * 4096
+    assert os.path.getsize(i) == before
+
+
+def test_unaligned_data_tail_then_more_writes(layer, tmp_path):
+    d, i = layer
+    _fill(d, i, [(0, b"a" * 4096)])
+    with open(d, "ab") as f:
+        f.write(b"\xee" * 100)  # a torn append
+    _fill(d, i, [(8192, b"b" * 4096), (4096, b"c" * 512)])
+    with open_rw_layer(d, i, readonly=True) as lay:
+        want = b"a" * 4096 + b"c" * 512 + bytes(3584) + b"b" * 4096
+        assert lay.pread(0, 12288) == want
+    out = tmp_path / "o.lsmt"
+    ops.commit(d, i, str(out))
+    with open_ro_layer(str(out)) as ro:
+        assert ro.pread(0, 12288) == want
+    ops.seal(d, i)  # the index goes to the next whole sector
+    with open_ro_layer(d) as sealed:
+        assert sealed.pread(0, 12288) == want
+
+
+def test_appends_lost_in_a_crash_are_dropped_and_cut(layer):
+    d, i = layer
+    _fill(d, i, [(0, b"a" * 4096)])
+    acked = os.path.getsize(d)
+    _fill(d, i, [(4096, b"b" * 4096), (0, b"c" * 512)])
+    os.truncate(d, acked)  # the data of the last two writes never reached the disk
+    with open_rw_layer(d, i, readonly=True) as lay:
+        assert lay.pread(0, 8192) == b"a" * 4096 + bytes(4096)
+    _fill(d, i, [(1 << 20, b"d" * 8192)])  # a writer cuts them off, then appends
+    with open_rw_layer(d, i, readonly=True) as lay:
+        assert lay.pread(0, 8192) == b"a" * 4096 + bytes(4096)
+        assert lay.pread(1 << 20, 8192) == b"d" * 8192
+
+
+def test_a_good_record_after_one_past_the_end_is_corruption(layer, tmp_path):
+    d, i = layer
+    _fill(d, i, [(0, b"a" * 4096), (4096, b"b" * 4096)])
+    raw = bytearray(Path(i).read_bytes())
+    first, second = HT_SLOT, HT_SLOT + ENTRY_SIZE
+    # swap the records: the one that maps past the (truncated) end now comes first
+    raw[first:second], raw[second : second + ENTRY_SIZE] = (
+        raw[second : second + ENTRY_SIZE],
+        raw[first:second],
+    )
+    Path(i).write_bytes(raw)
+    os.truncate(d, HT_SLOT + 4096)
+    with pytest.raises(CorruptError, match="past the data file's end"):
+        open_rw_layer(d, i, readonly=True)
+    r = run_obd("commit", d, i, tmp_path / "o")
+    assert_one_line_error(r, 4, i, "past the data file's end")
+
+
+def test_data_and_index_of_different_layers_are_refused(tmp_path, layer):
+    d, _ = layer
+    d2, i2 = str(tmp_path / "m.data"), str(tmp_path / "m.index")
+    ops.create(d2, i2, 4 * MiB)
+    with pytest.raises(CorruptError, match="belongs to layer"):
+        open_rw_layer(d, i2)
+    r = run_obd("commit", d, i2, tmp_path / "o")
+    assert_one_line_error(r, 4, i2, "belongs to layer")
+
+
+def test_second_writer_in_one_process_is_refused(layer):
+    d, i = layer
+    with open_rw_layer(d, i):
+        with pytest.raises(FileAccessError, match="in use by this process"):
+            open_rw_layer(d, i)
+        with open_rw_layer(d, i, readonly=True) as ro:  # readers take no lock
+            assert ro.pread(0, 512) == bytes(512)
+    with open_rw_layer(d, i):  # the lock went with the first writer
+        pass
+
+
+_HOLDER = r"""
+import sys, time
+from obd.image.layers import open_rw_layer
+lay = open_rw_layer(sys.argv[1], sys.argv[2])
+lay.pwrite(0, b"h" * 4096)
+lay.flush()
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_second_writer_in_another_process_is_refused(layer, tmp_path):
+    d, i = layer
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, d, i], stdout=subprocess.PIPE, env=env, text=True
+    )
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        before = hashlib.sha256(Path(d).read_bytes()).hexdigest()
+        r = run_obd("commit", "--seal", d, i)
+        assert_one_line_error(r, 3, d, f"in use by process {p.pid}")
+        assert hashlib.sha256(Path(d).read_bytes()).hexdigest() == before
+        # a reader (commit into a new file) still works beside the writer
+        r = run_obd("commit", d, i, tmp_path / "o.lsmt")
+        assert r.code == 0, r.err
+    finally:
+        p.kill()
+        p.wait(timeout=10)
+    r = run_obd("commit", "--seal", d, i)  # the holder is gone: its lock too
+    assert r.code == 0, r.err
+
+
+def test_zero_size_upper_opened_read_only_writes_nothing(tmp_path):
+    base_d, base_i = str(tmp_path / "b.data"), str(tmp_path / "b.index")
+    ops.create(base_d, base_i, 2 * MiB)
+    _fill(base_d, base_i, [(0, b"z" * 8192)])
+    ops.commit(base_d, base_i, str(tmp_path / "b.lsmt"))
+    up_d, up_i = str(tmp_path / "u.data"), str(tmp_path / "u.index")
+    r = run_obd("create", up_d, up_i, "0")
+    assert r.code == 0, r.err
+    cfg = tmp_path / "config.v1.json"
+    cfg.write_text(
+        json.dumps({"lowers": [{"file": "b.lsmt"}], "upper": {"data": up_d, "index": up_i}})
+    )
+    before = [Path(p).read_bytes() for p in (up_d, up_i)]
+    r = run_obd("map", cfg)
+    assert r.code == 0, r.err
+    r = run_obd("merge", "--raw", cfg, tmp_path / "disk.raw")
+    assert r.code == 0, r.err
+    assert (tmp_path / "disk.raw").read_bytes() == b"z" * 8192 + bytes(2 * MiB - 8192)
+    with open_image(str(cfg), readonly=True) as img:
+        assert img.virtual_size == 2 * MiB
+    assert [Path(p).read_bytes() for p in (up_d, up_i)] == before
+
+
+def test_flush_does_not_stall_reads(layer, monkeypatch):
+    """A slow fsync must not hold the layer lock: reads (and writes) go on meanwhile."""
+    d, i = layer
+    _fill(d, i, [(0, b"a" * 4096)])
+    in_fsync = threading.Event()
+    release = threading.Event()
+    real_flush = LocalFile.flush
+
+    def slow_flush(self: LocalFile) -> None:
+        in_fsync.set()
+        release.wait(10)
+        real_flush(self)
+
+    with open_rw_layer(d, i) as lay:
+        lay.pwrite(4096, b"b" * 4096)
+        monkeypatch.setattr(LocalFile, "flush", slow_flush)
+        t = threading.Thread(target=lay.flush)
+        t.start()
+        try:
+            assert in_fsync.wait(10)
+            t0 = time.monotonic()
+            assert lay.pread(0, 8192) == b"a" * 4096 + b"b" * 4096
+            lay.pwrite(8192, b"c" * 512)
+            assert time.monotonic() - t0 < 5
+        finally:
+            release.set()
+            t.join(10)
+        monkeypatch.setattr(LocalFile, "flush", real_flush)
+        lay.flush()
+    with open_rw_layer(d, i, readonly=True) as lay:
+        assert lay.pread(8192, 512) == b"c" * 512
+
+
+def test_flush_syncs_data_before_index(layer, monkeypatch):
+    d, i = layer
+    order: list[str] = []
+    real_flush = LocalFile.flush
+
+    def record(self: LocalFile) -> None:
+        order.append(os.path.basename(self.path))
+        real_flush(self)
+
+    with open_rw_layer(d, i) as lay:
+        lay.pwrite(0, b"x" * 512)
+        monkeypatch.setattr(LocalFile, "flush", record)
+        lay.flush()
+    assert order == ["l.data", "l.index"]
+
+
+def test_create_renames_the_data_file_before_the_index(tmp_path, monkeypatch):
+    """After a crash between the two renames, an index never names a missing data file."""
+    import obd.io.file as iofile
+
+    renamed: list[str] = []
+    real_link = os.link
+
+    def link(src, dst, *a, **k):
+        renamed.append(os.path.basename(dst))
+        return real_link(src, dst, *a, **k)
+
+    monkeypatch.setattr(iofile.os, "link", link)
+    ops.create(str(tmp_path / "n.data"), str(tmp_path / "n.index"), MiB)
+    assert renamed == ["n.data", "n.index"]
