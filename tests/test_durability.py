@@ -255,3 +255,18 @@ def test_create_renames_the_data_file_before_the_index(tmp_path, monkeypatch):
     monkeypatch.setattr(iofile.os, "link", link)
     ops.create(str(tmp_path / "n.data"), str(tmp_path / "n.index"), MiB)
     assert renamed == ["n.data", "n.index"]
+
+
+def test_two_servers_on_one_upper(tmp_path):
+    """A second ``obd serve`` of an image whose upper is already served is refused."""
+    from tests.nbd_helpers import ServeProcess, serve_config, writable_image
+
+    cfg = writable_image(tmp_path, "vm")
+    gcfg = serve_config(tmp_path)
+    with ServeProcess(["--config", str(gcfg), "--listen", "127.0.0.1:0", str(cfg)]) as first:
+        assert (tmp_path / "vm.result").read_text() == "success"
+        (tmp_path / "vm.result").unlink()
+        r = run_obd("serve", "--nbd", "--config", gcfg, "--listen", "127.0.0.1:0", cfg, timeout=30)
+        assert r.code == 3, r.err
+        assert f"vm.data: in use by process {first.pid}" in r.err.splitlines()[-1]
+        assert (tmp_path / "vm.result").read_text().startswith("failed:")
