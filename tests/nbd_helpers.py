@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -104,6 +104,10 @@ class ServeProcess:
         return "\n".join(self.lines)
 
     @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
     def port(self) -> int:
         return int(self.address.rsplit(":", 1)[1])
 
@@ -133,6 +137,54 @@ class ServeProcess:
         self.stop()
 
 
+def serve_config(folder: Path, *, log_level: int = 1) -> Path:
+    """A global config logging to ``folder/obd.log`` at ``log_level`` (1: INFO), no audit."""
+    path = folder / "overlaybd.json"
+    path.write_text(json.dumps({
+        "logConfig": {"logPath": str(folder / "obd.log"), "logLevel": log_level},
+        "enableAudit": False,
+    }))  # fmt: skip
+    return path
+
+
+# -- a process seen from /proc ------------------------------------------------------------------
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def proc_rss(pid: int) -> int:
+    """Resident set size in bytes."""
+    return int(proc_status(pid)["VmRSS"].split()[0]) * 1024
+
+
+def proc_threads(pid: int) -> int:
+    return int(proc_status(pid)["Threads"])
+
+
+def proc_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    """Poll ``cond`` until it holds or ``timeout`` seconds pass; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return cond()
+        time.sleep(step)
+    return True
+
+
 def image_config(folder: Path, name: str, *, lowers: Sequence[str] = (), upper: tuple[str, str] | None = None, result: bool = True) -> Path:  # fmt: skip
     doc: dict[str, object] = {"lowers": [{"file": str(f)} for f in lowers]}
     if upper is not None:
@@ -149,6 +201,27 @@ def writable_image(folder: Path, name: str, size: str = "64M") -> Path:
     data, index = folder / f"{name}.data", folder / f"{name}.index"
     obd("create", str(data), str(index), size)
     return image_config(folder, name, upper=(str(data), str(index)))
+
+
+def image_of_raw(folder: Path, name: str, raw: Path, *, writable: bool) -> Path:
+    """An obd image holding ``raw``'s content: a committed layer (a ZFile for read-only
+    images), plus an empty upper (size 0: it takes the layer's size) when writable."""
+    from obd.image import ops
+
+    d, i = str(folder / f"{name}-l.data"), str(folder / f"{name}-l.index")
+    ops.create(d, i, None, from_raw=str(raw))
+    layer = str(folder / f"{name}.layer")
+    ops.commit(d, i, layer, zfile=None if writable else ops.ZFileOptions())
+    os.unlink(d)
+    os.unlink(i)
+    cfg: dict[str, object] = {"lowers": [{"file": layer}]}
+    if writable:
+        ud, ui = str(folder / f"{name}-u.data"), str(folder / f"{name}-u.index")
+        ops.create(ud, ui, 0)
+        cfg["upper"] = {"data": ud, "index": ui}
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return path
 
 
 class RawClient:

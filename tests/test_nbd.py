@@ -28,6 +28,7 @@ from tests.nbd_helpers import (
     RawClient,
     ServeProcess,
     image_config,
+    image_of_raw,
     in_process_server,
     make_raw,
     obd,
@@ -55,31 +56,12 @@ def raw_pair(tmp_path: Path) -> tuple[Path, Path, dict[int, bytes]]:
     return rw, ro, chunks
 
 
-def _image_of_raw(tmp_path: Path, name: str, raw: Path, *, writable: bool) -> Path:
-    """An obd image holding ``raw``'s content: a committed layer (a ZFile for read-only
-    images), plus an empty upper (size 0: it takes the layer's size) when writable."""
-    from obd.image import ops
-
-    d, i = str(tmp_path / f"{name}-l.data"), str(tmp_path / f"{name}-l.index")
-    ops.create(d, i, None, from_raw=str(raw))
-    layer = str(tmp_path / f"{name}.layer")
-    ops.commit(d, i, layer, zfile=None if writable else ops.ZFileOptions())
-    cfg: dict[str, object] = {"lowers": [{"file": layer}]}
-    if writable:
-        ud, ui = str(tmp_path / f"{name}-u.data"), str(tmp_path / f"{name}-u.index")
-        ops.create(ud, ui, 0)
-        cfg["upper"] = {"data": ud, "index": ui}
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(cfg))
-    return path
-
-
 @pytest.fixture
 def images(tmp_path: Path, raw_pair) -> dict[str, Path]:  # type: ignore[no-untyped-def]
     rw, ro, _ = raw_pair
     return {
-        "rw": _image_of_raw(tmp_path, "rw", rw, writable=True),
-        "ro": _image_of_raw(tmp_path, "ro", ro, writable=False),
+        "rw": image_of_raw(tmp_path, "rw", rw, writable=True),
+        "ro": image_of_raw(tmp_path, "ro", ro, writable=False),
     }
 
 

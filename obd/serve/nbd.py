@@ -144,10 +144,13 @@ NBD_STATE_ZERO = 1 << 1
 MIN_BLOCK_SIZE = 512
 PREFERRED_BLOCK_SIZE = 4096
 MAX_PAYLOAD = 32 << 20  # largest READ / WRITE we serve (and advertise)
-MAX_OPTION_DATA = 64 << 10  # longer option data ends the connection
+MAX_OPTION_DATA = 64 << 10  # longest option data we read (longer: NBD_REP_ERR_TOO_BIG)
+MAX_OPTION_SKIP = 16 << 20  # longer option data than this ends the connection
 MAX_STRING = 4096  # longest export name / query (proto.md "strings")
 MAX_EXTENTS = 1 << 16  # descriptors in one block-status reply
 HANDSHAKE_TIMEOUT = 60.0
+ACCEPT_BACKOFF = (0.01, 1.0)  # first and longest wait after a failed accept (EMFILE...)
+SHUTDOWN_GRACE = 5.0  # after the shutdown timeout: wait for device calls in flight
 
 # --- wire layouts (all big-endian) -----------------------------------------------------
 HANDSHAKE = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
@@ -229,6 +232,7 @@ class Export:
     multi_conn: bool = True
     readonly: bool = field(init=False)
     size: int = field(init=False)
+    inflight: int = field(init=False, default=0, repr=False)  # device calls running now
 
     def __post_init__(self) -> None:
         self.readonly = bool(self.device.readonly)
@@ -291,6 +295,13 @@ class _Connection:
         self._pending: list[bytes | bytearray | memoryview] = []
         self._pending_bytes = 0
         self.gather = False  # set in the sequential transmission loop only
+        # FLUSH and FUA of the sequential loop: fsynced by a helper thread, so the
+        # connection goes on reading and serving requests meanwhile
+        self.flush_async = False
+        self._flush_cv = threading.Condition()
+        self._flushq: list[int] = []  # cookies waiting for the next fsync
+        self._flusher: threading.Thread | None = None
+        self._flush_done = False
 
     # -- socket helpers ----------------------------------------------------------------
     # Reads go through a buffer: one recv can bring many pipelined requests. While
@@ -329,9 +340,10 @@ class _Connection:
         return self._rend - self._rstart
 
     def flush_replies(self) -> None:
-        if self._pending:
-            parts, self._pending, self._pending_bytes = self._pending, [], 0
-            self._sendmsg(parts)
+        if self._pending:  # only this connection's reader thread adds to it
+            with self.send_lock:
+                parts, self._pending, self._pending_bytes = self._pending, [], 0
+                self._sendmsg(parts)
 
     def recv(self, n: int) -> bytes:
         buf = bytearray(n)
@@ -531,6 +543,7 @@ class _Connection:
         pool = ThreadPoolExecutor(workers, f"nbd-{self.peer}") if workers > 0 else None
         slots = threading.BoundedSemaphore(self.server.max_in_flight) if pool else None
         unpack = REQUEST.unpack_from
+        self.flush_async = pool is None
         try:
             while True:
                 try:
@@ -569,6 +582,7 @@ class _Connection:
                 self.flush_replies()
             if pool is not None:
                 pool.shutdown(wait=True)  # in-flight requests are answered first
+            self._stop_flusher()  # and so are flushes
 
     def _pooled(
         self,
@@ -592,6 +606,66 @@ class _Connection:
         finally:
             slots.release()
 
+    # -- flushes ---------------------------------------------------------------------------
+    def queue_flush(self, export: Export, cookie: int) -> None:
+        """Answer ``cookie`` after an fsync that starts after this call (FLUSH, FUA).
+
+        Requests queued while an fsync runs share the next one: each is answered only by
+        an fsync that started after it was queued, so every write completed before it
+        is durable when it is answered.
+        """
+        with self._flush_cv:
+            self._flushq.append(cookie)
+            if self._flusher is None:
+                t = threading.Thread(
+                    target=self._flush_loop, args=(export,), name=f"nbd-flush-{self.peer}"
+                )
+                t.daemon = True
+                try:
+                    t.start()
+                except RuntimeError:  # can't start new thread: flush right here
+                    self._flushq.remove(cookie)
+                    self._flush_and_reply(export, [cookie])
+                    return
+                self._flusher = t
+            self._flush_cv.notify()
+
+    def _flush_loop(self, export: Export) -> None:
+        while True:
+            with self._flush_cv:
+                while not self._flushq and not self._flush_done:
+                    self._flush_cv.wait()
+                if not self._flushq:
+                    return
+                batch, self._flushq = self._flushq, []
+            self._flush_and_reply(export, batch)
+
+    def _flush_and_reply(self, export: Export, cookies: list[int]) -> None:
+        err = NBD_ESHUTDOWN
+        if self.server._begin(export):
+            try:
+                export.device.flush()
+                err = 0
+            except Exception as e:
+                err = nbd_errno(e)
+                log.error("%s: FLUSH of %r failed: %s", self.peer, export.name, e)
+            finally:
+                self.server._end(export)
+        try:
+            with self.send_lock:
+                self._sendmsg([SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, c) for c in cookies])
+        except OSError as e:
+            log.debug("%s: reply failed: %s", self.peer, e)
+            self.abort()
+
+    def _stop_flusher(self) -> None:
+        with self._flush_cv:
+            self._flush_done = True
+            self._flush_cv.notify()
+            t = self._flusher
+        if t is not None:
+            t.join()
+
     def abort(self) -> None:
         """Wake the reader so the whole connection ends (a reply could not be sent)."""
         with contextlib.suppress(OSError):
@@ -601,8 +675,10 @@ class _Connection:
         """The NBD error for a request that must not run, or 0."""
         size = export.size
         end = offset + length
+        # FUA is valid on every command once NBD_FLAG_SEND_FUA is sent (writable exports)
+        fua = 0 if export.readonly else NBD_CMD_FLAG_FUA
         if cmd == NBD_CMD_READ:
-            allowed = NBD_CMD_FLAG_DF if self.structured else 0
+            allowed = fua | (NBD_CMD_FLAG_DF if self.structured else 0)
             if flags & ~allowed or length > MAX_PAYLOAD or end > size:
                 return NBD_EINVAL
             return 0
@@ -621,9 +697,9 @@ class _Connection:
                 return NBD_EINVAL
             return 0
         if cmd == NBD_CMD_FLUSH:
-            return NBD_EINVAL if flags else 0
+            return NBD_EINVAL if flags & ~fua else 0
         if cmd == NBD_CMD_BLOCK_STATUS:
-            if flags & ~NBD_CMD_FLAG_REQ_ONE or not self.block_status:
+            if flags & ~(NBD_CMD_FLAG_REQ_ONE | fua) or not self.block_status:
                 return NBD_EINVAL
             if length == 0 or end > size:
                 return NBD_EINVAL
@@ -647,6 +723,10 @@ class _Connection:
                 self.peer, _COMMAND_NAMES.get(cmd, str(cmd)), offset, length, flags, err,
             )  # fmt: skip
             self.reply_error(cmd, cookie, err, "request rejected")
+            return
+        server = self.server
+        if not server._begin(export):
+            self.reply_error(cmd, cookie, NBD_ESHUTDOWN, "the server is shutting down")
             return
         dev = export.device
         try:
@@ -677,6 +757,9 @@ class _Connection:
             elif cmd == NBD_CMD_TRIM and length:
                 dev.discard(offset, length)
             if (cmd == NBD_CMD_FLUSH or flags & NBD_CMD_FLAG_FUA) and not export.readonly:
+                if self.flush_async:
+                    self.queue_flush(export, cookie)
+                    return
                 dev.flush()
         except Exception as e:
             code = nbd_errno(e)
@@ -687,6 +770,8 @@ class _Connection:
                 )  # fmt: skip
             self.reply_error(cmd, cookie, code, str(e))
             return
+        finally:
+            server._end(export)
         with self.send_lock:
             self.send(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
 
@@ -832,6 +917,9 @@ class NbdServer:
         self._accept_threads: list[threading.Thread] = []
         self._conns: set[_Connection] = set()
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # an export's last device call ended
+        self._cut = False  # set at shutdown: no device call starts any more
+        self._stopped = threading.Event()
         self.addresses: list[str] = []
 
     # -- exports ---------------------------------------------------------------------------
@@ -906,30 +994,57 @@ class NbdServer:
 
     def _accept_loop(self, lsock: socket.socket) -> None:
         n = 0
+        delay = 0.0  # > 0 while accept fails: the wait before the next try
         while not self.stopping:
             try:
                 sock, addr = lsock.accept()
-            except OSError:
+            except OSError as e:
                 if self.stopping:
                     return
+                if e.errno in (errno.ECONNABORTED, errno.EINTR, errno.EAGAIN):
+                    continue  # that one connection went away: take the next
+                # Out of descriptors (EMFILE, ENFILE) or memory: the pending connection
+                # stays in the backlog; wait (connections already open are served
+                # meanwhile) rather than retry at once and burn a core.
+                if not delay:
+                    log.warning(
+                        "cannot accept connections: %s; retrying", e.strerror or e
+                    )  # fmt: skip
+                delay = min(ACCEPT_BACKOFF[1], delay * 2 or ACCEPT_BACKOFF[0])
+                self._stopped.wait(delay)
                 continue
             if self.stopping:
                 sock.close()
                 return
+            if delay:
+                log.warning("accepting connections again")
+                delay = 0.0
             n += 1
-            sock.settimeout(None)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                peer = f"{addr[0]}:{addr[1]}"
-            else:
-                peer = f"unix#{n}"
+            try:
+                sock.settimeout(None)
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    peer = f"{addr[0]}:{addr[1]}"
+                else:
+                    peer = f"unix#{n}"
+            except OSError as e:  # the peer is already gone
+                log.debug("connection dropped before it started: %s", e)
+                sock.close()
+                continue
             conn = _Connection(self, sock, peer)
             t = threading.Thread(target=conn.run, name=f"nbd-conn-{peer}")
             t.daemon = True
             conn.thread = t
             with self._lock:
                 self._conns.add(conn)
-            t.start()
+            try:
+                t.start()
+            except RuntimeError as e:  # can't start new thread
+                with self._lock:
+                    self._conns.discard(conn)
+                sock.close()
+                log.warning("%s: connection refused: %s", peer, e)
+                self._stopped.wait(ACCEPT_BACKOFF[0])
 
     def _forget(self, conn: _Connection) -> None:
         with self._lock:
@@ -939,13 +1054,48 @@ class NbdServer:
         with self._lock:
             return len(self._conns)
 
-    def shutdown(self, timeout: float = 30.0) -> bool:
+    # -- device calls in flight ------------------------------------------------------------
+    def _begin(self, export: Export) -> bool:
+        """Count a device call on ``export``; False once shutdown cut the connections."""
+        with self._lock:
+            if self._cut:
+                return False
+            export.inflight += 1
+            return True
+
+    def _end(self, export: Export) -> None:
+        with self._lock:
+            export.inflight -= 1
+            if not export.inflight:
+                self._idle.notify_all()
+
+    def busy(self) -> dict[str, int]:
+        """Device calls still running, by export name (none once shutdown went well)."""
+        with self._lock:
+            return {e.name: e.inflight for e in self.exports.values() if e.inflight}
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no device call runs; False if some still do after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while any(e.inflight for e in self.exports.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def shutdown(self, timeout: float = 30.0, grace: float = SHUTDOWN_GRACE) -> bool:
         """Stop accepting, answer every request already received, end every connection.
 
-        Returns False when some connection did not end within ``timeout`` seconds.
+        Returns False when some connection did not end within ``timeout`` seconds:
+        those are then cut (their sockets shut down, no further device call starts) and
+        the calls already running get ``grace`` more seconds; :meth:`busy` tells which
+        exports still have one, whose devices must not be closed yet.
         Devices are neither flushed nor closed here (their owner does that).
         """
         self.stopping = True
+        self._stopped.set()
         for sock, path in self._listeners:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -962,17 +1112,21 @@ class NbdServer:
             with contextlib.suppress(OSError):
                 c.sock.shutdown(socket.SHUT_RD)
         deadline = time.monotonic() + timeout
-        ok = True
         for c in conns:
             if c.thread is not None:
                 c.thread.join(max(0.0, deadline - time.monotonic()))
-                if c.thread.is_alive():
-                    ok = False
-                    with contextlib.suppress(OSError):
-                        c.sock.shutdown(socket.SHUT_RDWR)
+        with self._lock:
+            self._cut = True
+            late = [c for c in self._conns if c.thread is not None and c.thread.is_alive()]
+        for c in late:
+            with contextlib.suppress(OSError):
+                c.sock.shutdown(socket.SHUT_RDWR)
+        if late:
+            log.warning("%d connections did not end within %.1f s: cut", len(late), timeout)
+            self.wait_idle(grace)
         for t in self._accept_threads:
             t.join(1.0)
-        return ok
+        return not late
 
 
 def flush_all(exports: Iterable[Export]) -> list[tuple[str, BaseException]]:
