@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from obd.image import open_image
 from obd.image.inspect import FileInfo, inspect_file, map_path
 from obd.io.base import ExtentKind
-from tests.conftest import run_obd
+from tests.conftest import assert_one_line_error, run_obd
 from tests.vectors import manifest, require_vectors, vector_params, vectors_of
 
 FILE_KEYS = {
@@ -304,6 +305,31 @@ def test_not_an_overlaybd_file(tmp_path: Path) -> None:
     assert "not an overlaybd file" in r.err
     r = run_obd("inspect", tmp_path / "missing")
     assert r.code == 3
+    r = run_obd("map", junk)
+    assert r.code == 4 and r.err.count("\n") == 1
+    assert "not an overlaybd layer" in r.err and str(junk) in r.err
+
+
+@pytest.mark.timeout(90)
+def test_non_regular_files_are_refused(tmp_path: Path) -> None:
+    """A directory, a FIFO (which must not block the command) or a socket: one line
+    naming it, exit 3, for inspect and map."""
+    import socket
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    sock_path = tmp_path / "sock"
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(sock_path))
+        for cmd in ("inspect", "map"):
+            for p in (tmp_path, fifo, sock_path):
+                r = run_obd(cmd, p, timeout=20)
+                assert_one_line_error(r, 3, str(p))
+            r = run_obd(cmd, fifo, timeout=20)
+            assert "not a regular file (a pipe)" in r.err
+    finally:
+        sock.close()
 
 
 def test_upper_only_image_map_reproduces_digest(tmp_path: Path) -> None:

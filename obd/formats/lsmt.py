@@ -241,14 +241,29 @@ def drop_invalid(m: Mappings) -> Mappings:
 
 
 def validate_ro_index(
-    m: Mappings, index_offset: int, *, path: str | None, entries_at: int | None = None
+    m: Mappings,
+    index_offset: int,
+    *,
+    path: str | None,
+    entries_at: int | None = None,
+    virtual_size: int | None = None,
 ) -> None:
-    """Check order, overlap and moffset ranges of a read-only index (§1.5)."""
+    """Check order, overlap and moffset ranges of a read-only index (§1.5), and (with
+    ``virtual_size``) that no entry maps past the end of the layer's disk.
+
+    Upstream does not check the last rule, but its writers never break it (writes are
+    bounded by the device size, and commit takes the size from the same header): an
+    entry past the end is a damaged offset or length, and the range it should have
+    mapped would read as zeros or as a lower layer's data. Refusing it is the only way
+    not to return wrong bytes.
+    """
     at = index_offset if entries_at is None else entries_at
 
+    def num(i: int) -> int:  # the entry's number in the file (padding counted)
+        return int(m.pos[i]) if m.pos is not None else i
+
     def where(i: int) -> int:
-        p = int(m.pos[i]) if m.pos is not None else i
-        return at + p * ENTRY_SIZE
+        return at + num(i) * ENTRY_SIZE
 
     n = len(m)
     if n == 0:
@@ -258,7 +273,7 @@ def validate_ro_index(
     if len(bad):
         i = int(bad[0]) + 1
         raise CorruptError(
-            f"index entry {i} out of order or overlapping (offset {int(m.offset[i])} < previous end {int(end[i - 1])} sectors)",
+            f"index entry {num(i)} out of order or overlapping (offset {int(m.offset[i])} < previous end {int(end[i - 1])} sectors)",
             path=path,
             offset=where(i),
         )
@@ -271,10 +286,25 @@ def validate_ro_index(
     if len(bad):
         i = int(bad[0])
         raise CorruptError(
-            f"index entry {i} maps outside the data area (moffset {int(m.moffset[i])}, length {int(m.length[i])} sectors)",
+            f"index entry {num(i)} maps outside the data area (moffset {int(m.moffset[i])}, length {int(m.length[i])} sectors)",
             path=path,
             offset=where(i),
         )
+    if virtual_size is not None:
+        bad = np.nonzero((m.length > 0) & (end > np.uint64(sectors_of(virtual_size))))[0]
+        if len(bad):
+            i = int(bad[0])
+            raise CorruptError(
+                f"index entry {num(i)} maps past the virtual size (sectors [{int(m.offset[i])}, "
+                f"{int(end[i])}) of a {virtual_size}-byte disk)",
+                path=path,
+                offset=where(i),
+            )
+
+
+def sectors_of(size: int) -> int:
+    """Sectors a disk of ``size`` bytes spans (a partial last sector counts)."""
+    return -(-size // SECTOR)
 
 
 # -- lookups -----------------------------------------------------------------------
@@ -480,7 +510,7 @@ class LSMTReadOnly:
             raise CorruptError("index truncated", path=path, offset=t.index_offset)
         self.raw_entries = decode_entries(raw)
         m = drop_invalid(self.raw_entries)
-        validate_ro_index(m, t.index_offset, path=path)
+        validate_ro_index(m, t.index_offset, path=path, virtual_size=t.virtual_size)
         self.mappings = m
         self.index = SegmentIndex(m)
 

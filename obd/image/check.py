@@ -14,11 +14,14 @@ runs to the end and reports **every** problem with the offset where it lies:
   tail, out-of-range records), garbage (overwritten data still in the data file);
 * image configs (§6.1): every layer as above, and the parent-uuid chain (§3).
 
-Severities: ``corruption`` (data may read wrong), ``leak`` (space wasted, nothing
-wrong is read: garbage, a torn index tail), ``warning`` (unusual but harmless; no effect
-on the result), ``error`` (the file could not be checked). The result follows qemu-img
-check: 0 clean, 2 corruption, 3 only leaks, 1 could not check (corruption wins over
-could-not-check, which wins over leaks).
+Severities: ``corruption`` (data may read wrong), ``leak`` (space wasted that nothing
+explains, e.g. data a compacted commit should not hold; nothing wrong is read),
+``warning`` (unusual but harmless), ``note`` (normal and harmless: the garbage of a
+log-structured layer, i.e. overwritten data that a commit drops, and the tail an
+interrupted append leaves, which readers ignore and writers cut off), ``error`` (the
+file could not be checked). Warnings and notes do not change the result, which follows
+qemu-img check: 0 clean, 2 corruption, 3 only leaks, 1 could not check (corruption wins
+over could-not-check, which wins over leaks).
 
 Offsets are file offsets; for what lies inside a ZFile (the LSMT layer it compresses)
 they are offsets in the decompressed payload and the finding says so (``space``).
@@ -56,6 +59,7 @@ from obd.formats.lsmt import (
     SECTOR,
     HeaderTrailer,
     decode_entries,
+    sectors_of,
 )
 from obd.image.inspect import (
     KIND_IMAGE,
@@ -79,6 +83,7 @@ from obd.io.file import open_file
 CORRUPTION = "corruption"
 LEAK = "leak"
 WARNING = "warning"
+NOTE = "note"
 ERROR = "error"
 
 EXIT_CLEAN = 0
@@ -168,6 +173,7 @@ class CheckReport:
     findings: list[Finding] = field(default_factory=list)
     checked: dict[str, int] = field(default_factory=dict)
     leaked_bytes: int = 0
+    garbage_bytes: int = 0  # reclaimable by a commit (notes), not counted as leaked
     uuid: str | None = None
     parent_uuid: str | None = None
     _counts: dict[str, int] = field(default_factory=dict, repr=False)
@@ -212,6 +218,7 @@ class CheckReport:
             "result": RESULT_NAMES[self.exit_code],
             "checked": self.checked,
             "leaked_bytes": self.leaked_bytes,
+            "garbage_bytes": self.garbage_bytes,
             "findings": [f.to_json() for f in self.findings],
         }
 
@@ -247,8 +254,10 @@ def document(reports: list[CheckReport]) -> dict[str, Any]:
             "corruptions": sum(r.count(CORRUPTION) for r in reports),
             "leaks": sum(r.count(LEAK) for r in reports),
             "warnings": sum(r.count(WARNING) for r in reports),
+            "notes": sum(r.count(NOTE) for r in reports),
             "errors": sum(r.count(ERROR) for r in reports),
             "leaked_bytes": sum(r.leaked_bytes for r in reports),
+            "garbage_bytes": sum(r.garbage_bytes for r in reports),
         },
         "files": [r.to_json() for r in reports],
     }
@@ -704,14 +713,28 @@ def check_lsmt_ro(view: ReadAt, rep: CheckReport, *, space: str = "file") -> Non
     area = ioff - HT_SLOT
     used = referenced_bytes(vm)
     if area > used:
-        rep.add(
-            LEAK,
-            "garbage",
-            f"{area - used} bytes of the data area are not referenced by the index",
-            HT_SLOT,
-            space=space,
-        )
-        rep.leaked_bytes += area - used
+        if h is not None and not h.flags & FLAG_SEALED:
+            # sealed in place (§2.4): the writable layer's garbage stays, as upstream's
+            rep.add(
+                NOTE,
+                "garbage",
+                f"{area - used} bytes of the data area are overwritten data no longer "
+                "referenced (sealed in place; a commit drops them)",
+                HT_SLOT,
+                space=space,
+            )
+            rep.garbage_bytes += area - used
+        else:
+            # a compacted commit copies referenced data only (§1.8): nothing explains these
+            rep.add(
+                LEAK,
+                "unreferenced",
+                f"{area - used} bytes of the data area are not referenced by the index "
+                "(a commit writes none)",
+                HT_SLOT,
+                space=space,
+            )
+            rep.leaked_bytes += area - used
 
 
 def _check_entries(
@@ -766,12 +789,15 @@ def _check_entries(
         rep.add(
             WARNING, "index_entry", f"index entry {int(pos[i])} has length 0", at(i), space=space
         )
-    past = np.flatnonzero(end * SECTOR > vsize)
+    # the layer's disk ends at ``vsize``: an entry past it is a damaged offset or length
+    # (what it should map reads wrong), refused by the reader too (lsmt.validate_ro_index)
+    past = np.flatnonzero((ln > 0) & (end > sectors_of(vsize)))
     for i in past.tolist():
         rep.add(
-            WARNING,
+            CORRUPTION,
             "index_entry",
-            f"index entry {int(pos[i])} maps past the virtual size ({int(end[i]) * SECTOR} > {vsize})",
+            f"index entry {int(pos[i])} maps past the virtual size (sectors [{int(off[i])}, "
+            f"{int(end[i])}) of a {vsize}-byte disk)",
             at(i),
             space=space,
         )
@@ -822,10 +848,13 @@ def check_rw(data_path: str, index_path: str | None, rep: CheckReport) -> None:
                 rep.checked["segments"] = len(layer.idx)
             return
         if dsize % SECTOR:
+            # writers append at the next whole sector: the stray bytes are never read
             rep.add(
-                LEAK,
+                NOTE,
                 "data_tail",
-                f"data file size {dsize} is not a multiple of 512 (an interrupted write)",
+                f"data file size {dsize} is not a multiple of 512: {dsize % SECTOR} stray "
+                "bytes of an interrupted append (harmless; the next append starts at the "
+                "next sector)",
                 dsize - dsize % SECTOR,
             )
         if index_path is None:
@@ -850,13 +879,13 @@ def check_rw(data_path: str, index_path: str | None, rep: CheckReport) -> None:
                 garbage = layer.garbage_bytes()
             if garbage:
                 rep.add(
-                    LEAK,
+                    NOTE,
                     "garbage",
                     f"{garbage} bytes of the data file are overwritten data no longer "
-                    "referenced (a commit drops them)",
+                    "referenced (normal in a log-structured layer; a commit drops them)",
                     HT_SLOT,
                 )
-                rep.leaked_bytes += garbage
+                rep.garbage_bytes += garbage
 
 
 @contextlib.contextmanager
@@ -939,10 +968,10 @@ def _check_rw_index(
         rep.checked["index_records"] = n
         if body % ENTRY_SIZE:
             rep.add(
-                LEAK,
+                NOTE,
                 "rw_index_torn",
                 f"torn tail: {body % ENTRY_SIZE} bytes after the last complete record "
-                "(an interrupted append; ignored on open)",
+                "(an interrupted append; readers ignore it, a writer cuts it off)",
                 HT_SLOT + n * ENTRY_SIZE,
                 path=index_path,
             )
@@ -1123,9 +1152,10 @@ def _check_lone_index(view: ReadAt, rep: CheckReport) -> None:
     rep.checked["index_records"] = n
     if body % ENTRY_SIZE:
         rep.add(
-            LEAK,
+            NOTE,
             "rw_index_torn",
-            f"torn tail: {body % ENTRY_SIZE} bytes after the last complete record",
+            f"torn tail: {body % ENTRY_SIZE} bytes after the last complete record "
+            "(an interrupted append)",
             HT_SLOT + n * ENTRY_SIZE,
         )
     raw = view.pread(HT_SLOT, n * ENTRY_SIZE)
@@ -1239,6 +1269,7 @@ __all__ = [
     "EXIT_LEAKS",
     "KIND_LSMT_RW_INDEX",
     "LEAK",
+    "NOTE",
     "WARNING",
     "CheckReport",
     "Finding",

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from obd.errors import ObdError, UsageError
+from obd.errors import CorruptError, ObdError, UsageError
 from obd.formats import uuid as uuidmod
 from obd.formats.lsmt import (
     ENTRY_SIZE,
@@ -184,10 +184,15 @@ def sibling_index(data_path: str) -> str | None:
 
 
 def looks_like_config(path: str) -> bool:
+    """True when ``path`` is a regular file that starts like an image config.
+
+    Opened as every input is (:func:`obd.io.file.open_file`): a FIFO never blocks, and
+    what cannot be opened is not a config (opening it again gives the error).
+    """
     try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-    except OSError:
+        with open_file(path) as f:
+            head = f.pread(0, 64)
+    except (ObdError, OSError):
         return False
     return is_image_config(head)
 
@@ -698,7 +703,7 @@ def map_path(path: str, *, index: str | None = None) -> ExtentMap:
             return _stack_map(path, st, [path])
     if kind == KIND_LSMT_RW_INDEX:
         raise UsageError(f"{path} is a writable index file; map its data file instead")
-    raise UsageError(f"{path} is not an overlaybd layer or image config")
+    raise CorruptError("not an overlaybd layer or image config", path=path)
 
 
 def map_paths(paths: list[str], *, index: str | None = None) -> list[ExtentMap]:
