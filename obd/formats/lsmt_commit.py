@@ -55,19 +55,14 @@ class FileSink:
 
     def copy_from(self, fd: int, offset: int, length: int) -> bool:
         """Copy ``length`` bytes at ``offset`` of ``fd`` in the kernel; False if it can't."""
-        out_fd = getattr(self.out, "fd", None)
-        if out_fd is None or not self.copy_ok:
+        copy_in = getattr(self.out, "copy_in", None)
+        if copy_in is None or not self.copy_ok:
             return False
         self._drain()
         try:
             if os.fstat(fd).st_size < offset + length:
                 return False  # past EOF must read as zeros: take the slow path
-            done = 0
-            while done < length:
-                n = os.copy_file_range(fd, out_fd, length - done, offset + done, self.pos + done)
-                if n <= 0:
-                    raise OSError("copy_file_range made no progress")
-                done += n
+            copy_in(fd, offset, length, self.pos)
         except OSError:
             self.copy_ok = False
             return False

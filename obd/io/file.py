@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Iterator
 
 from obd.errors import FileAccessError, OutputExistsError
+from obd.io import trace as _trace
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -97,10 +98,14 @@ class LocalFile:
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         total = len(view)
+        at = offset
         while view:
-            n = os.pwrite(self.fd, view, offset)
+            n = os.pwrite(self.fd, view, at)
             view = view[n:]
-            offset += n
+            at += n
+        t = _trace.tracer
+        if t is not None:
+            t.pwrite(self.fd, offset, data)
         if self._writeback:
             self._unsynced += total
             if self._unsynced >= WRITEBACK_CHUNK:
@@ -115,15 +120,42 @@ class LocalFile:
 
     def truncate(self, size: int) -> None:
         os.ftruncate(self.fd, size)
+        t = _trace.tracer
+        if t is not None:
+            t.truncate(self.fd, size)
 
     def punch_hole(self, offset: int, length: int) -> None:
         punch_hole(self.fd, offset, length)
+        t = _trace.tracer
+        if t is not None:
+            t.punch_hole(self.fd, offset, length)
+
+    def copy_in(self, src_fd: int, src_offset: int, length: int, offset: int) -> None:
+        """Copy ``length`` bytes at ``src_offset`` of ``src_fd`` to ``offset``, in the kernel.
+
+        Raises OSError when the kernel cannot (the caller then copies by reading).
+        """
+        done = 0
+        while done < length:
+            n = os.copy_file_range(src_fd, self.fd, length - done, src_offset + done, offset + done)
+            if n <= 0:
+                raise OSError("copy_file_range made no progress")
+            done += n
+        t = _trace.tracer
+        if t is not None:
+            t.pwrite(self.fd, offset, os.pread(src_fd, length, src_offset))
 
     def data_extents(self, start: int, end: int) -> Iterator[tuple[int, int]]:
         return data_extents(self.fd, start, end)
 
     def flush(self) -> None:
+        t = _trace.tracer
+        if t is None:
+            os.fsync(self.fd)
+            return
+        mark = t.sync_begin()
         os.fsync(self.fd)
+        t.fsync(self.fd, mark)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -221,6 +253,9 @@ class AtomicOutput:
             raise FileAccessError("folder does not exist", path=self.path) from None
         except OSError as e:
             raise FileAccessError(e.strerror or str(e), path=self.path) from None
+        t = _trace.tracer
+        if t is not None:
+            t.created(tmp, fd)
         os.fchmod(fd, self.mode & ~_umask())
         self.tmp = tmp
         self.file = LocalFile(fd, tmp, True, writeback=True)
@@ -233,22 +268,22 @@ class AtomicOutput:
                 self.file.flush()
                 self.file.close()
                 if self.force:
-                    os.replace(self.tmp, self.path)
+                    _replace(self.tmp, self.path)
                 else:
                     try:
-                        os.link(self.tmp, self.path)
+                        _link(self.tmp, self.path)
                     except FileExistsError:
                         raise OutputExistsError(
                             "already exists (use -f to replace it)", path=self.path
                         ) from None
-                    os.unlink(self.tmp)
+                    _unlink(self.tmp)
                 _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
                 self.tmp = None
         finally:
             self.file.close()
             if self.tmp is not None:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.tmp)
+                    _unlink(self.tmp)
 
 
 def _umask() -> int:
@@ -257,13 +292,41 @@ def _umask() -> int:
     return m
 
 
+# Name operations: through these so a tracer (obd.io.trace) sees them.
+
+
+def _replace(src: str, dst: str) -> None:
+    os.replace(src, dst)
+    t = _trace.tracer
+    if t is not None:
+        t.rename(src, dst)
+
+
+def _link(src: str, dst: str) -> None:
+    os.link(src, dst)
+    t = _trace.tracer
+    if t is not None:
+        t.link(src, dst)
+
+
+def _unlink(path: str) -> None:
+    os.unlink(path)
+    t = _trace.tracer
+    if t is not None:
+        t.unlink(path)
+
+
 def _fsync_dir(folder: str) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
         return
+    t = _trace.tracer
     try:
+        mark = t.sync_begin() if t is not None else 0
         os.fsync(fd)
+        if t is not None:
+            t.fsync_dir(folder, mark)
     except OSError:
         pass
     finally:
