@@ -1,18 +1,18 @@
 """The image config's ``resultFile`` (FORMATS.md §6.5).
 
 The file holds ``success`` once the device is open, or ``failed:<reason>`` with one of
-upstream's reasons; no trailing newline. It is replaced atomically (temporary file in
-the same folder, fsync, rename), so a reader never sees half of it.
+upstream's reasons; no trailing newline. It is replaced atomically and durably
+(:class:`~obd.io.file.AtomicOutput`: temporary file in the same folder, fsync, rename,
+fsync of the folder), so a reader never sees half of it, nor loses it in a crash.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Sequence
 
 from obd.errors import CorruptError, FileAccessError, ObdError, UnsupportedError
+from obd.io.file import AtomicOutput
 
 SUCCESS = "success"
 FAILED_PREFIX = "failed:"
@@ -35,22 +35,17 @@ def reason_duplicated(dev_id: str) -> str:
 
 
 def write_result(path: str, text: str) -> None:
-    """Replace ``path`` with ``text`` (no newline added), atomically."""
+    """Replace ``path`` with ``text`` (no newline added), atomically and durably.
+
+    Raises OSError when it cannot.
+    """
     if not path:
         return
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=folder)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        with AtomicOutput(path, force=True, mode=0o644) as out:
+            out.pwrite(0, text.encode("utf-8"))
+    except FileAccessError as e:
+        raise OSError(str(e)) from None
 
 
 def write_success(path: str) -> None:
