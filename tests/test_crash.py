@@ -1,0 +1,745 @@
+"""Crash-consistency tests: every acknowledged write survives a power cut at any point.
+
+Each test runs an obd operation once, for real and in this process, while
+:mod:`tests.crashsim` records every write, truncate, fsync and rename obd makes through
+:mod:`obd.io`; then it rebuilds the files a crash at many points could leave (with lost,
+reordered and torn unsynced writes; the model is in ``crashsim``'s docstring) and
+reopens them with obd. What must hold in every crash state:
+
+- every write a flush acknowledged (``LSMTWritable.flush``, an NBD ``FLUSH`` or ``FUA``
+  write, a finished command) reads back exactly;
+- a sector not written since the last acknowledged flush reads its acknowledged content;
+  one written since reads its acknowledged content, one of the values written to it
+  since, or zeros: an unacknowledged write to a block device may be lost or torn;
+- the layer opens, or fails with a CorruptError (one clear line), never another exception
+  and never silently wrong bytes; for a writable layer whose flushes were acknowledged
+  not opening at all loses them, so that is a violation too;
+- an output file of a command is absent (or the old file it replaces) or whole and
+  correct while the command runs, and whole and correct once it returned.
+
+The tests that disable one fsync prove the simulator catches a missing one (a ``kill -9``
+test cannot: the page cache survives it). Each test prints its figures: crash points,
+crash states (subsets) tried, violations. ``OBD_CRASH_EXAMPLES=10`` explores ten times
+more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, settings
+
+from obd.errors import CorruptError, ObdError, UsageError
+from obd.image.layers import open_ro_layer, open_rw_layer
+from obd.io.file import LocalFile
+from tests.crashsim import CrashSim, CrashState, Recorder, Report, recording, scale, sector_problems
+
+VSIZE = 1 << 20
+SECTORS = VSIZE // 512
+
+
+def _pattern(seed: int, n: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def _show(capsys: pytest.CaptureFixture[str], report: Report) -> None:
+    """Print the figures of a run (shown even without -s)."""
+    with capsys.disabled():
+        print("\n" + report.summary(), flush=True)
+
+
+# --- writable layers --------------------------------------------------------------------
+
+
+class LayerRun:
+    """A writable layer driven under a recorder, with its model and the ack markers.
+
+    ``write`` markers go in before each write (a crash may come in the middle of it);
+    an ``ack`` marker with the model goes in after each flush returned.
+    """
+
+    def __init__(self, rec: Recorder, data: str, index: str) -> None:
+        self.rec = rec
+        self.data = data
+        self.index = index
+        self.model = bytearray(VSIZE)
+        self.layer = open_rw_layer(data, index)
+
+    def write(self, sector: int, count: int, seed: int) -> None:
+        off = sector * 512
+        n = min(count, SECTORS - sector) * 512
+        data = _pattern(seed, n)
+        self.rec.mark("write", (off, data, n))
+        self.layer.pwrite(off, data)
+        self.model[off : off + n] = data
+
+    def discard(self, sector: int, count: int) -> None:
+        off = sector * 512
+        n = min(count, SECTORS - sector) * 512
+        self.rec.mark("write", (off, None, n))
+        self.layer.discard(off, n)
+        self.model[off : off + n] = bytes(n)
+
+    def flush(self) -> None:
+        start = self.rec.mark("flush")
+        self.layer.flush()
+        self.rec.mark("ack", (bytes(self.model), start))
+
+    def reopen(self) -> None:
+        self.layer.close()
+        self.layer = open_rw_layer(self.data, self.index)
+
+    def run(self, steps: list[tuple[Any, ...]]) -> None:
+        for step in steps:
+            if step[0] == "w":
+                self.write(*step[1:])
+            elif step[0] == "d":
+                self.discard(*step[1:])
+            elif step[0] == "f":
+                self.flush()
+            else:
+                self.reopen()
+        self.layer.close()
+
+
+def acked_and_since(
+    state: CrashState, initial: bytes
+) -> tuple[bytes, list[tuple[int, bytes | None, int]]]:
+    """The disk the last acknowledgement before the crash promised, and the writes after it.
+
+    An ``ack`` marker carries ``(disk, start)``: the disk as of the writes that had returned
+    when the flush started (marker ``start``); writes marked after ``start`` may or may not
+    be covered by it. With flushes running beside writes (NBD), the ack of the latest-started
+    flush wins.
+    """
+    acks = [op.payload for _, op in state.markers if op.label == "ack"]
+    disk, start = max(acks, key=lambda a: a[1]) if acks else (initial, -1)
+    since = [op.payload for i, op in state.markers if i > start and op.label == "write"]
+    return disk, since
+
+
+def _first_diff(a: bytes, b: bytes) -> int:
+    for k in range(0, len(a), 512):
+        if a[k : k + 512] != b[k : k + 512]:
+            return k
+    return -1
+
+
+def layer_check(data: str, index: str, initial: bytes = bytes(VSIZE)) -> Callable[[CrashState], str | None]:  # fmt: skip
+    """The writable-layer properties, then recovery: a writer opens it, writes, flushes."""
+
+    def check(state: CrashState) -> str | None:
+        acked, since = acked_and_since(state, initial)
+        d, i = state.path(data), state.path(index)
+        try:
+            layer = open_rw_layer(d, i, readonly=True)
+        except CorruptError as e:
+            return f"acknowledged writes lost, the layer does not open: {e}"
+        except ObdError as e:
+            return f"the layer does not open: {type(e).__name__}: {e}"
+        with layer:
+            got = layer.pread(0, VSIZE)
+        bad = sector_problems(got, acked, since)
+        if bad:
+            return f"read-only open: {bad}"
+        try:
+            w = open_rw_layer(d, i)
+        except ObdError as e:
+            return f"a writer cannot open it: {type(e).__name__}: {e}"
+        rng = random.Random(state.point)
+        at = rng.randrange(SECTORS - 8) * 512
+        new = rng.randbytes(4096)
+        with w:
+            got2 = w.pread(0, VSIZE)
+            bad = sector_problems(got2, acked, since)
+            if bad:
+                return f"writer open: {bad}"
+            w.pwrite(at, new)
+            w.flush()
+        expected = got2[:at] + new + got2[at + 4096 :]
+        with open_rw_layer(d, i, readonly=True) as again:
+            got3 = again.pread(0, VSIZE)
+        if got3 != expected:
+            k = _first_diff(got3, expected)
+            return (
+                f"recovery: after a writer reopened the crashed layer, wrote 4 KiB at {at} "
+                f"and flushed, a reopen reads wrong bytes at offset {k}"
+            )
+        return None
+
+    return check
+
+
+def _new_layer(folder: Path, sparse: bool) -> tuple[str, str]:
+    from obd.image import ops
+
+    ops.create(str(folder / "l.data"), str(folder / "l.index"), VSIZE, sparse=sparse)
+    return "l.data", "l.index"
+
+
+def run_layer(folder: Path, sparse: bool, steps: list[tuple[Any, ...]]) -> CrashSim:
+    data, index = _new_layer(folder, sparse)
+    with recording(folder) as rec:
+        LayerRun(rec, str(folder / data), str(folder / index)).run(steps)
+    return CrashSim(rec, "sparse layer" if sparse else "log-structured layer")
+
+
+step_strategy = st.one_of(
+    st.tuples(
+        st.just("w"), st.integers(0, SECTORS - 1), st.integers(1, 64), st.integers(0, 1 << 30)
+    ),
+    st.tuples(st.just("d"), st.integers(0, SECTORS - 1), st.integers(1, 64)),
+    st.just(("f",)),
+    st.just(("r",)),
+)
+
+_layer_settings = settings(
+    max_examples=max(1, int(6 * scale())),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    database=None,
+)
+
+
+def _fixed_steps(seed: int, n: int = 30) -> list[tuple[Any, ...]]:
+    """A seeded sequence that exercises every step kind (flushes included)."""
+    rng = random.Random(seed)
+    steps: list[tuple[Any, ...]] = []
+    for k in range(n):
+        r = rng.random()
+        if r < 0.55:
+            steps.append(("w", rng.randrange(SECTORS), rng.randrange(1, 65), rng.getrandbits(30)))
+        elif r < 0.7:
+            steps.append(("d", rng.randrange(SECTORS), rng.randrange(1, 65)))
+        elif r < 0.9 or k == n - 2:
+            steps.append(("f",))
+        else:
+            steps.append(("r",))
+    return steps
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sparse", [False, True], ids=["log", "sparse"])
+def test_writable_layer_crash_fixed(tmp_path: Path, sparse: bool, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """A seeded write/discard/flush/reopen sequence, crashed at every interesting point."""
+    sim = run_layer(tmp_path, sparse, _fixed_steps(7))
+    report = sim.explore(layer_check("l.data", "l.index"), points=40, subsets=8, seed=1)
+    _show(capsys, report)
+    report.assert_clean()
+
+
+# --- the simulator catches a missing fsync ----------------------------------------------
+
+
+def _skip_fsync_of(monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+    """Make ``LocalFile.flush`` a no-op for files whose path ends with ``suffix``."""
+    real = LocalFile.flush
+
+    def flush(self: LocalFile) -> None:
+        if not self.path.endswith(suffix):
+            real(self)
+
+    monkeypatch.setattr(LocalFile, "flush", flush)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("suffix", [".index", ".data"])
+def test_missing_layer_fsync_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """Without the fsync of the index (or data) file, some crash loses an acknowledged write."""
+    data, index = _new_layer(tmp_path, False)
+    _skip_fsync_of(monkeypatch, suffix)
+    with recording(tmp_path) as rec:
+        LayerRun(rec, str(tmp_path / data), str(tmp_path / index)).run(_fixed_steps(7))
+    report = CrashSim(rec, f"log layer, no fsync of {suffix}").explore(
+        layer_check(data, index), points=40, subsets=8, seed=1
+    )
+    _show(capsys, report)
+    assert report.violations, "the crash simulator missed a disabled fsync"
+    assert any("acknowledged" in v.message or "differs" in v.message for v in report.violations)
+
+
+# --- commands: outputs are absent (or the old file) or whole; whole once done -----------
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _describe(got: bytes | None, final: bytes) -> str:
+    if got is None:
+        return "absent"
+    if len(got) != len(final):
+        return f"{len(got)} bytes (the output has {len(final)})"
+    k = next(k for k in range(len(got)) if got[k] != final[k])
+    return f"{len(got)} bytes, differing from the output at offset {k}"
+
+
+Extra = Callable[[CrashState], "str | None"]
+
+
+def output_check(
+    outputs: dict[str, bytes],
+    *,
+    old: dict[str, bytes] | None = None,
+    inputs: dict[str, bytes] | None = None,
+    extra: Extra | None = None,
+) -> Callable[[CrashState], str | None]:
+    """Each output absent (or its ``old`` content) or whole until ``done``; whole after it."""
+    old = old or {}
+
+    def check(state: CrashState) -> str | None:
+        done = state.last("done") is not None
+        for rel, final in outputs.items():
+            got = _read(state.path(rel))
+            if got == final:
+                continue
+            if done:
+                return f"{rel}: the command returned, but after the crash its output is {_describe(got, final)}"  # fmt: skip
+            if got is None and rel not in old:
+                continue
+            if rel in old and got == old[rel]:
+                continue
+            was = " nor the old file" if rel in old else ""
+            return f"{rel}: neither absent{was} nor whole while the command ran: {_describe(got, final)}"  # fmt: skip
+        for rel, content in (inputs or {}).items():
+            got = _read(state.path(rel))
+            if got != content:
+                return f"input {rel} changed: {_describe(got, content)}"
+        return extra(state) if extra is not None else None
+
+    return check
+
+
+def run_command(folder: Path, name: str, fn: Callable[[], object]) -> CrashSim:
+    """Run ``fn`` under the recorder; a ``done`` marker goes in when it returned."""
+    with recording(folder) as rec:
+        fn()
+        rec.mark("done")
+    return CrashSim(rec, name)
+
+
+def _files(folder: Path, *rels: str) -> dict[str, bytes]:
+    return {rel: (folder / rel).read_bytes() for rel in rels}
+
+
+def _written_layer(folder: Path, *, sparse: bool = False, seed: int = 3) -> bytes:
+    """A flushed writable layer l.data/l.index with random writes; returns its disk."""
+    data, index = _new_layer(folder, sparse)
+    model = bytearray(VSIZE)
+    rng = random.Random(seed)
+    with open_rw_layer(str(folder / data), str(folder / index)) as lay:
+        for _ in range(40):
+            s = rng.randrange(SECTORS - 64)
+            n = rng.randrange(1, 64) * 512
+            buf = rng.randbytes(n)
+            lay.pwrite(s * 512, buf)
+            model[s * 512 : s * 512 + n] = buf
+        lay.discard(4096, 8192)
+        model[4096 : 4096 + 8192] = bytes(8192)
+        lay.flush()
+    return bytes(model)
+
+
+def _ro_disk(path: Path) -> bytes:
+    with open_ro_layer(str(path)) as lay:
+        return lay.pread(0, lay.virtual_size)
+
+
+def _explore_and_show(sim: CrashSim, check: Callable[[CrashState], str | None], capsys: pytest.CaptureFixture[str], *, points: int = 32, subsets: int = 8) -> Report:  # fmt: skip
+    report = sim.explore(check, points=points, subsets=subsets, seed=5)
+    _show(capsys, report)
+    return report
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("how", ["plain", "sparse", "from-raw"])
+def test_create_crash(tmp_path: Path, how: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from obd.image import ops
+
+    raw = None
+    if how == "from-raw":
+        raw = tmp_path / "disk.raw"
+        raw.write_bytes(_pattern(11, 300 * 1024))
+    d, i = str(tmp_path / "l.data"), str(tmp_path / "l.index")
+    sim = run_command(
+        tmp_path,
+        f"create {how}",
+        lambda: ops.create(d, i, VSIZE, sparse=how == "sparse", from_raw=str(raw) if raw else None),
+    )
+    outputs = _files(tmp_path, "l.data", "l.index")
+    want = bytearray(VSIZE)
+    if raw is not None:
+        want[: 300 * 1024] = raw.read_bytes()
+    with open_rw_layer(d, i, readonly=True) as lay:
+        assert lay.pread(0, VSIZE) == want
+
+    def pair(state: CrashState) -> str | None:
+        # the index is renamed into place after the data file it describes
+        if os.path.exists(state.path("l.index")) and _read(state.path("l.data")) != outputs["l.data"]:  # fmt: skip
+            return "l.index is in place but l.data is not whole"
+        return None
+
+    inputs = {"disk.raw": raw.read_bytes()} if raw is not None else {}
+    report = _explore_and_show(sim, output_check(outputs, inputs=inputs, extra=pair), capsys)
+    report.assert_clean()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("how", ["plain", "zfile", "force", "sealed-input"])
+def test_commit_crash(tmp_path: Path, how: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """obd commit (plain, -z, -f over an old output, of a sealed file): absent or whole."""
+    from obd.image import ops
+
+    disk = _written_layer(tmp_path)
+    d, i, out = str(tmp_path / "l.data"), str(tmp_path / "l.index"), str(tmp_path / "out.lsmt")
+    old: dict[str, bytes] = {}
+    if how == "force":
+        (tmp_path / "out.lsmt").write_bytes(_pattern(5, 70_000))
+        old = _files(tmp_path, "out.lsmt")
+    if how == "sealed-input":
+        ops.seal(d, i)
+    inputs = _files(tmp_path, "l.data", "l.index")
+    zopts = ops.ZFileOptions(algorithm="zstd", block_size=8192) if how == "zfile" else None
+    if how == "sealed-input":
+        sim = run_command(tmp_path, "commit of a sealed layer", lambda: ops.commit_sealed(d, out))
+    else:
+        sim = run_command(
+            tmp_path,
+            f"commit {how}",
+            lambda: ops.commit(d, i, out, uuid=None, force=how == "force", zfile=zopts),
+        )
+    assert _ro_disk(tmp_path / "out.lsmt") == disk
+    outputs = _files(tmp_path, "out.lsmt")
+    report = _explore_and_show(sim, output_check(outputs, old=old, inputs=inputs), capsys)
+    report.assert_clean()
+
+
+def sealed_check(disk: bytes) -> Callable[[CrashState], str | None]:
+    """A layer being sealed in place: the writable layer or the sealed one, all of its data."""
+
+    def check(state: CrashState) -> str | None:
+        d, i = state.path("l.data"), state.path("l.index")
+        done = state.last("done") is not None
+        try:
+            with open_rw_layer(d, i, readonly=True) as lay:
+                got = lay.pread(0, VSIZE)
+            if done:
+                return "the seal returned, but after the crash the layer is not sealed"
+            kind = "unsealed"
+        except UsageError:  # sealed: a read-only layer now
+            try:
+                with open_ro_layer(d) as ro:
+                    got = ro.pread(0, VSIZE)
+            except CorruptError as e:
+                return f"the sealed layer does not open: {e}"
+            kind = "sealed"
+        except CorruptError as e:
+            return f"the layer being sealed does not open: {e}"
+        if got != disk:
+            return f"the {kind} layer reads wrong bytes at offset {_first_diff(got, disk)}"
+        return None
+
+    return check
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sparse", [False, True], ids=["log", "sparse"])
+def test_seal_crash(tmp_path: Path, sparse: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    """obd commit --seal: at every crash, the unsealed layer or the sealed one, never less."""
+    from obd.image import ops
+
+    disk = _written_layer(tmp_path, sparse=sparse)
+    d, i = str(tmp_path / "l.data"), str(tmp_path / "l.index")
+    sim = run_command(tmp_path, f"seal {'sparse' if sparse else 'log'}", lambda: ops.seal(d, i))
+    assert _ro_disk(tmp_path / "l.data") == disk
+    report = _explore_and_show(sim, sealed_check(disk), capsys)
+    report.assert_clean()
+
+
+def _image(folder: Path) -> tuple[str, bytes]:
+    """config.v1.json: a committed lower under a written upper (relative paths); its disk."""
+    from obd.image import ops
+
+    lower_disk = _written_layer(folder, seed=21)
+    ops.commit(str(folder / "l.data"), str(folder / "l.index"), str(folder / "lower.lsmt"))
+    for name in ("l.data", "l.index"):
+        (folder / name).unlink()
+    top = _written_layer(folder, seed=22)
+    for name in ("l.data", "l.index"):
+        (folder / name).rename(folder / ("up." + name.split(".")[1]))
+    cfg = {"lowers": [{"file": "lower.lsmt"}], "upper": {"data": "up.data", "index": "up.index"}}
+    (folder / "config.v1.json").write_text(json.dumps(cfg))
+    from obd.image import open_image
+
+    with open_image(str(folder / "config.v1.json"), readonly=True) as img:
+        disk = img.pread(0, VSIZE)
+    assert disk != lower_disk and disk != top
+    return str(folder / "config.v1.json"), disk
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("how", ["zfile", "lsmt", "raw"])
+def test_merge_crash(tmp_path: Path, how: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """obd merge (ZFile, plain LSMT, --raw) of a two-layer image: absent or whole."""
+    from obd.image import open_image, ops
+
+    config, disk = _image(tmp_path)
+    inputs = _files(tmp_path, "lower.lsmt", "up.data", "up.index", "config.v1.json")
+    out = str(tmp_path / "merged")
+
+    def merge() -> None:
+        with open_image(config, readonly=True) as img:
+            if how == "raw":
+                ops.flatten_raw(img, out)
+            else:
+                ops.merge(img, out, zfile=ops.ZFileOptions() if how == "zfile" else None)
+
+    sim = run_command(tmp_path, f"merge {how}", merge)
+    if how == "raw":
+        assert (tmp_path / "merged").read_bytes() == disk
+    else:
+        assert _ro_disk(tmp_path / "merged") == disk
+    outputs = _files(tmp_path, "merged")
+    report = _explore_and_show(sim, output_check(outputs, inputs=inputs), capsys)
+    report.assert_clean()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("how", ["compress", "extract", "tar"])
+def test_zfile_crash(tmp_path: Path, how: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """obd zfile (compress, -t, -x), run in this process: absent or whole."""
+    from commands.main import cli
+
+    src = tmp_path / "src.bin"
+    src.write_bytes(_pattern(9, 200_000) + bytes(100_000) + _pattern(10, 33_333))
+    args = ["zfile", "--threads", "2"]
+    if how == "tar":
+        args.append("-t")
+    cli.main(args=[*args, str(src), str(tmp_path / "src.zfile")], standalone_mode=False)
+    if how == "extract":
+        args.append("-x")
+        source, target = tmp_path / "src.zfile", tmp_path / "out.bin"
+    else:
+        source, target = src, tmp_path / "out.zfile"
+    inputs = _files(tmp_path, *(p.name for p in tmp_path.iterdir()))
+    sim = run_command(
+        tmp_path,
+        f"zfile {how}",
+        lambda: cli.main(args=[*args, str(source), str(target)], standalone_mode=False),
+    )
+    if how == "extract":
+        assert target.read_bytes() == src.read_bytes()
+    outputs = _files(tmp_path, target.name)
+    report = _explore_and_show(sim, output_check(outputs, inputs=inputs), capsys)
+    report.assert_clean()
+
+
+# --- the NBD server ----------------------------------------------------------------------
+
+
+class RecordingDevice:
+    """The served image, telling the recorder what the NBD server asked of it.
+
+    A ``write`` marker goes in before each write, discard and write-zeroes; the model is
+    updated when it returned. A flush notes the model as of its start and puts an ``ack``
+    marker in when it returned (FLUSH, and the flush of a FUA write). Writes and the
+    start of a flush are serialized here so that the two agree.
+    """
+
+    def __init__(self, dev: Any, rec: Recorder) -> None:
+        self.dev = dev
+        self.rec = rec
+        self.model = bytearray(dev.pread(0, dev.size()))
+        self.initial = bytes(self.model)
+        self.lock = threading.Lock()
+        self.flushes = 0
+
+    @property
+    def readonly(self) -> bool:
+        return bool(self.dev.readonly)
+
+    def size(self) -> int:
+        return int(self.dev.size())
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return bytes(self.dev.pread(offset, length))
+
+    def extents(self, offset: int = 0, length: int | None = None) -> Any:
+        return self.dev.extents(offset, length)
+
+    def _write(self, offset: int, data: bytes | None, length: int, call: Callable[[], None]) -> None:  # fmt: skip
+        with self.lock:
+            self.rec.mark("write", (offset, data, length))
+            call()
+            self.model[offset : offset + length] = data if data is not None else bytes(length)
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        buf = bytes(data)
+        self._write(offset, buf, len(buf), lambda: self.dev.pwrite(offset, buf))
+
+    def discard(self, offset: int, length: int) -> None:
+        self._write(offset, None, length, lambda: self.dev.discard(offset, length))
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self._write(offset, None, length, lambda: self.dev.write_zeroes(offset, length))
+
+    def flush(self) -> None:
+        with self.lock:
+            start = self.rec.mark("flush")
+            disk = bytes(self.model)
+        self.dev.flush()
+        self.rec.mark("ack", (disk, start))
+        self.flushes += 1
+
+    def close(self) -> None:
+        self.flush()
+        self.dev.close()
+
+
+def _qemu_io_script(rng: random.Random, size: int, n: int) -> tuple[list[str], bytes]:
+    """qemu-io commands (writes, FUA writes, flushes, discards, write-zeroes); the disk after."""
+    disk = bytearray(size)
+    cmds: list[str] = []
+    for _ in range(n):
+        off = rng.randrange(size // 4096 - 16) * 4096
+        ln = rng.randrange(1, 16) * 4096
+        r = rng.random()
+        if r < 0.5:
+            p = rng.randrange(1, 256)
+            fua = "-f " if rng.random() < 0.25 else ""
+            cmds.append(f"write -q {fua}-P {p} {off} {ln}")
+            disk[off : off + ln] = bytes([p]) * ln
+        elif r < 0.65:
+            cmds.append("flush")
+        elif r < 0.8:
+            cmds.append(f"discard -q {off} {ln}")
+            disk[off : off + ln] = bytes(ln)
+        else:
+            cmds.append(f"write -q -z {off} {ln}")
+            disk[off : off + ln] = bytes(ln)
+    return cmds, bytes(disk)
+
+
+def nbd_check(config: str, result: str, initial: bytes) -> Callable[[CrashState], str | None]:
+    from obd.image import open_image
+
+    def check(state: CrashState) -> str | None:
+        got_result = _read(state.path(result))
+        if state.last("result-written") is not None and got_result != b"success":
+            return f"resultFile: the server wrote it, but after the crash it is {_describe(got_result, b'success')}"  # fmt: skip
+        if got_result not in (None, b"success"):
+            return f"resultFile is half-written: {got_result!r}"
+        acked, since = acked_and_since(state, initial)
+        try:
+            img = open_image(state.path(config), readonly=True)
+        except CorruptError as e:
+            return f"acknowledged writes lost, the image does not open: {e}"
+        except ObdError as e:
+            return f"the image does not open: {type(e).__name__}: {e}"
+        with img:
+            got = img.pread(0, img.size())
+        bad = sector_problems(got, acked, since)
+        if bad:
+            return f"after the crash: {bad}"
+        with open_image(state.path(config)) as img:  # a server restarting on it
+            again = img.pread(0, img.size())
+        bad = sector_problems(again, acked, since)
+        return f"reopened for writing: {bad}" if bad else None
+
+    return check
+
+
+@pytest.mark.timeout(300)
+def test_nbd_server_crash(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """qemu-io writes, FUA writes, flushes and trims through obd's NBD server, crashed anywhere.
+
+    Every write a FLUSH or FUA acknowledged must survive; the resultFile the server wrote
+    must too.
+    """
+    import tempfile
+
+    from obd.image import open_image
+    from obd.serve import ImageSpec, NbdService
+    from tests.nbd_helpers import require_tools
+
+    require_tools("qemu-io")
+    from obd.image import ops
+
+    lower_disk = _written_layer(tmp_path, seed=31)
+    ops.commit(str(tmp_path / "l.data"), str(tmp_path / "l.index"), str(tmp_path / "lower.lsmt"))
+    for name in ("l.data", "l.index"):
+        (tmp_path / name).unlink()
+    ops.create(str(tmp_path / "up.data"), str(tmp_path / "up.index"), 0)
+    cfg = {
+        "lowers": [{"file": "lower.lsmt"}],
+        "upper": {"data": "up.data", "index": "up.index"},
+        "resultFile": "result",
+    }
+    config = tmp_path / "config.v1.json"
+    config.write_text(json.dumps(cfg))
+    cmds, _ = _qemu_io_script(random.Random(17), VSIZE, 60)
+    sockdir = tempfile.mkdtemp(prefix="obd-nbd-")  # short: a socket path has 108 bytes at most
+    sock = os.path.join(sockdir, "s")
+    devices: list[RecordingDevice] = []
+    try:
+        with recording(tmp_path) as rec:
+
+            def opener(path: str) -> RecordingDevice:
+                dev = RecordingDevice(open_image(path), rec)
+                devices.append(dev)
+                return dev
+
+            service = NbdService(
+                [ImageSpec(str(config), "disk")], use_log_files=False, unix=sock, opener=opener
+            )
+            service.start()
+            try:
+                rec.mark("result-written")
+                args = ["qemu-io", "-f", "raw", f"nbd+unix:///disk?socket={sock}"]
+                for c in cmds:
+                    args += ["-c", c]
+                r = subprocess.run(args, capture_output=True, text=True, timeout=120)
+                assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
+            finally:
+                failures = service.stop()
+            assert not failures
+            rec.mark("done")
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
+    (dev,) = devices
+    assert dev.flushes >= 3
+    # the commands went through: the disk is the lower's under what qemu-io wrote
+    with open_image(str(config), readonly=True) as img:
+        final = img.pread(0, VSIZE)
+    assert final == bytes(dev.model)
+    expected = bytearray(lower_disk)
+    for c in cmds:
+        parts = c.split()
+        if parts[0] == "flush":
+            continue
+        off, ln = int(parts[-2]), int(parts[-1])
+        if parts[0] == "discard" or "-z" in parts:
+            expected[off : off + ln] = bytes(ln)
+        else:
+            expected[off : off + ln] = bytes([int(parts[parts.index("-P") + 1])]) * ln
+    assert final == bytes(expected)
+    sim = CrashSim(rec, "NBD server (qemu-io)")
+    report = sim.explore(
+        nbd_check("config.v1.json", "result", dev.initial), points=48, subsets=8, seed=9
+    )
+    _show(capsys, report)
+    report.assert_clean()
