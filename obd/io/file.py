@@ -189,6 +189,8 @@ def open_file(
         flags |= os.O_EXCL
     # O_NONBLOCK: opening a FIFO must not hang (it is refused below); regular files ignore it
     flags |= os.O_CLOEXEC | os.O_NONBLOCK
+    t = _trace.tracer
+    new = create and t is not None and not os.path.lexists(p)
     try:
         fd = os.open(p, flags, mode)
     except FileExistsError:
@@ -209,6 +211,8 @@ def open_file(
     if not (stat.S_ISREG(mode_) or stat.S_ISBLK(mode_)):
         os.close(fd)
         raise FileAccessError(f"not a regular file ({_file_kind(mode_)})", path=p)
+    if new and t is not None:
+        t.created(p, fd)
     return LocalFile(fd, p, writable)
 
 
@@ -317,8 +321,14 @@ def _unlink(path: str) -> None:
 
 
 def _fsync_dir(folder: str) -> None:
+    """Make the names in ``folder`` durable (after a create, rename, link or unlink there).
+
+    A filesystem that cannot sync a folder (EINVAL) is let be, as is a folder this process
+    cannot open; a failed sync (EIO...) is a :class:`FileAccessError`: the new name may not
+    survive a crash.
+    """
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return
     t = _trace.tracer
@@ -327,7 +337,11 @@ def _fsync_dir(folder: str) -> None:
         os.fsync(fd)
         if t is not None:
             t.fsync_dir(folder, mark)
-    except OSError:
-        pass
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise FileAccessError(
+                f"cannot make the new name durable: fsync of the folder failed: {e.strerror or e}",
+                path=folder,
+            ) from None
     finally:
         os.close(fd)
