@@ -21,7 +21,9 @@ What survives a crash (the model; Linux ext4-like, weaker wherever ext4 promises
   follows the chosen content (a lost write over a hole leaves a hole; a punched range is
   a hole). The file size is the size some included operation gave it: a write that
   extends the file may leave the new size with some of its sectors unwritten (zeros),
-  the case ext4 in writeback mode and XFS show.
+  the case ext4 in writeback mode and XFS show, or, torn, a size that ends at its last
+  persisted sector (the on-disk size follows writeback). Sectors are atomic: a write is
+  never torn inside a 512-byte sector.
 - **Names.** A create, rename, link or unlink in a folder becomes durable when an fsync of
   that folder (started after it returned) returns. Until then a crash keeps a *prefix*
   (in program order) of the folder's pending name operations: a journal commits them in
@@ -476,8 +478,16 @@ class CrashSim:
         k = bisect.bisect_left(idx, point)
         return cov[k - 1] if k else 0
 
-    def _apply(self, st: FileState, i: int, keep: Callable[[int], bool] | None) -> None:
+    def _apply(
+        self, st: FileState, i: int, keep: Callable[[int], bool] | None, cut_size: bool = False
+    ) -> None:
+        """Apply data operation ``i``: only the sectors ``keep`` says when it is torn.
+
+        ``cut_size``: the size a torn write gave the file stops at its last kept sector
+        (otherwise the whole new size persisted, with zeros where sectors did not).
+        """
         eff = self.effects[i]
+        last = -1
         for s, n, data in eff.runs:
             if keep is None:
                 st.put(s, n, data)
@@ -491,11 +501,15 @@ class CrashSim:
                 while j < n and keep(s + j):
                     j += 1
                 st.put(s + k, j - k, None if data is None else data[k * SECTOR : j * SECTOR])
+                last = s + j
                 k = j
+        grow = eff.grow
+        if keep is not None and cut_size:
+            grow = min(grow, last * SECTOR)
         if eff.set_size >= 0:
             st.size = eff.set_size
-        elif eff.grow > st.size:
-            st.size = eff.grow
+        elif grow > st.size:
+            st.size = grow
 
     def _durable(self, f: int, upto: int) -> FileState:
         """File ``f`` with every data operation before ``upto`` applied (cached, in order)."""
@@ -553,7 +567,7 @@ class CrashSim:
                     if eff.tearable and eff.runs and rng.random() < 0.35:
                         first = eff.runs[0][0]
                         end = max(s + n for s, n, _ in eff.runs)
-                        tear = (rng.getrandbits(32), first, end)
+                        tear = (rng.getrandbits(32), first, end, rng.random() < 0.5)
                     chosen[i] = tear
         torn = sum(1 for t in chosen.values() if t is not None)
         desc = f"{mode}: {len(chosen)}/{len(pending)} pending data ops kept ({torn} torn), names kept {names}/{names_pending}"
@@ -619,10 +633,11 @@ class CrashSim:
                 if i < d or i >= point or i not in chosen:
                     continue
                 tear = chosen[i]
-                keep = None
-                if tear is not None:
+                if tear is None:
+                    self._apply(st, i, None)
+                else:
                     keep = _tear_keep(random.Random(tear[0]), tear[1], tear[2])
-                self._apply(st, i, keep)
+                    self._apply(st, i, keep, cut_size=tear[3])
             states[fid] = st
         for rel, fid in names.items():
             p = folder / rel
