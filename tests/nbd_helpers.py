@@ -12,12 +12,14 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -224,8 +226,21 @@ def image_of_raw(folder: Path, name: str, raw: Path, *, writable: bool) -> Path:
     return path
 
 
+class Reply(NamedTuple):
+    """One whole reply: READ data (holes filled in) or block-status descriptors."""
+
+    cookie: int
+    error: int
+    data: bytes = b""
+    extents: tuple[tuple[int, int], ...] = ()
+
+
 class RawClient:
-    """A minimal NBD client speaking bytes, for protocol-abuse tests."""
+    """A minimal NBD client speaking bytes, for protocol-abuse tests.
+
+    ``send_request`` then ``reply`` pipelines: ``reply`` reads the next whole reply in
+    any form (simple, or structured chunks of interleaved requests) and checks it.
+    """
 
     def __init__(self, port: int, export: str, *, structured: bool = False, meta: bool = False, timeout: float = 10) -> None:  # fmt: skip
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
@@ -233,6 +248,7 @@ class RawClient:
         assert (magic, opt) == (N.NBDMAGIC, N.IHAVEOPT)
         self.sock.sendall(N.CLIENT_FLAGS.pack(N.NBD_FLAG_C_FIXED_NEWSTYLE | N.NBD_FLAG_C_NO_ZEROES))
         self.structured = structured
+        self.meta = meta  # base:allocation selected (block status allowed)
         if structured:
             self.option(N.NBD_OPT_STRUCTURED_REPLY)
             assert self.option_reply()[1] == N.NBD_REP_ACK
@@ -256,6 +272,8 @@ class RawClient:
             elif rtype & (1 << 31):
                 raise ConnectionRefusedError(f"GO failed: {rtype:#x} {data!r}")
         self.cookie = 0
+        self.pending: dict[int, tuple[int, int, int]] = {}  # cookie -> cmd, offset, length
+        self._chunks: dict[int, list[tuple[int, bytes]]] = {}
 
     def recv(self, n: int) -> bytes:
         buf = b""
@@ -276,12 +294,71 @@ class RawClient:
 
     def send_request(self, cmd: int, offset: int, length: int, flags: int = 0, data: bytes = b"", magic: int = N.REQUEST_MAGIC) -> int:  # fmt: skip
         self.cookie += 1
+        if cmd != N.NBD_CMD_DISC:
+            self.pending[self.cookie] = (cmd, offset, length)
         self.sock.sendall(N.REQUEST.pack(magic, flags, cmd, self.cookie, offset, length) + data)
         return self.cookie
+
+    def reply(self) -> Reply:
+        """The next whole reply (of any request sent), checked against the protocol."""
+        while True:
+            (magic,) = N.U32.unpack(self.recv(4))
+            if magic == N.SIMPLE_REPLY_MAGIC:
+                err, cookie = struct.unpack(">IQ", self.recv(12))
+                cmd, _, length = self.pending.pop(cookie)
+                if cmd == N.NBD_CMD_READ:
+                    assert not self.structured, "simple reply to a READ after structured replies"
+                    return Reply(cookie, err, b"" if err else self.recv(length))
+                assert cmd != N.NBD_CMD_BLOCK_STATUS or err, "simple success for BLOCK_STATUS"
+                return Reply(cookie, err)
+            assert magic == N.STRUCTURED_REPLY_MAGIC, f"bad reply magic {magic:#x}"
+            assert self.structured, "structured reply not negotiated"
+            flags, rtype, cookie, plen = struct.unpack(">HHQI", self.recv(16))
+            assert cookie in self.pending, f"reply to unknown cookie {cookie}"
+            chunks = self._chunks.setdefault(cookie, [])
+            chunks.append((rtype, self.recv(plen)))
+            if flags & N.NBD_REPLY_FLAG_DONE:
+                del self._chunks[cookie]
+                return self._assemble(cookie, chunks)
+
+    def _assemble(self, cookie: int, chunks: list[tuple[int, bytes]]) -> Reply:
+        cmd, offset, length = self.pending.pop(cookie)
+        content = any(t in (N.NBD_REPLY_TYPE_OFFSET_DATA, N.NBD_REPLY_TYPE_OFFSET_HOLE) for t, _ in chunks)  # fmt: skip
+        buf = bytearray(length if content else 0)  # (a refused READ may say 4 GiB)
+        covered = 0
+        err = 0
+        extents: tuple[tuple[int, int], ...] = ()
+        for rtype, payload in chunks:
+            if rtype & (1 << 15):  # an error chunk
+                (err,) = N.U32.unpack_from(payload)
+                assert err, "error chunk with error 0"
+            elif rtype == N.NBD_REPLY_TYPE_OFFSET_DATA:
+                (at,) = struct.unpack_from(">Q", payload)
+                n = len(payload) - 8
+                assert cmd == N.NBD_CMD_READ and offset <= at and at + n <= offset + length
+                buf[at - offset : at - offset + n] = payload[8:]
+                covered += n
+            elif rtype == N.NBD_REPLY_TYPE_OFFSET_HOLE:
+                at, n = struct.unpack(">QI", payload)
+                assert cmd == N.NBD_CMD_READ and offset <= at and at + n <= offset + length
+                covered += n
+            elif rtype == N.NBD_REPLY_TYPE_BLOCK_STATUS:
+                assert cmd == N.NBD_CMD_BLOCK_STATUS and (len(payload) - 4) % 8 == 0
+                extents = tuple(struct.iter_unpack(">II", payload[4:]))
+                assert extents and all(n for n, _ in extents)
+                assert sum(n for n, _ in extents) <= length
+            else:
+                assert rtype == N.NBD_REPLY_TYPE_NONE and not payload, f"chunk type {rtype}"
+        if cmd == N.NBD_CMD_READ and not err:
+            assert covered == length, f"read reply covers {covered} of {length} bytes"
+        if cmd == N.NBD_CMD_BLOCK_STATUS and not err:
+            assert extents, "BLOCK_STATUS success without descriptors"
+        return Reply(cookie, err, bytes(buf) if cmd == N.NBD_CMD_READ and not err else b"", extents)
 
     def simple_reply(self) -> tuple[int, int]:
         magic, err, cookie = N.SIMPLE_REPLY.unpack(self.recv(N.SIMPLE_REPLY.size))
         assert magic == N.SIMPLE_REPLY_MAGIC, hex(magic)
+        self.pending.pop(cookie, None)
         return err, cookie
 
     def read(self, offset: int, length: int) -> tuple[int, bytes]:
@@ -299,6 +376,8 @@ class RawClient:
         """(flags, type, cookie, payload) of one structured chunk."""
         magic, flags, rtype, cookie, length = N.STRUCTURED_REPLY.unpack(self.recv(N.STRUCTURED_REPLY.size))  # fmt: skip
         assert magic == N.STRUCTURED_REPLY_MAGIC, hex(magic)
+        if flags & N.NBD_REPLY_FLAG_DONE:
+            self.pending.pop(cookie, None)
         return flags, rtype, cookie, self.recv(length)
 
     def disconnect(self) -> None:

@@ -14,9 +14,15 @@ makes every completed write durable (the :class:`~obd.io.base.BlockDevice` contr
 which is what ``NBD_FLAG_CAN_MULTI_CONN`` asks for, so that flag is set unless an export
 opts out.
 
-Errors: a bad request gets the protocol's error reply; a bad magic, an oversized write
-(its payload cannot be skipped safely) or a dropped connection ends that connection
-only. Nothing a client sends stops the server.
+Errors: a bad request gets the protocol's error reply (option data over 64 KiB gets
+``NBD_REP_ERR_TOO_BIG``); a bad magic, unknown client flags, an oversized write (its
+payload cannot be skipped safely), option data past 16 MiB or a dropped connection ends
+that connection only. Nothing a client sends stops the server; running out of file
+descriptors makes it wait before accepting again, serving the connections it has.
+
+FLUSH and FUA on a sequential connection (no ``--workers``) are fsynced by a helper
+thread while the connection goes on serving; each is answered after an fsync that
+started after it arrived, so every write answered before it is durable.
 """
 
 from __future__ import annotations
@@ -336,6 +342,14 @@ class _Connection:
             got += take
             self._rstart, self._rend = take, n
 
+    def skip(self, n: int) -> None:
+        """Read and drop ``n`` bytes."""
+        scratch = memoryview(bytearray(min(n, 64 << 10)))
+        while n > 0:
+            take = min(n, len(scratch))
+            self.recv_into(scratch[:take])
+            n -= take
+
     def buffered(self) -> int:
         return self._rend - self._rstart
 
@@ -421,10 +435,15 @@ class _Connection:
             hdr = OptionHeader.unpack(self.recv(OPTION_HEADER.size))
             if hdr.magic != IHAVEOPT:
                 raise _ClientGone(f"bad option magic 0x{hdr.magic:x}")
-            if hdr.length > MAX_OPTION_DATA:
-                raise _ClientGone(f"option {hdr.option} data too long ({hdr.length} bytes)")
-            data = self.recv(hdr.length)
             opt = hdr.option
+            if hdr.length > MAX_OPTION_DATA:
+                # EXPORT_NAME cannot answer an error; data past MAX_OPTION_SKIP is abuse
+                if opt == NBD_OPT_EXPORT_NAME or hdr.length > MAX_OPTION_SKIP:
+                    raise _ClientGone(f"option {opt} data too long ({hdr.length} bytes)")
+                self.skip(hdr.length)
+                self.option_error(opt, NBD_REP_ERR_TOO_BIG, f"{hdr.length} bytes of option data")
+                continue
+            data = self.recv(hdr.length)
             if opt == NBD_OPT_EXPORT_NAME:
                 export = self.server.find_export(data.decode(errors="replace"))
                 if isinstance(export, str):
@@ -729,6 +748,10 @@ class _Connection:
             self.reply_error(cmd, cookie, NBD_ESHUTDOWN, "the server is shutting down")
             return
         dev = export.device
+        # Device calls inside the try (their errors are the request's error reply);
+        # replies outside it (a reply that cannot be sent ends the connection).
+        data: bytes = b""
+        descs: list[tuple[int, int]] = []
         try:
             if cmd == NBD_CMD_READ:
                 hook = self.server.read_hook
@@ -740,12 +763,10 @@ class _Connection:
                     hook(export.name, offset, length, _now_ns() - t0)
                 if len(data) != length:
                     raise OSError(errno.EIO, f"short read at {offset}: {len(data)} of {length}")
-                self.reply_data(cookie, offset, data)
-                return
-            if cmd == NBD_CMD_BLOCK_STATUS:
-                self.reply_block_status(export, cookie, offset, length, flags)
-                return
-            if cmd == NBD_CMD_WRITE:
+            elif cmd == NBD_CMD_BLOCK_STATUS:
+                one = bool(flags & NBD_CMD_FLAG_REQ_ONE)
+                descs = block_status(dev, offset, length, one=one)
+            elif cmd == NBD_CMD_WRITE:
                 assert payload is not None
                 if length:
                     dev.pwrite(offset, payload)
@@ -756,9 +777,13 @@ class _Connection:
                     dev.write_zeroes(offset, length)
             elif cmd == NBD_CMD_TRIM and length:
                 dev.discard(offset, length)
-            if (cmd == NBD_CMD_FLUSH or flags & NBD_CMD_FLAG_FUA) and not export.readonly:
+            if (
+                (cmd == NBD_CMD_FLUSH or flags & NBD_CMD_FLAG_FUA)
+                and cmd not in (NBD_CMD_READ, NBD_CMD_BLOCK_STATUS)
+                and not export.readonly
+            ):
                 if self.flush_async:
-                    self.queue_flush(export, cookie)
+                    self.queue_flush(export, cookie)  # it replies after the fsync
                     return
                 dev.flush()
         except Exception as e:
@@ -772,8 +797,13 @@ class _Connection:
             return
         finally:
             server._end(export)
-        with self.send_lock:
-            self.send(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+        if cmd == NBD_CMD_READ:
+            self.reply_data(cookie, offset, data)
+        elif cmd == NBD_CMD_BLOCK_STATUS:
+            self.reply_block_status(cookie, descs)
+        else:
+            with self.send_lock:
+                self.send(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
 
     def reply_data(self, cookie: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         if self.structured:
@@ -810,10 +840,7 @@ class _Connection:
             with self.send_lock:
                 self.send(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, cookie))
 
-    def reply_block_status(
-        self, export: Export, cookie: int, offset: int, length: int, flags: int
-    ) -> None:
-        descs = block_status(export.device, offset, length, one=bool(flags & NBD_CMD_FLAG_REQ_ONE))
+    def reply_block_status(self, cookie: int, descs: Sequence[tuple[int, int]]) -> None:
         body = bytearray(U32.pack(BASE_ALLOCATION_ID))
         for dlen, state in descs:
             body += BLOCK_DESCRIPTOR.pack(dlen, state)
