@@ -74,8 +74,11 @@ class LayerRun:
         self.rec = rec
         self.data = data
         self.index = index
-        self.model = bytearray(VSIZE)
         self.layer = open_rw_layer(data, index)
+        # what the writer sees on open: the baseline (zeros for a new layer; after a crash,
+        # what recovery made of it)
+        self.model = bytearray(self.layer.pread(0, VSIZE))
+        self.initial = bytes(self.model)
 
     def write(self, sector: int, count: int, seed: int) -> None:
         off = sector * 512
@@ -275,6 +278,78 @@ def test_writable_layer_crash_model(tmp_path_factory: pytest.TempPathFactory, ca
         _show(capsys, total)
 
 
+def _needs_cut(folder: Path) -> bool:
+    """Whether a writer opening this crashed layer cuts records off its index."""
+    trial = folder.parent / (folder.name + ".trial")
+    shutil.copytree(folder, trial)
+    try:
+        before = (trial / "l.index").stat().st_size
+        open_rw_layer(str(trial / "l.data"), str(trial / "l.index")).close()
+        return (trial / "l.index").stat().st_size < before
+    finally:
+        shutil.rmtree(trial)
+
+
+def crash_recover_crash(tmp_path: Path, sparse: bool, name: str, skip_cut_fsync: Callable[[bool], None] | None = None) -> Report:  # fmt: skip
+    """Crash states of a first run, each recovered by a second run that crashes too.
+
+    Half of the states picked are ones where the recovering writer cuts index records.
+    ``skip_cut_fsync(on)`` is called around the recovering open (to disable its fsync).
+    """
+    first = tmp_path / "first"
+    first.mkdir()
+    sim1 = run_layer(first, sparse, _fixed_steps(11, 60))
+    rng = random.Random(4)
+    total = Report(name, 0)
+    points = sim1.points(10**6, rng)
+    want = max(2, int(6 * scale()))
+    cuts = picked = 0
+    for attempt in range(40 * want):
+        if picked == want:
+            break
+        folder = tmp_path / f"s{attempt}"
+        folder.mkdir()
+        sim1.build(rng.choice(points), rng.randrange(4, 40), 2, folder)
+        cut = not sparse and _needs_cut(folder)
+        if not sparse and cut != (cuts < want // 2 + want % 2):
+            shutil.rmtree(folder)
+            continue
+        cuts += cut
+        picked += 1
+        with recording(folder) as rec:
+            if skip_cut_fsync is not None:
+                skip_cut_fsync(True)
+            run = LayerRun(rec, str(folder / "l.data"), str(folder / "l.index"))
+            if skip_cut_fsync is not None:
+                skip_cut_fsync(False)
+            run.run(_fixed_steps(100 + picked, 12))
+        report = CrashSim(rec, "recovery").explore(
+            layer_check("l.data", "l.index", run.initial), points=24, subsets=8, seed=picked
+        )
+        total.ops += report.ops
+        total.points += report.points
+        total.states += report.states
+        total.duplicates += report.duplicates
+        total.violations += report.violations
+    assert picked == want
+    total.name += f", {picked} first-crash states ({cuts} cut by the recovering writer)"
+    return total
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("sparse", [False, True], ids=["log", "sparse"])
+def test_writable_layer_crash_during_recovery(tmp_path: Path, sparse: bool, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """Crash, recover (a writer cuts what the crash left, writes, flushes), crash again.
+
+    What the writer saw when it reopened the layer is the baseline of the second run: a
+    second crash must not bring back records the recovery cut, nor lose what it flushed.
+    """
+    kind = "sparse" if sparse else "log"
+    report = crash_recover_crash(tmp_path, sparse, f"crash, recovery, crash ({kind})")
+    _show(capsys, report)
+    report.assert_clean()
+
+
 # --- the simulator catches a missing fsync ----------------------------------------------
 
 
@@ -303,6 +378,27 @@ def test_missing_layer_fsync_is_caught(tmp_path: Path, monkeypatch: pytest.Monke
     _show(capsys, report)
     assert report.violations, "the crash simulator missed a disabled fsync"
     assert any("acknowledged" in v.message or "differs" in v.message for v in report.violations)
+
+
+@pytest.mark.timeout(600)
+def test_missing_recovery_fsync_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """Without the fsync after a recovering writer cuts the index, a second crash can bring
+    the cut records back, pointing at data appended since: wrong bytes."""
+    real = LocalFile.flush
+    skip = [False]
+
+    def flush(self: LocalFile) -> None:
+        if not (skip[0] and self.path.endswith(".index")):
+            real(self)
+
+    monkeypatch.setattr(LocalFile, "flush", flush)
+
+    def switch(on: bool) -> None:
+        skip[0] = on
+
+    report = crash_recover_crash(tmp_path, False, "recovery without the fsync of its cut", switch)
+    _show(capsys, report)
+    assert report.violations, "the crash simulator missed a disabled fsync"
 
 
 @pytest.mark.timeout(300)
