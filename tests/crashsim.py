@@ -288,9 +288,6 @@ class Recorder:
         """Note in the log that ``label`` happened here (e.g. a flush was acknowledged)."""
         return self._add(Op("mark", label=label, payload=payload))
 
-    def count(self, kind: str) -> int:
-        return sum(1 for op in self.ops if op.kind == kind)
-
 
 @contextlib.contextmanager
 def recording(root: str | os.PathLike[str]) -> Iterator[Recorder]:
@@ -317,9 +314,6 @@ class CrashState:
             if op.label == label:
                 return i, op
         return None
-
-    def since(self, index: int, label: str) -> list[Op]:
-        return [op for i, op in self.markers if i > index and op.label == label]
 
 
 Check = Callable[[CrashState], "str | None"]
