@@ -537,19 +537,24 @@ def _explore_and_show(sim: CrashSim, check: Callable[[CrashState], str | None], 
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("how", ["plain", "sparse", "from-raw"])
+@pytest.mark.parametrize("how", ["plain", "sparse", "from-raw", "force"])
 def test_create_crash(tmp_path: Path, how: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """obd create (plain, -s, --from, -f over a written layer): absent (or old) or whole."""
     from obd.image import ops
 
     raw = None
     if how == "from-raw":
         raw = tmp_path / "disk.raw"
         raw.write_bytes(_pattern(11, 300 * 1024))
+    old_disk = _written_layer(tmp_path) if how == "force" else None
+    old = _files(tmp_path, "l.data", "l.index") if how == "force" else {}
     d, i = str(tmp_path / "l.data"), str(tmp_path / "l.index")
     sim = run_command(
         tmp_path,
         f"create {how}",
-        lambda: ops.create(d, i, VSIZE, sparse=how == "sparse", from_raw=str(raw) if raw else None),
+        lambda: ops.create(
+            d, i, VSIZE, sparse=how == "sparse", from_raw=str(raw) if raw else None, force=bool(old)
+        ),
     )
     outputs = _files(tmp_path, "l.data", "l.index")
     want = bytearray(VSIZE)
@@ -559,13 +564,24 @@ def test_create_crash(tmp_path: Path, how: str, capsys: pytest.CaptureFixture[st
         assert lay.pread(0, VSIZE) == want
 
     def pair(state: CrashState) -> str | None:
-        # the index is renamed into place after the data file it describes
-        if os.path.exists(state.path("l.index")) and _read(state.path("l.data")) != outputs["l.data"]:  # fmt: skip
-            return "l.index is in place but l.data is not whole"
+        if old_disk is None:
+            # the index is renamed into place after the data file it describes
+            if os.path.exists(state.path("l.index")) and _read(state.path("l.data")) != outputs["l.data"]:  # fmt: skip
+                return "l.index is in place but l.data is not whole"
+            return None
+        # -f: the old layer, the new one, or a mixed pair refused as corrupt; never wrong bytes
+        try:
+            with open_rw_layer(state.path("l.data"), state.path("l.index"), readonly=True) as lay:
+                got = lay.pread(0, VSIZE)
+        except CorruptError:
+            return None
+        if got not in (old_disk, bytes(want)):
+            return "a crash in create -f left a pair that opens and reads neither the old nor the new layer"  # fmt: skip
         return None
 
     inputs = {"disk.raw": raw.read_bytes()} if raw is not None else {}
-    report = _explore_and_show(sim, output_check(outputs, inputs=inputs, extra=pair), capsys)
+    check = output_check(outputs, old=old, inputs=inputs, extra=pair)
+    report = _explore_and_show(sim, check, capsys)
     report.assert_clean()
 
 
