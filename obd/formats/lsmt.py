@@ -38,6 +38,10 @@ MAX_LAYERS = 255
 
 INVALID_OFFSET = (1 << 50) - 1
 ENTRY_SIZE = 16
+# The largest disk an index can address: entry offsets are 50-bit sector numbers (the
+# all-ones value marks padding). A larger virtual_size is a damaged field (no file
+# offset or NBD size could hold it anyway).
+MAX_VIRTUAL_SIZE = INVALID_OFFSET * SECTOR
 
 _OFFSET_MASK = (1 << 50) - 1
 _MOFFSET_MASK = (1 << 55) - 1
@@ -302,6 +306,16 @@ def validate_ro_index(
             )
 
 
+def check_virtual_size(vsize: int, *, path: str | None, offset: int) -> None:
+    """Refuse a ``virtual_size`` field (at file ``offset``) no index could address."""
+    if vsize > MAX_VIRTUAL_SIZE:
+        raise CorruptError(
+            f"virtual size {vsize} is larger than an LSMT index can address ({MAX_VIRTUAL_SIZE})",
+            path=path,
+            offset=offset,
+        )
+
+
 def sectors_of(size: int) -> int:
     """Sectors a disk of ``size`` bytes spans (a partial last sector counts)."""
     return -(-size // SECTOR)
@@ -488,6 +502,15 @@ class LSMTReadOnly:
                 "(a writable layer must be committed or sealed first)",
                 path=path,
                 offset=toff + 28,
+            )
+        check_virtual_size(t.virtual_size, path=path, offset=toff + 48)
+        if self.header.virtual_size != t.virtual_size:
+            # writers copy it from one header to the other (§1.8, §2.4): one is damaged
+            raise CorruptError(
+                f"header and trailer disagree on the virtual size ({self.header.virtual_size}"
+                f" vs {t.virtual_size})",
+                path=path,
+                offset=toff + 48,
             )
         if t.index_size > MAX_RO_INDEX_SIZE:
             raise CorruptError(

@@ -32,6 +32,7 @@ from obd.formats.lsmt import (
     SECTOR,
     HeaderTrailer,
     Mappings,
+    check_virtual_size,
     decode_entries,
     encode_entries,
     encode_entry,
@@ -378,6 +379,7 @@ class LSMTWritable:
             )
         if hdr.is_sealed or _has_trailer(data):
             raise UsageError(f"{data.path}: this layer is sealed; open it as a read-only layer")
+        check_virtual_size(hdr.virtual_size, path=data.path, offset=48)
         idx = MutableIndex()
         if hdr.is_sparse:
             end = HT_SLOT + hdr.virtual_size
@@ -409,6 +411,7 @@ class LSMTWritable:
                 path=index.path,
                 offset=32,
             )
+        check_virtual_size(ihdr.virtual_size, path=index.path, offset=48)
         body = isize - HT_SLOT
         n = body // ENTRY_SIZE
         if n > MAX_RW_INDEX_RECORDS:

@@ -57,8 +57,14 @@ class TarHeader:
         )
 
 
+_OCTAL = frozenset(b"01234567")
+
+
 def _parse_number(field: bytes) -> int:
-    if field and field[0] & 0x80:  # GNU base-256
+    """A numeric header field: octal digits (space/NUL padded) or GNU base-256."""
+    if field and field[0] & 0x80:  # GNU base-256 (bit 6 set: negative, refused)
+        if field[0] & 0x40:
+            raise CorruptError(f"negative number {field!r} in tar header")
         value = field[0] & 0x3F
         for b in field[1:]:
             value = value << 8 | b
@@ -66,10 +72,9 @@ def _parse_number(field: bytes) -> int:
     text = field.split(b"\0", 1)[0].strip()
     if not text:
         return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise CorruptError(f"bad number {field!r} in tar header") from None
+    if not set(text) <= _OCTAL:  # int() would also take a sign, "_" and spaces inside
+        raise CorruptError(f"bad number {field!r} in tar header")
+    return int(text, 8)
 
 
 def _checksum_ok(block: bytes) -> bool:
@@ -117,6 +122,9 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return out
 
 
+MAX_PAX_SIZE = 1 << 20  # a pax header of the wrapper holds one short record
+
+
 class TarView:
     """The payload of a tar-wrapped blob as a ReadAt. ``close()`` closes the source."""
 
@@ -127,10 +135,16 @@ class TarView:
         head = src.pread(0, BLOCK)
         if not is_tar(head):
             raise CorruptError("not a tar file (no valid ustar header)", path=self.path, offset=0)
-        h = TarHeader.unpack(head)
+        h = self._header(head, 0)
         self.pax: dict[str, str] = {}
         offset = BLOCK
         if h.typeflag in (b"x", b"g"):
+            if h.size > min(MAX_PAX_SIZE, total - BLOCK):
+                raise CorruptError(
+                    f"tar pax header size {h.size} runs past the end of the file or is too large",
+                    path=self.path,
+                    offset=_SIZE,
+                )
             pax_blocks = -(-h.size // BLOCK)
             data = src.pread(BLOCK, h.size)
             if len(data) < h.size:
@@ -140,16 +154,14 @@ class TarView:
             member = src.pread(moff, BLOCK)
             if not is_tar(member):
                 raise CorruptError("bad tar member header after pax", path=self.path, offset=moff)
-            h = TarHeader.unpack(member)
+            h = self._header(member, moff)
             offset = moff + BLOCK
         size = h.size
         if "size" in self.pax:
-            try:
-                size = int(self.pax["size"])
-            except ValueError:
-                raise CorruptError(
-                    f"bad pax size record {self.pax['size']!r}", path=self.path
-                ) from None
+            text = self.pax["size"]
+            if not (text.isascii() and text.isdigit()):
+                raise CorruptError(f"bad pax size record {text!r}", path=self.path, offset=BLOCK)
+            size = int(text)
         if offset + size > total:
             raise CorruptError(
                 f"tar payload [{offset}, {offset + size}) runs past the end ({total} bytes)",
@@ -159,6 +171,12 @@ class TarView:
         self.member = h
         self.offset = offset
         self._size = size
+
+    def _header(self, block: bytes, at: int) -> TarHeader:
+        try:
+            return TarHeader.unpack(block)
+        except CorruptError as e:
+            raise CorruptError(e.message, path=self.path, offset=at) from None
 
     def size(self) -> int:
         return self._size

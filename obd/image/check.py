@@ -56,6 +56,7 @@ from obd.formats.lsmt import (
     INVALID_OFFSET,
     MAX_RO_INDEX_SIZE,
     MAX_RW_INDEX_RECORDS,
+    MAX_VIRTUAL_SIZE,
     SECTOR,
     HeaderTrailer,
     decode_entries,
@@ -552,6 +553,15 @@ def _lsmt_ht(
             f"lsmt_{what}",
             f"LSMT {what} has non-zero bytes after its {HeaderTrailer.STRUCT.size}-byte struct",
             at + HeaderTrailer.STRUCT.size,
+            space=space,
+        )
+    if ht.virtual_size > MAX_VIRTUAL_SIZE:
+        rep.add(
+            CORRUPTION,
+            f"lsmt_{what}",
+            f"LSMT {what} virtual size {ht.virtual_size} is larger than an index can address "
+            f"({MAX_VIRTUAL_SIZE})",
+            at + LSMT_OFF["virtual_size"],
             space=space,
         )
     if (ht.version, ht.sub_version) != (1, 1):
