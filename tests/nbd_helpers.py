@@ -6,6 +6,7 @@ by its pid, with timeouts.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -397,6 +398,73 @@ class RawClient:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+class RealClients:
+    """qemu-io and nbdcopy at work in a loop, in a background thread, until ``finish``.
+
+    qemu-io writes a pattern to one of 8 MiB-slots from ``qemu_base`` of ``rw_uri``,
+    flushes and reads it back; every third turn nbdcopy copies ``copy_uri`` to ``out``
+    and ``copy_ok(bytes)`` judges the copy. ``patterns`` holds each slot's last pattern.
+    """
+
+    def __init__(self, rw_uri: str, qemu_base: int, copy_uri: str, out: Path, copy_ok: Callable[[bytes], bool]) -> None:  # fmt: skip
+        self.rw_uri, self.qemu_base = rw_uri, qemu_base
+        self.copy_uri, self.out, self.copy_ok = copy_uri, out, copy_ok
+        self.stop = threading.Event()
+        self.runs: collections.Counter[str] = collections.Counter()
+        self.failures: list[str] = []
+        self.patterns: dict[int, int] = {}  # slot offset -> its pattern byte
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        k = 0
+        while not self.stop.is_set():
+            try:
+                self._once(k)
+            except Exception as e:  # a hang (timeout) or anything else: a failure
+                self.failures.append(f"{type(e).__name__}: {e}")
+            k += 1
+
+    def _once(self, k: int) -> None:
+        slot = self.qemu_base + (k % 8) * (1 << 20)
+        pattern = 0x10 + k % 200
+        r = run(
+            ["qemu-io", "-f", "raw", "-c", f"write -P {pattern} {slot} 1M", "-c", "flush",
+             "-c", f"read -P {pattern} {slot} 1M", self.rw_uri],
+            check=False, timeout=60,
+        )  # fmt: skip
+        self.runs["qemu-io"] += 1
+        if r.returncode or "failed" in r.stdout + r.stderr:
+            self.failures.append(f"qemu-io: {r.stdout}{r.stderr}")
+        else:
+            self.patterns[slot] = pattern
+        if k % 3 == 0:
+            r = run(["nbdcopy", self.copy_uri, str(self.out)], check=False, timeout=60)
+            self.runs["nbdcopy"] += 1
+            if r.returncode:
+                self.failures.append(f"nbdcopy: {r.stderr}")
+            elif not self.copy_ok(self.out.read_bytes()):
+                self.failures.append("nbdcopy: wrong bytes")
+
+    def halt(self) -> None:
+        self.stop.set()
+        self.thread.join(120)
+
+    def check(self) -> None:
+        """Halt, then: no run failed, none hangs, and both tools ran."""
+        self.halt()
+        assert not self.thread.is_alive(), "a real client hangs"
+        assert not self.failures, self.failures[:3]
+        assert self.runs["qemu-io"] >= 3 and self.runs["nbdcopy"] >= 1, self.runs
+
+    def qemu_io_check(self, uri: str = "") -> list[str]:
+        """qemu-io arguments that read every slot back with its last pattern."""
+        args = ["qemu-io", "-f", "raw"]
+        for slot, pattern in sorted(self.patterns.items()):
+            args += ["-c", f"read -P {pattern} {slot} 1M"]
+        return [*args, uri or self.rw_uri]
 
 
 def make_raw(path: str, size: int, chunks: dict[int, bytes] | None = None) -> str:
