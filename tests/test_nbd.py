@@ -681,6 +681,40 @@ def test_result_file_and_reasons(tmp_path: Path) -> None:
     )
 
 
+class _Events:
+    """An obd.io tracer that keeps the names of the calls it is told of, in order."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, object]] = []
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        if name.startswith("_"):
+            raise AttributeError(name)
+
+        def record(*args: object) -> int:
+            self.seen.append((name, args[0] if args else None))
+            return len(self.seen)
+
+        return record
+
+
+def test_result_file_is_durable(tmp_path: Path) -> None:
+    """The resultFile is fsynced, renamed into place, then its folder is fsynced (else a
+    crash can lose the rename: issue 8)."""
+    from obd.io import trace
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with trace.tracing(_Events()) as t:  # type: ignore[arg-type]
+        write_success(str(folder / "result"))
+    names = [name for name, _ in t.seen]  # type: ignore[attr-defined]
+    assert "rename" in names and "fsync_dir" in names, names
+    rename = names.index("rename")
+    assert "fsync" in names[:rename], "the content is not fsynced before the rename"
+    assert ("fsync_dir", str(folder)) in t.seen[rename:], "the folder is not fsynced after"  # type: ignore[attr-defined]
+    assert (folder / "result").read_bytes() == b"success"
+
+
 def test_audit_line_format(tmp_path: Path) -> None:
     a = AuditLog(str(tmp_path / "audit.log"))
     a.pread("/img.json", 4096, 512, 9_999)  # below 10 ms: not audited
