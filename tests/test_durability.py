@@ -270,3 +270,32 @@ def test_two_servers_on_one_upper(tmp_path):
         assert r.code == 3, r.err
         assert f"vm.data: in use by process {first.pid}" in r.err.splitlines()[-1]
         assert (tmp_path / "vm.result").read_text().startswith("failed:")
+
+
+def test_sparse_upper_over_a_lower_reads_the_same_after_reopen(tmp_path):
+    """Write-zeroes masks the lower across reopens; a discard shows it, before and after."""
+    base_d, base_i = str(tmp_path / "b.data"), str(tmp_path / "b.index")
+    ops.create(base_d, base_i, 2 * MiB)
+    _fill(base_d, base_i, [(0, b"L" * (64 << 10))])
+    ops.commit(base_d, base_i, str(tmp_path / "b.lsmt"))
+    up_d, up_i = str(tmp_path / "u.data"), str(tmp_path / "u.index")
+    ops.create(up_d, up_i, 2 * MiB, sparse=True)
+    cfg = tmp_path / "config.v1.json"
+    cfg.write_text(
+        json.dumps({"lowers": [{"file": "b.lsmt"}], "upper": {"data": up_d, "index": up_i}})
+    )
+    want = bytearray(b"L" * (64 << 10))
+    want[0:8192] = b"U" * 8192
+    want[4096:8192] = bytes(4096)  # zeroed over the upper's own data
+    want[16384:24576] = bytes(8192)  # zeroed over the lower
+    # discarded: the lower shows through (32768..40960 was written in the upper, then dropped)
+    with open_image(str(cfg)) as img:
+        img.pwrite(0, b"U" * 8192)
+        img.pwrite(32768, b"U" * 8192)
+        img.write_zeroes(4096, 4096)
+        img.write_zeroes(16384, 8192)
+        img.discard(32768, 8192)
+        assert img.pread(0, 64 << 10) == bytes(want)
+    for _ in range(2):
+        with open_image(str(cfg)) as img:
+            assert img.pread(0, 64 << 10) == bytes(want)

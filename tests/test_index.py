@@ -103,3 +103,31 @@ def test_merge_layers_top_wins(layers):
                 got[sec + k] = (tag, "z" if kind == RUN_ZERO else moff + k)
     assert got == expect
     assert np.all(merged.m.offset[1:] >= merged.m.offset[:-1] + merged.m.length[:-1])
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.integers(0, 300),
+            st.integers(0, 60),
+            st.integers(8, 10_000),
+            st.booleans(),
+            st.booleans(),
+        ),
+        max_size=60,
+    )
+)
+def test_insert_with_holes_agrees_with_model(ops, chunk_load):
+    """``insert(..., hole=True)`` unmaps a range (a sparse layer's discard)."""
+    idx = MutableIndex()
+    model: list[object] = [None] * 400
+    for off, ln, mo, z, hole in ops:
+        idx.insert(off, ln, mo, z, hole=hole)
+        for k in range(off, off + ln):
+            model[k] = None if hole else ("z" if z else mo + (k - off))
+    assert _from_index(idx) == model
+    assert len(idx) == len(idx.starts)
+    assert all(e <= s for e, s in zip(idx.ends, idx.starts[1:], strict=False))  # sorted, disjoint

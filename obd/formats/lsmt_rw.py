@@ -127,12 +127,15 @@ class MutableIndex:
             return ci + 1, 0
         return ci, i
 
-    def insert(self, off: int, length: int, moff: int, zeroed: bool) -> None:
+    def insert(self, off: int, length: int, moff: int, zeroed: bool, *, hole: bool = False) -> None:
+        """Map ``[off, off+length)``; with ``hole``, unmap it instead (nothing is stored)."""
         if length <= 0:
             return
         end = off + length
         chunks = self._chunks
         if not chunks:
+            if hole:
+                return
             chunks.append([[off], [end], [moff], [zeroed]])
             self._firsts.append(off)
             self._n = 1
@@ -164,10 +167,11 @@ class MutableIndex:
                 break
             cj += 1
             j = 0
-        new_s.append(off)
-        new_e.append(end)
-        new_m.append(moff)
-        new_z.append(zeroed)
+        if not hole:
+            new_s.append(off)
+            new_e.append(end)
+            new_m.append(moff)
+            new_z.append(zeroed)
         if removed and last[1] > end:  # tail of the last overlapped segment
             ls, le, lm, lz = last
             new_s.append(end)
@@ -526,7 +530,13 @@ class LSMTWritable:
             self._dirty = True
 
     def discard(self, offset: int, length: int) -> None:
-        """Zero a range without storing data (a zeroed segment; sparse: punch a hole)."""
+        """Drop a range's data without storing any.
+
+        Log-structured: a zeroed segment, which reads as zeros and masks the layers below.
+        Sparse: a punched hole, which the index forgets at once, so the layers below show
+        through, now and after a reopen alike (the hole is all a reopen can see; upstream
+        keeps a zeroed segment in memory until then, so its reads change on reopen).
+        """
         self._check(offset, length, "discard")
         with self.lock:
             sec = offset // SECTOR
@@ -535,14 +545,29 @@ class LSMTWritable:
                 step = min(nsec, MAX_SEGMENT_SECTORS)
                 if self.sparse:
                     self.data.punch_hole(HT_SLOT + sec * SECTOR, step * SECTOR)
-                    self.idx.insert(sec, step, HT_SECTORS + sec, True)
+                    self.idx.insert(sec, step, 0, False, hole=True)
                 else:
                     self._log((sec, step, self._data_end // SECTOR, True))
                 sec += step
                 nsec -= step
             self._dirty = True
 
-    write_zeroes = discard
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make a range read as zeros, masking the layers below, durably across reopens.
+
+        Log-structured: a zeroed segment (as :meth:`discard`). Sparse: zeros written in
+        place, since a hole would let the layers below show through after a reopen.
+        """
+        if not self.sparse:
+            self.discard(offset, length)
+            return
+        self._check(offset, length, "write-zeroes")
+        zero = bytes(min(length, MAX_IO_SECTORS * SECTOR))
+        pos = 0
+        while pos < length:
+            n = min(len(zero), length - pos)
+            self.pwrite(offset + pos, memoryview(zero)[:n])
+            pos += n
 
     def _log(self, rec: tuple[int, int, int, bool]) -> None:
         """Append one mapping to the index file and apply it (under ``self.lock``)."""
