@@ -238,7 +238,6 @@ class Export:
     multi_conn: bool = True
     readonly: bool = field(init=False)
     size: int = field(init=False)
-    inflight: int = field(init=False, default=0, repr=False)  # device calls running now
 
     def __post_init__(self) -> None:
         self.readonly = bool(self.device.readonly)
@@ -304,6 +303,7 @@ class _Connection:
         # FLUSH and FUA of the sequential loop: fsynced by a helper thread, so the
         # connection goes on reading and serving requests meanwhile
         self.flush_async = False
+        self.cut = False  # set by shutdown after its timeout: serve no more requests
         self._flush_cv = threading.Condition()
         self._flushq: list[int] = []  # cookies waiting for the next fsync
         self._flusher: threading.Thread | None = None
@@ -570,6 +570,8 @@ class _Connection:
                 except _ClientGone:
                     return
                 magic, flags, cmd, cookie, offset, length = unpack(hdr)
+                if self.cut:
+                    return
                 if magic != REQUEST_MAGIC:
                     raise _ClientGone(f"bad request magic 0x{magic:08x}")
                 payload: bytearray | None = None
@@ -615,7 +617,8 @@ class _Connection:
         payload: bytearray | None,
     ) -> None:
         try:
-            self.handle(export, flags, cmd, cookie, offset, length, payload)
+            if not self.cut:
+                self.handle(export, flags, cmd, cookie, offset, length, payload)
         except OSError as e:
             log.debug("%s: reply failed: %s", self.peer, e)
             self.abort()
@@ -660,16 +663,12 @@ class _Connection:
             self._flush_and_reply(export, batch)
 
     def _flush_and_reply(self, export: Export, cookies: list[int]) -> None:
-        err = NBD_ESHUTDOWN
-        if self.server._begin(export):
-            try:
-                export.device.flush()
-                err = 0
-            except Exception as e:
-                err = nbd_errno(e)
-                log.error("%s: FLUSH of %r failed: %s", self.peer, export.name, e)
-            finally:
-                self.server._end(export)
+        err = 0
+        try:
+            export.device.flush()
+        except Exception as e:
+            err = nbd_errno(e)
+            log.error("%s: FLUSH of %r failed: %s", self.peer, export.name, e)
         try:
             with self.send_lock:
                 self._sendmsg([SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, c) for c in cookies])
@@ -690,17 +689,21 @@ class _Connection:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
+    def read_flags(self, export: Export) -> int:
+        """The flags a READ may carry: FUA where it is sent (ignored), DF with structured."""
+        fua = 0 if export.readonly else NBD_CMD_FLAG_FUA
+        return fua | (NBD_CMD_FLAG_DF if self.structured else 0)
+
     def check(self, export: Export, flags: int, cmd: int, offset: int, length: int) -> int:
         """The NBD error for a request that must not run, or 0."""
         size = export.size
         end = offset + length
-        # FUA is valid on every command once NBD_FLAG_SEND_FUA is sent (writable exports)
-        fua = 0 if export.readonly else NBD_CMD_FLAG_FUA
         if cmd == NBD_CMD_READ:
-            allowed = fua | (NBD_CMD_FLAG_DF if self.structured else 0)
-            if flags & ~allowed or length > MAX_PAYLOAD or end > size:
+            if (flags and flags & ~self.read_flags(export)) or length > MAX_PAYLOAD or end > size:
                 return NBD_EINVAL
             return 0
+        # FUA is valid on every command once NBD_FLAG_SEND_FUA is sent (writable exports)
+        fua = 0 if export.readonly else NBD_CMD_FLAG_FUA
         if cmd in (NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_CMD_TRIM):
             if cmd == NBD_CMD_WRITE_ZEROES:
                 allowed = NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE
@@ -743,17 +746,11 @@ class _Connection:
             )  # fmt: skip
             self.reply_error(cmd, cookie, err, "request rejected")
             return
-        server = self.server
-        if not server._begin(export):
-            self.reply_error(cmd, cookie, NBD_ESHUTDOWN, "the server is shutting down")
-            return
         dev = export.device
         # Device calls inside the try (their errors are the request's error reply);
         # replies outside it (a reply that cannot be sent ends the connection).
-        data: bytes = b""
-        descs: list[tuple[int, int]] = []
-        try:
-            if cmd == NBD_CMD_READ:
+        if cmd == NBD_CMD_READ:
+            try:
                 hook = self.server.read_hook
                 if hook is None:
                     data = dev.pread(offset, length)
@@ -763,9 +760,15 @@ class _Connection:
                     hook(export.name, offset, length, _now_ns() - t0)
                 if len(data) != length:
                     raise OSError(errno.EIO, f"short read at {offset}: {len(data)} of {length}")
-            elif cmd == NBD_CMD_BLOCK_STATUS:
-                one = bool(flags & NBD_CMD_FLAG_REQ_ONE)
-                descs = block_status(dev, offset, length, one=one)
+            except Exception as e:
+                self.failed(export, cmd, cookie, offset, length, e)
+                return
+            self.reply_data(cookie, offset, data)
+            return
+        descs: list[tuple[int, int]] = []
+        try:
+            if cmd == NBD_CMD_BLOCK_STATUS:
+                descs = block_status(dev, offset, length, one=bool(flags & NBD_CMD_FLAG_REQ_ONE))
             elif cmd == NBD_CMD_WRITE:
                 assert payload is not None
                 if length:
@@ -779,7 +782,7 @@ class _Connection:
                 dev.discard(offset, length)
             if (
                 (cmd == NBD_CMD_FLUSH or flags & NBD_CMD_FLAG_FUA)
-                and cmd not in (NBD_CMD_READ, NBD_CMD_BLOCK_STATUS)
+                and cmd != NBD_CMD_BLOCK_STATUS
                 and not export.readonly
             ):
                 if self.flush_async:
@@ -787,23 +790,25 @@ class _Connection:
                     return
                 dev.flush()
         except Exception as e:
-            code = nbd_errno(e)
-            if code == NBD_EIO:
-                log.error(
-                    "%s: %s offset=%d length=%d on %r failed: %s",
-                    self.peer, _COMMAND_NAMES.get(cmd, str(cmd)), offset, length, export.name, e,
-                )  # fmt: skip
-            self.reply_error(cmd, cookie, code, str(e))
+            self.failed(export, cmd, cookie, offset, length, e)
             return
-        finally:
-            server._end(export)
-        if cmd == NBD_CMD_READ:
-            self.reply_data(cookie, offset, data)
-        elif cmd == NBD_CMD_BLOCK_STATUS:
+        if cmd == NBD_CMD_BLOCK_STATUS:
             self.reply_block_status(cookie, descs)
         else:
             with self.send_lock:
                 self.send(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+
+    def failed(
+        self, export: Export, cmd: int, cookie: int, offset: int, length: int, exc: Exception
+    ) -> None:
+        """Answer a request whose device call raised ``exc`` with the error it maps to."""
+        code = nbd_errno(exc)
+        if code == NBD_EIO:
+            log.error(
+                "%s: %s offset=%d length=%d on %r failed: %s",
+                self.peer, _COMMAND_NAMES.get(cmd, str(cmd)), offset, length, export.name, exc,
+            )  # fmt: skip
+        self.reply_error(cmd, cookie, code, str(exc))
 
     def reply_data(self, cookie: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         if self.structured:
@@ -944,8 +949,6 @@ class NbdServer:
         self._accept_threads: list[threading.Thread] = []
         self._conns: set[_Connection] = set()
         self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)  # an export's last device call ended
-        self._cut = False  # set at shutdown: no device call starts any more
         self._stopped = threading.Event()
         self.addresses: list[str] = []
 
@@ -1082,43 +1085,37 @@ class NbdServer:
             return len(self._conns)
 
     # -- device calls in flight ------------------------------------------------------------
-    def _begin(self, export: Export) -> bool:
-        """Count a device call on ``export``; False once shutdown cut the connections."""
-        with self._lock:
-            if self._cut:
-                return False
-            export.inflight += 1
-            return True
-
-    def _end(self, export: Export) -> None:
-        with self._lock:
-            export.inflight -= 1
-            if not export.inflight:
-                self._idle.notify_all()
+    # A connection's thread makes its device calls (its pool and flush threads end
+    # before it does), so an export has no call running once every connection thread
+    # that entered transmission on it has ended. After shutdown cut its socket, a thread
+    # makes at most the call it is in (and its queued pool calls): every reply fails.
 
     def busy(self) -> dict[str, int]:
-        """Device calls still running, by export name (none once shutdown went well)."""
+        """Connections whose thread may still be in a device call, by export name."""
+        out: dict[str, int] = {}
         with self._lock:
-            return {e.name: e.inflight for e in self.exports.values() if e.inflight}
+            for c in self._conns:
+                if c.export is not None and c.thread is not None and c.thread.is_alive():
+                    out[c.export.name] = out.get(c.export.name, 0) + 1
+        return out
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until no device call runs; False if some still do after ``timeout``."""
+        """Wait until no connection thread runs; False if some still do after ``timeout``."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            while any(e.inflight for e in self.exports.values()):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._idle.wait(left)
-        return True
+            conns = list(self._conns)
+        for c in conns:
+            if c.thread is not None:
+                c.thread.join(max(0.0, deadline - time.monotonic()))
+        return not self.busy()
 
     def shutdown(self, timeout: float = 30.0, grace: float = SHUTDOWN_GRACE) -> bool:
         """Stop accepting, answer every request already received, end every connection.
 
         Returns False when some connection did not end within ``timeout`` seconds:
-        those are then cut (their sockets shut down, no further device call starts) and
-        the calls already running get ``grace`` more seconds; :meth:`busy` tells which
-        exports still have one, whose devices must not be closed yet.
+        those are then cut (their sockets shut down, no further request served) and the
+        device calls already running get ``grace`` more seconds; :meth:`busy` tells
+        which exports may still have one, whose devices must not be closed yet.
         Devices are neither flushed nor closed here (their owner does that).
         """
         self.stopping = True
@@ -1143,9 +1140,9 @@ class NbdServer:
             if c.thread is not None:
                 c.thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
-            self._cut = True
             late = [c for c in self._conns if c.thread is not None and c.thread.is_alive()]
-        for c in late:
+        for c in late:  # cut: no further request is served, no reply can be sent
+            c.cut = True
             with contextlib.suppress(OSError):
                 c.sock.shutdown(socket.SHUT_RDWR)
         if late:
