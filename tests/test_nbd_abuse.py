@@ -31,6 +31,7 @@ from tests.nbd_helpers import (
     proc_cpu_seconds,
     proc_fds,
     proc_rss,
+    proc_status,
     proc_threads,
     require_tools,
     run,
@@ -112,6 +113,38 @@ def test_accept_backs_off_when_out_of_file_descriptors(tmp_path: Path) -> None:
     _no_traceback(sp.stderr, log)
     warnings = [ln for ln in log.splitlines() if "open files" in ln]
     assert 1 <= len(warnings) <= 3, warnings  # said once, not once per retry
+
+
+def test_thread_limit_refuses_one_connection_not_the_server(tmp_path: Path) -> None:
+    """When no thread can start (address space exhausted), that connection is closed
+    and the accept loop lives on: once memory is back, clients are served again."""
+    cfg = writable_image(tmp_path, "th", "16M")
+    with ServeProcess(["--listen", "127.0.0.1:0", f"{cfg}=th"]) as sp:
+        pid = sp.pid
+        vm = int(proc_status(pid)["VmSize"].split()[0]) * 1024
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_AS)
+        resource.prlimit(pid, resource.RLIMIT_AS, (vm + 32 * MiB, hard))
+        served: list[RawClient] = []
+        refused = 0
+        try:
+            while len(served) < 64 and not refused:
+                try:
+                    served.append(RawClient(sp.port, "th", timeout=5))
+                except ConnectionResetError:
+                    refused += 1
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_AS, (soft, hard))
+        print(f"\nthread limit: {len(served)} connections served, then one refused")
+        assert refused, "no connection was refused under the address-space limit"
+        for c in served:
+            assert c.write(0, b"t" * 512) == 0
+            c.disconnect()
+        late = RawClient(sp.port, "th")
+        assert late.read(0, 512) == (0, b"t" * 512)
+        late.disconnect()
+        assert sp.stop() == 0, sp.stderr
+    _no_traceback(sp.stderr)
+    assert "can't start new thread" in sp.stderr
 
 
 # -- shutdown timeout -----------------------------------------------------------------------------
