@@ -4,7 +4,7 @@ Each client owns one MiB of the disk and keeps an exact model of it; it pipeline
 writes, reads, trims, write-zeroes, FUA writes, flushes and block-status queries (half
 the clients with structured replies), and reads a shared region written and flushed
 before the start. qemu-io and nbdcopy work alongside. After ``OBD_SOAK_SECONDS``
-(default 60) every client flushes, the server is killed (SIGKILL: nothing may live
+(default 60; ``OBD_SOAK_WORKERS`` sets ``--workers``, default 0) every client flushes, the server is killed (SIGKILL: nothing may live
 only in its memory) and started again, and the whole disk must read as the models say.
 The server's RSS is sampled all along and must stay flat.
 
@@ -43,6 +43,7 @@ MiB = 1 << 20
 KiB = 1 << 10
 SECONDS = float(os.environ.get("OBD_SOAK_SECONDS", "60"))
 SEED = int(os.environ.get("OBD_SOAK_SEED", "32"))
+WORKERS = int(os.environ.get("OBD_SOAK_WORKERS", "0"))  # obd serve --workers
 CLIENTS = 32
 REGION = MiB  # client i owns [i MiB, (i+1) MiB)
 SLOT = 64 * KiB  # one request stays in one slot; a batch uses distinct slots
@@ -176,7 +177,8 @@ def test_soak_32_clients_then_restart(tmp_path: Path) -> None:
     for off, b in chunks.items():
         lower[off : off + len(b)] = b
     cfg = image_of_raw(tmp_path, "soak", Path(make_raw(str(tmp_path / "soak.raw"), SIZE, chunks)), writable=True)  # fmt: skip
-    args = ["--listen", "127.0.0.1:0", "--config", str(serve_config(tmp_path)), f"{cfg}=soak"]
+    args = ["--listen", "127.0.0.1:0", "--config", str(serve_config(tmp_path)),
+            "--workers", str(WORKERS), f"{cfg}=soak"]  # fmt: skip
     disk = bytearray(lower)  # the whole disk as it must read at the end
 
     sp = ServeProcess(args)
