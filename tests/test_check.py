@@ -382,6 +382,8 @@ def test_non_regular_files_cannot_be_checked(tmp_path: Path) -> None:
         assert "not a regular file (a pipe)" in r.out
         r = run_obd("check", tmp_path, timeout=20)
         assert "not a regular file (a directory)" in r.out
+        r = run_obd("check", sock_path, timeout=20)
+        assert "not a regular file (a socket)" in r.out
     finally:
         sock.close()
 

@@ -323,13 +323,33 @@ def test_non_regular_files_are_refused(tmp_path: Path) -> None:
     try:
         sock.bind(str(sock_path))
         for cmd in ("inspect", "map"):
-            for p in (tmp_path, fifo, sock_path):
+            for p, what in ((tmp_path, "a directory"), (fifo, "a pipe"), (sock_path, "a socket")):
                 r = run_obd(cmd, p, timeout=20)
-                assert_one_line_error(r, 3, str(p))
-            r = run_obd(cmd, fifo, timeout=20)
-            assert "not a regular file (a pipe)" in r.err
+                assert_one_line_error(r, 3, str(p), f"not a regular file ({what})")
     finally:
         sock.close()
+
+
+@pytest.mark.timeout(120)
+def test_no_command_blocks_on_a_fifo(tmp_path: Path) -> None:
+    """Every command that reads a file or an image config refuses a FIFO at once (an
+    open() of a FIFO blocks until a writer comes, and then SIGTERM cannot end it)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    out = tmp_path / "out"
+    for args in (
+        ("zfile", fifo, out),
+        ("zfile", "-x", fifo, out),
+        ("merge", fifo, out),  # IMAGE_CONFIG OUTPUT
+        ("merge", "--raw", "-o", out, fifo),
+        ("create", "--from", fifo, tmp_path / "a.data", tmp_path / "a.index"),
+    ):
+        r = run_obd(*args, timeout=20)
+        assert_one_line_error(r, 3, str(fifo), "not a regular file (a pipe)")
+    r = run_obd("serve", "--nbd", "--listen", "127.0.0.1:0", fifo, timeout=20)
+    assert r.code == 3 and "not a regular file (a pipe)" in r.err.splitlines()[-1], r.err
+    assert "Traceback" not in r.err
+    assert not out.exists()
 
 
 def test_upper_only_image_map_reproduces_digest(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from dataclasses import field
 from typing import Any, get_type_hints
 
 from obd.errors import ConfigError, FileAccessError
+from obd.io.file import open_file
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +108,13 @@ def load_json(path: str | os.PathLike[str], what: str) -> Any:
     """Read and decode a JSON file; errors name the file (FileAccessError, ConfigError)."""
     p = os.fspath(path)
     try:
-        with open(p, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise FileAccessError(f"no such {what}", path=p) from None
+        # open_file refuses what is not a regular file (a FIFO would block open())
+        with open_file(p) as f:
+            text = f.pread(0, f.size()).decode("utf-8")
+    except FileAccessError as e:
+        if not os.path.lexists(p):
+            raise FileAccessError(f"no such {what}", path=p) from None
+        raise FileAccessError(f"cannot read {what}: {e.message}", path=p) from None
     except (OSError, UnicodeDecodeError) as e:
         raise FileAccessError(f"cannot read {what}: {e}", path=p) from None
     try:

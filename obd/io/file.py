@@ -202,6 +202,13 @@ def open_file(
     except PermissionError:
         raise FileAccessError("permission denied", path=p) from None
     except OSError as e:
+        if e.errno == errno.ENXIO:  # a Unix socket cannot be opened at all: say what it is
+            with contextlib.suppress(OSError):
+                mode_ = os.stat(p).st_mode
+                if not stat.S_ISREG(mode_):
+                    raise FileAccessError(
+                        f"not a regular file ({_file_kind(mode_)})", path=p
+                    ) from None
         raise FileAccessError(e.strerror or str(e), path=p) from None
     try:
         mode_ = os.fstat(fd).st_mode
