@@ -28,8 +28,8 @@ payload ("payload offset").
 Severities: corruption (data may read wrong), leak (space wasted that nothing explains:
 unreferenced data in a committed layer, gaps in a ZFile), warning (unusual, harmless),
 note (normal, harmless: garbage, i.e. overwritten data a log-structured or sealed layer
-keeps until a commit drops it, and the tail of an interrupted append, which readers
-ignore), error (could not check: missing file, not a regular file, remote layer,
+keeps until a commit drops it, and the tail of interrupted appends or of writes lost
+before a flush, which readers ignore), error (could not check: missing file, not a regular file, remote layer,
 unsupported feature). Warnings and notes do not change the exit status.
 
 \b
@@ -54,10 +54,9 @@ Finding codes: tar, zfile_header, zfile_trailer, zfile_digest, zfile_header_trai
 zfile_jump_table, zfile_index_crc, zfile_block_crc, zfile_block, zfile_gap,
 lsmt_header, lsmt_trailer, header_trailer_mismatch, index_bounds, index_entry,
 index_order, index_overlap, index_moffset, index_shared, garbage, unreferenced,
-rw_index_header,
-rw_index_records, rw_index_record, rw_index_torn, data_tail, sparse_size, chain,
-lsmt_unreadable, rw_open, zfile, no_index, layer_missing, unsupported, unknown,
-unreadable, access, config.
+rw_index_header, rw_index_records, rw_index_record, rw_index_torn, rw_index_lost,
+data_tail, sparse_size, chain, lsmt_unreadable, rw_open, zfile, no_index,
+layer_missing, unsupported, unknown, unreadable, access, config.
 """
 
 

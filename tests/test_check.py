@@ -305,7 +305,24 @@ def test_out_of_range_rw_record(tmp_path: Path) -> None:
         f.write(struct.pack("<Q", 1 << 40))  # record 5: moffset far past the data file
     r = run_obd("check", d)
     assert r.code == 2
-    assert "index record 5 maps outside the data file" in r.out
+    assert "index record 5 maps past the data file's end but record 6 after it" in r.out
+
+
+def test_lost_appends_at_the_end_of_the_log_are_a_note(tmp_path: Path) -> None:
+    """Index records past the data file's end that end the log: writes lost before a
+    flush (the data never reached the file). Readers ignore them: a note, exit 0."""
+    from obd.formats.lsmt import encode_entry
+
+    d = copy(tmp_path, "rw_tool.data")
+    i = copy(tmp_path, "rw_tool.index")
+    end = d.stat().st_size // 512
+    with open(i, "ab") as f:
+        f.write(encode_entry(100, 8, end, False) + encode_entry(200, 8, end + 8, False))
+    rc, doc = check_json(d)
+    assert rc == 0, findings(doc)
+    (hit,) = [f for f in findings(doc) if f["code"] == "rw_index_lost"]
+    assert hit["severity"] == "note" and hit["offset"] == 4096 + 66 * 16
+    assert "2 index record(s) from record 66" in hit["message"]
 
 
 def test_index_option(tmp_path: Path) -> None:

@@ -898,6 +898,11 @@ def check_rw(data_path: str, index_path: str | None, rep: CheckReport) -> None:
                 rep.garbage_bytes += garbage
 
 
+def _bare(e: CorruptError) -> str:
+    """The message of ``e`` without the offset it appends (findings carry it apart)."""
+    return e.message.removesuffix(f" (at offset {e.offset})") if e.offset is not None else e.message
+
+
 @contextlib.contextmanager
 def _quiet(logger: str) -> Iterator[None]:
     """Hold back warnings of ``logger`` (what they say is reported as a finding)."""
@@ -1001,19 +1006,36 @@ def _check_rw_index(
     _padding_problems(m, words, sub, HT_SLOT, "file")
     rep.findings.extend(sub.findings)
     valid = (m.offset != np.uint64(INVALID_OFFSET)) & (m.length > 0)
-    ends = dsize // SECTOR
     mo = m.moffset.astype(np.int64)
     ln = m.length.astype(np.int64)
-    bad = valid & (
-        (mo < HT_SECTORS) | np.where(m.zeroed, mo > ends, (mo >= ends) | (mo + ln > ends))
-    )
-    for i in np.flatnonzero(bad).tolist():
+    low = valid & (mo < HT_SECTORS)
+    for i in np.flatnonzero(low).tolist():
         rep.add(
             CORRUPTION,
             "rw_index_record",
-            f"index record {i} maps outside the data file [8, {ends}) sectors "
+            f"index record {i} maps into the data file's header "
             f"(moffset {int(mo[i])}, length {int(ln[i])}{', zeroed' if m.zeroed[i] else ''})",
             HT_SLOT + i * ENTRY_SIZE,
+            path=index_path,
+        )
+    if low.any():
+        return False
+    # records past the data file's end: a crash's lost appends when they end the log (the
+    # reader's own rule), corruption when a record inside the file follows them
+    from obd.formats.lsmt_rw import _whole_records as whole_records
+
+    try:
+        keep = whole_records(m, dsize, path=index_path)
+    except CorruptError as e:
+        rep.add(CORRUPTION, "rw_index_record", _bare(e), e.offset, path=index_path)
+        return False
+    if keep < n:
+        rep.add(
+            NOTE,
+            "rw_index_lost",
+            f"{n - keep} index record(s) from record {keep} on point past the data file's "
+            "end: writes lost before a flush (readers ignore them, a writer cuts them off)",
+            HT_SLOT + keep * ENTRY_SIZE,
             path=index_path,
         )
     return rep.count(CORRUPTION) == before
