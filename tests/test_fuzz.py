@@ -774,7 +774,12 @@ class Runner:
         elif code not in ALLOWED[name]:
             allowed = sorted(ALLOWED[name])
             self.defect(f"obd {name} exits {code}, not one of {allowed}: {err.strip()}")
-        elif code not in (0,) and name != "check":
+        elif name == "check":
+            # every problem of a file is a finding (stdout); an error line on stderr is a
+            # failure of the command itself (e.g. an OSError of a reader)
+            if "obd: error" in err:
+                self.defect(f"obd check failed instead of reporting: {err.strip()}")
+        elif code != 0:
             lines = [ln for ln in err.splitlines() if ln.strip()]
             if len(lines) != 1 or not lines[0].startswith("obd: error: "):
                 self.defect(f"obd {name} exits {code} without one error line: {err!r}")
@@ -871,6 +876,7 @@ def test_fuzz_own_files(own: list[Target], tmp_path: Path) -> None:
     report(tally, "own files", time.monotonic() - t0)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_fuzz_vectors(tmp_path: Path) -> None:
     """Every upstream vector."""
@@ -934,6 +940,7 @@ def sub_cli(*args: str | os.PathLike[str]) -> tuple[int, str, str]:
     return r.code, r.out, r.err
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_fuzz_real_cli(own: list[Target], tmp_path: Path) -> None:
     """A handful of mutants through the real ``obd`` in subprocesses: the same exit codes
