@@ -473,8 +473,11 @@ class LSMTReadOnly:
     """A read-only LSMT layer (a commit output or a sealed writable data file).
 
     ``file`` is the ReadAt holding the LSMT bytes (a local file, a ZFile's payload...).
-    Opening checks everything of §1.6. ``pread`` reads the layer's own virtual disk
-    (holes and zeroed segments as zeros).
+    Opening checks everything of §1.6, and (stricter than upstream, which no upstream
+    file breaks) that header and trailer agree on the virtual size, that an index can
+    address it, and that no entry maps past it: each is a CorruptError, never wrong
+    bytes. ``pread`` reads the layer's own virtual disk (holes and zeroed segments as
+    zeros).
     """
 
     def __init__(self, file: ReadAt, *, path: str | None = None) -> None:
