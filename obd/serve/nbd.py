@@ -5,8 +5,8 @@ Fixed newstyle handshake only; options ``EXPORT_NAME``, ``ABORT``, ``LIST``, ``I
 context, ``base:allocation``); commands ``READ``, ``WRITE`` (+``FUA``), ``FLUSH``,
 ``TRIM``, ``WRITE_ZEROES`` (+``NO_HOLE``), ``BLOCK_STATUS`` (+``REQ_ONE``) and ``DISC``.
 
-One thread per connection reads requests; a small pool of workers per connection runs
-them, so a client that pipelines (nbdcopy, qemu) gets several requests served at once.
+One thread per connection reads requests and runs them in order (with ``workers``, a
+small pool per connection runs them, so a client that pipelines gets several at once).
 Replies go out under a per-connection lock, header and payload in one ``sendmsg``.
 
 Every export of a server shares one device object between its connections. Its ``flush``
