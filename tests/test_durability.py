@@ -299,3 +299,14 @@ def test_sparse_upper_over_a_lower_reads_the_same_after_reopen(tmp_path):
     for _ in range(2):
         with open_image(str(cfg)) as img:
             assert img.pread(0, 64 << 10) == bytes(want)
+
+
+def test_sealed_flag_without_a_trailer_is_corruption(layer, tmp_path):
+    d, i = layer
+    raw = bytearray(Path(d).read_bytes())
+    raw[28] |= 0x04  # FLAG_SEALED in the data file's header, but no trailer was appended
+    Path(d).write_bytes(raw)
+    with pytest.raises(CorruptError, match="no trailer"):
+        open_rw_layer(d, i)
+    r = run_obd("commit", d, i, tmp_path / "o")
+    assert_one_line_error(r, 4, d, "no trailer")

@@ -381,8 +381,14 @@ class LSMTWritable:
                 path=data.path,
                 offset=28,
             )
-        if hdr.is_sealed or _has_trailer(data):
+        if _has_trailer(data):
             raise UsageError(f"{data.path}: this layer is sealed; open it as a read-only layer")
+        if hdr.is_sealed:  # sealing leaves the header as it was and appends a trailer (§2.4)
+            raise CorruptError(
+                f"header flags 0x{hdr.flags:x} say sealed, but the file has no trailer",
+                path=data.path,
+                offset=28,
+            )
         check_virtual_size(hdr.virtual_size, path=data.path, offset=48)
         idx = MutableIndex()
         if hdr.is_sparse:
@@ -427,7 +433,7 @@ class LSMTWritable:
             )
         raw = index.pread(HT_SLOT, n * ENTRY_SIZE)
         m = decode_entries(raw)
-        keep = _whole_records(m, dsize, path=index.path)
+        keep = whole_records(m, dsize, path=index.path)
         dropped = n - keep
         torn = body % ENTRY_SIZE
         if dropped or torn:
@@ -645,7 +651,7 @@ class LSMTWritable:
         self.close()
 
 
-def _whole_records(m: Mappings, data_size: int, *, path: str) -> int:
+def whole_records(m: Mappings, data_size: int, *, path: str) -> int:
     """How many leading records of a writable index are whole; raise on corruption.
 
     Data is appended in order, so the records whose data did not reach the data file (a
@@ -693,4 +699,4 @@ def _has_trailer(data: LocalFile) -> bool:
     return not t.is_header and t.is_sealed
 
 
-__all__ = ["LSMTWritable", "MutableIndex"]
+__all__ = ["LSMTWritable", "MutableIndex", "whole_records"]

@@ -1022,7 +1022,7 @@ def _check_rw_index(
         return False
     # records past the data file's end: a crash's lost appends when they end the log (the
     # reader's own rule), corruption when a record inside the file follows them
-    from obd.formats.lsmt_rw import _whole_records as whole_records
+    from obd.formats.lsmt_rw import whole_records
 
     try:
         keep = whole_records(m, dsize, path=index_path)
