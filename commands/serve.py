@@ -73,8 +73,8 @@ def serve(
     Exit codes: 0 stopped cleanly, 1 a flush failed at exit, 2 usage, 3 cannot listen or
     no image file, 4 corrupt image, 7 bad config.
     """
-    from obd.image.global_config import DEFAULT_PATH, load_global_config
     from obd.serve import ImageSpec, NbdService
+    from obd.serve.config import DEFAULT_PATH, load_global_config
 
     tcp = _parse_listen(listen) if listen else None
     gcfg = load_global_config(config_path)

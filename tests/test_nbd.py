@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from obd.errors import ConfigError, FileAccessError
-from obd.image.global_config import GlobalConfig, load_global_config, parse_global_config
 from obd.io.base import Extent, ExtentKind
 from obd.serve import ImageSpec, NbdService
 from obd.serve import nbd as N
 from obd.serve.audit import AuditLog, setup_logs
+from obd.serve.config import GlobalConfig, load_global_config, parse_global_config
 from obd.serve.result import failure_reason, write_failure, write_success
 from tests.nbd_helpers import (
     RawClient,

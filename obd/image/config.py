@@ -11,8 +11,20 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from obd.image.global_config import DownloadConfig
-from obd.image.jsonconfig import load_json, parse, u64
+from obd.image.jsonconfig import load_json, parse, u32, u64
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """``download``: background download of remote layers (the global config's own
+    ``download`` key has the same shape and is the default for an image's)."""
+
+    enable: bool = False
+    delay: int = 300
+    delayExtra: int = 30
+    maxMBps: int = 100
+    tryCnt: int = 5
+    blockSize: int = u32(262144)
 
 
 @dataclass(frozen=True)

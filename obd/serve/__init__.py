@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from obd.errors import ObdError, UsageError
-from obd.image.global_config import GlobalConfig
 from obd.io.base import BlockDevice
 from obd.serve.audit import Logs, setup_logs
+from obd.serve.config import GlobalConfig
 from obd.serve.nbd import Export, NbdServer, ReadHook, flush_all
 from obd.serve.result import (
     REASON_CREATE,

@@ -19,7 +19,7 @@ import os
 import threading
 
 from obd.errors import FileAccessError
-from obd.image.global_config import GlobalConfig, LogConfig
+from obd.serve.config import GlobalConfig, LogConfig
 
 AUDIT_MAX_BYTES = 10 << 20
 AUDIT_BACKUPS = 3

@@ -6,7 +6,10 @@ type or an out-of-range value is a :class:`~obd.errors.ConfigError` naming the f
 the key; unknown keys are logged as warnings and ignored.
 
 Upstream key names are kept (``logConfig.logSizeMB``, ``exporterConfig.uriPrefix``...)
-so a config can be compared field by field.
+so a config can be compared field by field. This is the server's configuration (logs,
+audit, exporter, and the cache and credential keys the registry will read); it lives
+beside the servers. ``download`` has the image config's shape
+(:class:`obd.image.config.DownloadConfig`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from obd.errors import ConfigError
+from obd.image.config import DownloadConfig
 from obd.image.jsonconfig import load_json, parse, u32, u64
 
 log = logging.getLogger(__name__)
@@ -43,16 +47,6 @@ class LogConfig:
     logPath: str = ""
     logSizeMB: int = u32(10)
     logRotateNum: int = 3
-
-
-@dataclass(frozen=True)
-class DownloadConfig:
-    enable: bool = False
-    delay: int = 300
-    delayExtra: int = 30
-    maxMBps: int = 100
-    tryCnt: int = 5
-    blockSize: int = u32(262144)
 
 
 @dataclass(frozen=True)
