@@ -81,7 +81,6 @@ def commit(
     obd commit --seal DATA INDEX              seal DATA in place
     obd commit --commit_sealed SEALED OUTPUT  compact a sealed file
     """
-    import os
 
     from obd.image import ops
 
@@ -94,7 +93,7 @@ def commit(
         zopts = ops.ZFileOptions(
             algorithm=algorithm or "lz4",
             block_size=int(block_kib or 4) * 1024,
-            threads=threads or os.cpu_count() or 1,
+            threads=threads,
             overwrite_header=True,
         )
     msg = message.encode()

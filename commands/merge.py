@@ -82,7 +82,6 @@ def merge(
     obd merge [--service_config_path P] IMAGE_CONFIG OUTPUT   (as overlaybd-merge)
     obd merge -o OUTPUT LAYER...                              (layers bottom first)
     """
-    import os
 
     from obd.image import ops
     from obd.image.layers import open_ro_layer
@@ -116,7 +115,7 @@ def merge(
             zopts = ops.ZFileOptions(
                 algorithm=algorithm,
                 block_size=int(block_kib) * 1024,
-                threads=threads or os.cpu_count() or 1,
+                threads=threads,
                 overwrite_header=False,
             )
         ops.merge(stack, output, force=force, zfile=zopts, tar=tar, progress=bar)

@@ -9,7 +9,6 @@ marks plain data executable); outputs are written atomically (temporary file + r
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +21,7 @@ from obd.formats.sniff import open_zfile, peel_tar
 from obd.formats.tar import TarWriter
 from obd.formats.zfile import ZFileWriter, compress_file, decompress_to, verify_blocks
 from obd.io.base import WriteAt
+from obd.io.cpu import cores
 from obd.io.file import AtomicOutput, open_file
 
 _BLOCK_KIB = ("4", "8", "16", "32", "64")
@@ -80,7 +80,7 @@ def zfile(
     ZFile, bad blocks), 5 TARGET exists (use -f), 6 unsupported (e.g. --verify of a
     ZFile without block CRCs), 130 interrupted.
     """
-    nthreads = threads or _cores()
+    nthreads = threads or cores()
     if verify:
         if target is not None:
             raise UsageError("--verify takes only SOURCE")
@@ -103,14 +103,6 @@ def zfile(
             block_size=int(bs) * 1024,
             threads=nthreads,
         )
-
-
-def _cores() -> int:
-    """CPUs this process may run on (affinity / cpuset aware), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _verify(source: str) -> None:

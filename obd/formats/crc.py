@@ -21,4 +21,4 @@ def raw(data: bytes | bytearray | memoryview, seed: int = 0) -> int:
 
 def block_crc(data: bytes | bytearray | memoryview) -> int:
     """The ZFile per-block checksum (seed 100007) of the stored compressed bytes."""
-    return ~_crc32c(data, ~SEED_BLOCK & _MASK) & _MASK
+    return raw(data, SEED_BLOCK)

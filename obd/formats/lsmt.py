@@ -17,6 +17,7 @@ import numpy as np
 
 from obd.errors import CorruptError
 from obd.formats import uuid as uuidmod
+from obd.formats.layout import FlagNames, Layout
 from obd.io.base import ReadAt
 
 SECTOR = 512
@@ -30,6 +31,15 @@ FLAG_HEADER = 0x01  # clear: trailer
 FLAG_DATA = 0x02  # clear: index file
 FLAG_SEALED = 0x04
 FLAG_SPARSE = 0x10
+# every bit the format doc names (bits 3 and 5 are neither set nor read by upstream)
+FLAG_NAMES: FlagNames = (
+    (FLAG_HEADER, "header"),
+    (FLAG_DATA, "data"),
+    (FLAG_SEALED, "sealed"),
+    (0x08, "gc_layer"),
+    (FLAG_SPARSE, "sparse"),
+    (0x20, "info_valid"),
+)
 
 MAX_RO_INDEX_SIZE = 1_000_000  # MAX_LSMT_RO_INDEX_SIZE
 MAX_RW_INDEX_RECORDS = 128_000_000
@@ -51,7 +61,24 @@ _MOFFSET_MASK = (1 << 55) - 1
 class HeaderTrailer:
     """The 390-byte struct at the start of a 4096-byte header or trailer slot (§1.2)."""
 
-    STRUCT = struct.Struct("<8s16sIIQQQ37s37sHBB256s")
+    LAYOUT = Layout(
+        (
+            ("magic0", "8s"),
+            ("magic1", "16s"),
+            ("size", "I"),
+            ("flags", "I"),
+            ("index_offset", "Q"),
+            ("index_size", "Q"),
+            ("virtual_size", "Q"),
+            ("uuid", "37s"),
+            ("parent_uuid", "37s"),
+            ("reserved", "H"),
+            ("version", "B"),
+            ("sub_version", "B"),
+            ("user_tag", "256s"),
+        )
+    )
+    STRUCT = LAYOUT.struct
 
     flags: int
     index_offset: int = 0
@@ -128,14 +155,16 @@ class HeaderTrailer:
         return replace(self, **changes)  # type: ignore[arg-type]
 
 
+HT_OFF = HeaderTrailer.LAYOUT.offsets  # byte offset of each header/trailer field
+
+
 def is_lsmt(head: bytes) -> bool:
     """True when ``head`` (the first bytes of a file) is an LSMT header."""
     if len(head) < HeaderTrailer.STRUCT.size:
         return False
     if head[:8] != MAGIC0 or head[8:24] != MAGIC1:
         return False
-    flags = struct.unpack_from("<I", head, 28)[0]
-    return bool(flags & FLAG_HEADER)
+    return bool(HeaderTrailer.LAYOUT.unpack_field(head, "flags") & FLAG_HEADER)  # type: ignore[operator]
 
 
 # -- index entries (SegmentMapping, §1.4) ---------------------------------------------
@@ -491,7 +520,7 @@ class LSMTReadOnly:
             raise CorruptError(
                 f"LSMT header flags 0x{self.header.flags:x} are not a data-file header",
                 path=path,
-                offset=28,
+                offset=HT_OFF["flags"],
             )
         toff = fsize - HT_SLOT
         self.trailer_offset = toff
@@ -504,32 +533,34 @@ class LSMTReadOnly:
                 f"LSMT trailer flags 0x{t.flags:x} are not a sealed data-file trailer "
                 "(a writable layer must be committed or sealed first)",
                 path=path,
-                offset=toff + 28,
+                offset=toff + HT_OFF["flags"],
             )
-        check_virtual_size(t.virtual_size, path=path, offset=toff + 48)
+        check_virtual_size(t.virtual_size, path=path, offset=toff + HT_OFF["virtual_size"])
         if self.header.virtual_size != t.virtual_size:
             # writers copy it from one header to the other (§1.8, §2.4): one is damaged
             raise CorruptError(
                 f"header and trailer disagree on the virtual size ({self.header.virtual_size}"
                 f" vs {t.virtual_size})",
                 path=path,
-                offset=toff + 48,
+                offset=toff + HT_OFF["virtual_size"],
             )
         if t.index_size > MAX_RO_INDEX_SIZE:
             raise CorruptError(
                 f"index has {t.index_size} entries, more than {MAX_RO_INDEX_SIZE}",
                 path=path,
-                offset=toff + 40,
+                offset=toff + HT_OFF["index_size"],
             )
         if t.index_offset > toff or t.index_size * ENTRY_SIZE > toff - t.index_offset:
             raise CorruptError(
                 f"index ({t.index_size} entries at {t.index_offset}) runs past the trailer",
                 path=path,
-                offset=toff + 32,
+                offset=toff + HT_OFF["index_offset"],
             )
         if t.index_offset % SECTOR:
             raise CorruptError(
-                f"index offset {t.index_offset} is not 512-aligned", path=path, offset=toff + 32
+                f"index offset {t.index_offset} is not 512-aligned",
+                path=path,
+                offset=toff + HT_OFF["index_offset"],
             )
         raw = file.pread(t.index_offset, t.index_size * ENTRY_SIZE)
         if len(raw) != t.index_size * ENTRY_SIZE:

@@ -24,6 +24,7 @@ from obd.formats.lsmt import (
     FLAG_HEADER,
     FLAG_SEALED,
     FLAG_SPARSE,
+    HT_OFF,
     HT_SECTORS,
     HT_SLOT,
     INVALID_OFFSET,
@@ -379,7 +380,7 @@ class LSMTWritable:
             raise CorruptError(
                 f"flags 0x{hdr.flags:x} are not a writable data-file header",
                 path=data.path,
-                offset=28,
+                offset=HT_OFF["flags"],
             )
         if _has_trailer(data):
             raise UsageError(f"{data.path}: this layer is sealed; open it as a read-only layer")
@@ -387,9 +388,9 @@ class LSMTWritable:
             raise CorruptError(
                 f"header flags 0x{hdr.flags:x} say sealed, but the file has no trailer",
                 path=data.path,
-                offset=28,
+                offset=HT_OFF["flags"],
             )
-        check_virtual_size(hdr.virtual_size, path=data.path, offset=48)
+        check_virtual_size(hdr.virtual_size, path=data.path, offset=HT_OFF["virtual_size"])
         idx = MutableIndex()
         if hdr.is_sparse:
             end = HT_SLOT + hdr.virtual_size
@@ -412,16 +413,20 @@ class LSMTWritable:
         ihdr = HeaderTrailer.unpack(index.pread(0, HT_SLOT), path=index.path)
         if not ihdr.is_header or ihdr.is_data_file:
             what = "a data file" if ihdr.is_data_file else f"flags 0x{ihdr.flags:x}"
-            raise CorruptError(f"not an LSMT index file ({what})", path=index.path, offset=28)
+            raise CorruptError(
+                f"not an LSMT index file ({what})", path=index.path, offset=HT_OFF["flags"]
+            )
         if ihdr.is_sealed:
-            raise CorruptError("index file header is marked sealed", path=index.path, offset=28)
+            raise CorruptError(
+                "index file header is marked sealed", path=index.path, offset=HT_OFF["flags"]
+            )
         if ihdr.index_offset != HT_SLOT:
             raise CorruptError(
                 f"index file header has index_offset {ihdr.index_offset}, expected 4096",
                 path=index.path,
                 offset=32,
             )
-        check_virtual_size(ihdr.virtual_size, path=index.path, offset=48)
+        check_virtual_size(ihdr.virtual_size, path=index.path, offset=HT_OFF["virtual_size"])
         body = isize - HT_SLOT
         n = body // ENTRY_SIZE
         if n > MAX_RW_INDEX_RECORDS:

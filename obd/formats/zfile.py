@@ -44,6 +44,7 @@ from obd.formats.codecs import (
     bad_crcs,
     get_codec,
 )
+from obd.formats.layout import FlagNames, Layout
 from obd.io.base import ReadAt, WriteAt
 
 MAGIC0 = b"ZFile\x00\x01\x00"
@@ -57,7 +58,15 @@ FLAG_SEALED = 0x04
 FLAG_HEADER_OVERWRITE = 0x08
 FLAG_DIGEST = 0x10
 FLAG_INDEX_COMPRESSION = 0x20  # defined upstream, never set or read
-_FLAG_BITS = 0x1F  # readers look at bits 0-4 only (old files have garbage above)
+FLAG_BITS = 0x1F  # readers look at bits 0-4 only (old files have garbage above)
+FLAG_NAMES: FlagNames = (
+    (FLAG_HEADER, "header"),
+    (FLAG_DATA, "data"),
+    (FLAG_SEALED, "sealed"),
+    (FLAG_HEADER_OVERWRITE, "header_overwrite"),
+    (FLAG_DIGEST, "digest"),
+    (FLAG_INDEX_COMPRESSION, "index_compression"),
+)
 
 FLAGS_INITIAL_HEADER = FLAG_HEADER | FLAG_DATA | FLAG_DIGEST  # 0x13
 FLAGS_TRAILER = FLAG_DATA | FLAG_SEALED | FLAG_DIGEST  # 0x16
@@ -68,8 +77,36 @@ MAX_BLOCK_SIZE = 65536
 WRITER_BLOCK_SIZES = (4096, 8192, 16384, 32768, 65536)
 DEFAULT_BLOCK_SIZE = 4096
 
-_HT = struct.Struct("<8s16sIIQQQQIIIBBBBIIB7s")
+LAYOUT = Layout(
+    (
+        ("magic0", "8s"),
+        ("magic1", "16s"),
+        ("size", "I"),
+        ("digest", "I"),
+        ("flags", "Q"),
+        ("index_offset", "Q"),
+        ("index_size", "Q"),
+        ("original_file_size", "Q"),
+        ("index_crc", "I"),
+        ("reserved_0", "I"),
+        ("block_size", "I"),
+        ("algo", "B"),
+        ("level", "B"),
+        ("use_dict", "B"),
+        ("padding", "B"),
+        ("reserved", "I"),
+        ("dict_size", "I"),
+        ("verify", "B"),
+        ("padding2", "7s"),
+    )
+)
+_HT = LAYOUT.struct
+HT_OFF = LAYOUT.offsets  # byte offset of each header/trailer field
 assert _HT.size == HT_SIZE
+# the header/trailer fields that say where the blocks are (header_overwrite copies them)
+INDEX_FIELDS = ("index_offset", "index_size", "original_file_size", "index_crc")
+# the fields that say how blocks are stored (the same in header and trailer)
+SHAPE_FIELDS = ("block_size", "algo", "verify", "dict_size")
 
 _LITTLE = sys.byteorder == "little"
 
@@ -131,7 +168,7 @@ class HeaderTrailer:
     def pack_slot(self) -> bytes:
         """The 512-byte slot with zeroed tail and a freshly computed ``digest`` (§4.4)."""
         body = bytearray(replace(self, digest=0).pack() + bytes(SLOT_SIZE - HT_SIZE))
-        struct.pack_into("<I", body, 28, slot_digest(body))
+        struct.pack_into("<I", body, HT_OFF["digest"], slot_digest(body))
         return bytes(body)
 
     # flag bits (0-4 only)
@@ -165,9 +202,10 @@ def slot_digest(slot: bytes | bytearray | memoryview) -> int:
     mv = memoryview(slot)
     if len(mv) != SLOT_SIZE:
         raise CorruptError(f"ZFile header/trailer slot must be {SLOT_SIZE} bytes")
-    c = crc.raw(mv[:28], 0)
+    at = HT_OFF["digest"]
+    c = crc.raw(mv[:at], 0)
     c = crc.raw(b"\0\0\0\0", c)
-    return crc.raw(mv[32:], c)
+    return crc.raw(mv[at + 4 :], c)
 
 
 def is_zfile(head: bytes | bytearray | memoryview) -> bool:
@@ -247,14 +285,14 @@ class ZFileReader:
         if not header.magic_ok:
             raise self._corrupt("not a ZFile (no ZFile magic)", 0)
         if not header.is_header:
-            raise self._corrupt("ZFile header lacks the header flag", 32)
+            raise self._corrupt("ZFile header lacks the header flag", HT_OFF["flags"])
         if header.digest_enabled:
             want = slot_digest(head)
             if want != header.digest:
                 raise self._corrupt(
                     f"ZFile header digest mismatch: stored {header.digest:#010x}, "
                     f"computed {want:#010x}",
-                    28,
+                    HT_OFF["digest"],
                 )
         if header.header_overwrite:
             info = header
@@ -262,7 +300,7 @@ class ZFileReader:
             self.trailer: HeaderTrailer | None = None
         else:
             if not header.is_data_file:
-                raise self._corrupt("ZFile header lacks the data-file flag", 32)
+                raise self._corrupt("ZFile header lacks the data-file flag", HT_OFF["flags"])
             if total < 2 * SLOT_SIZE:
                 raise self._corrupt(f"truncated ZFile: {total} bytes, no room for a trailer")
             toff = total - SLOT_SIZE
@@ -271,14 +309,14 @@ class ZFileReader:
             if not info.magic_ok:
                 raise self._corrupt("ZFile trailer has no ZFile magic (truncated file?)", toff)
             if info.is_header or not info.is_data_file or not info.is_sealed:
-                raise self._corrupt(f"bad ZFile trailer flags {info.flags & _FLAG_BITS:#x}", toff)
+                raise self._corrupt(f"bad ZFile trailer flags {info.flags & FLAG_BITS:#x}", toff)
             # Upstream never checks the trailer digest; we do when the trailer says it
             # has one (every writer since the digest exists fills it in correctly).
             if info.digest_enabled and slot_digest(tail) != info.digest:
                 raise self._corrupt(
                     f"ZFile trailer digest mismatch: stored {info.digest:#010x}, "
                     f"computed {slot_digest(tail):#010x}",
-                    toff + 28,
+                    toff + HT_OFF["digest"],
                 )
             limit = toff
             self.trailer = info
@@ -292,7 +330,7 @@ class ZFileReader:
             )
         bs = header.block_size
         if bs == 0 or bs & (bs - 1):
-            raise self._corrupt(f"bad ZFile block size {bs}", 72)
+            raise self._corrupt(f"bad ZFile block size {bs}", HT_OFF["block_size"])
         if bs > MAX_BLOCK_SIZE:
             raise UnsupportedError(
                 f"ZFile block size {bs} is larger than {MAX_BLOCK_SIZE}", path=self.path
@@ -309,12 +347,14 @@ class ZFileReader:
         self.original_file_size = size = info.original_file_size
         self.index_offset = ioff = info.index_offset
         if n > MAX_INDEX_SIZE:
-            raise self._corrupt(f"ZFile index_size {n} is larger than {MAX_INDEX_SIZE}", 48)
+            raise self._corrupt(
+                f"ZFile index_size {n} is larger than {MAX_INDEX_SIZE}", HT_OFF["index_size"]
+            )
         if -(-size // bs) != n:
             raise self._corrupt(
                 f"ZFile index has {n} blocks but original_file_size {size} needs "
                 f"{-(-size // bs)} blocks of {bs}",
-                48,
+                HT_OFF["index_size"],
             )
         if ioff < self.data_start or ioff + 4 * n > limit:
             raise self._corrupt(

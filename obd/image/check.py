@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import struct
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -79,6 +78,7 @@ from obd.image.inspect import (
     uuid_or_none,
 )
 from obd.io.base import ReadAt
+from obd.io.cpu import cores
 from obd.io.file import open_file
 
 CORRUPTION = "corruption"
@@ -98,44 +98,8 @@ JSON_VERSION = 1
 
 Progress = Callable[[int], Any] | None
 
-# Byte offsets of the LSMT header fields, derived from the one struct declaration.
-_LSMT_FIELDS = (
-    "magic0",
-    "magic1",
-    "size",
-    "flags",
-    "index_offset",
-    "index_size",
-    "virtual_size",
-    "uuid",
-    "parent_uuid",
-    "reserved",
-    "version",
-    "sub_version",
-    "user_tag",
-)
-
-
-def _field_offsets(fmt: str, names: tuple[str, ...]) -> dict[str, int]:
-    order, codes = fmt[0], fmt[1:]
-    out: dict[str, int] = {}
-    pos = 0
-    i = 0
-    for name in names:
-        num = ""
-        while codes[i].isdigit():
-            num += codes[i]
-            i += 1
-        code = num + codes[i]
-        i += 1
-        out[name] = pos
-        pos += struct.calcsize(order + code)
-    return out
-
-
-LSMT_OFF = _field_offsets(HeaderTrailer.STRUCT.format, _LSMT_FIELDS)
-_ZFILE_INDEX_FIELDS = ("index_offset", "index_size", "original_file_size", "index_crc")
-_ZFILE_SHAPE_FIELDS = ("block_size", "algo", "verify", "dict_size")
+LSMT_OFF = HeaderTrailer.LAYOUT.offsets
+ZF_OFF = zf.HT_OFF
 
 
 @dataclass(frozen=True)
@@ -320,7 +284,7 @@ def _check_zfile(
             if tt.is_header or not tt.is_data_file or not tt.is_sealed:
                 bad(
                     "zfile_trailer",
-                    f"bad ZFile trailer flags {tt.flags & 0x1F:#x} (want data and sealed, "
+                    f"bad ZFile trailer flags {tt.flags & zf.FLAG_BITS:#x} (want data and sealed, "
                     "not header)",
                     toff + 32,
                 )
@@ -340,7 +304,7 @@ def _check_zfile(
     info = h if h.header_overwrite else t
     assert info is not None
     if h.header_overwrite and t is not None:
-        for name in _ZFILE_INDEX_FIELDS:
+        for name in zf.INDEX_FIELDS:
             if getattr(h, name) != getattr(t, name):
                 bad(
                     "zfile_header_trailer",
@@ -349,7 +313,7 @@ def _check_zfile(
                     0,
                 )
     if t is not None:
-        for name in _ZFILE_SHAPE_FIELDS:
+        for name in zf.SHAPE_FIELDS:
             if getattr(h, name) != getattr(t, name):
                 bad(
                     "zfile_header_trailer",
@@ -843,7 +807,12 @@ def check_rw(data_path: str, index_path: str | None, rep: CheckReport) -> None:
             return
         rep.uuid, rep.parent_uuid = uuid_or_none(h.uuid), uuid_or_none(h.parent_uuid)
         if not h.flags & FLAG_HEADER or not h.flags & FLAG_DATA:
-            rep.add(CORRUPTION, "lsmt_header", f"flags {h.flags:#x} are not a data-file header", 28)
+            rep.add(
+                CORRUPTION,
+                "lsmt_header",
+                f"flags {h.flags:#x} are not a data-file header",
+                LSMT_OFF["flags"],
+            )
             return
         if h.flags & FLAG_SPARSE:
             if dsize < HT_SLOT + h.virtual_size:
@@ -1056,7 +1025,7 @@ def check_file(
     from obd.formats.tar import TarView, is_tar
 
     rep = CheckReport(path)
-    nthreads = threads or os.cpu_count() or 1
+    nthreads = threads or cores()
     try:
         f = open_file(path)
     except ObdError as e:
@@ -1212,9 +1181,7 @@ def check_image(
         return [top]
     reports = [top]
     rows: list[tuple[int, str | None, str | None]] = []
-    layers = list(cfg.lowers)
-    if cfg.accelerationLayer and layers:
-        layers = layers[:-1]
+    layers = cfg.stacked_lowers
     for i, lc in enumerate(layers):
         p = local_layer_path(lc)
         if p is None:

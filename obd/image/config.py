@@ -62,6 +62,14 @@ class ImageConfig:
     recordTracePath: str = ""
     path: str = field(default="", metadata={"internal": True})
 
+    @property
+    def stacked_lowers(self) -> tuple[LayerConfig, ...]:
+        """The lowers that make the disk, bottom first: with ``accelerationLayer`` the
+        last lower carries a trace (§6.1), not data, and is not stacked."""
+        if self.accelerationLayer and self.lowers:
+            return self.lowers[:-1]
+        return self.lowers
+
 
 def _resolve(base: str, p: str) -> str:
     return p if not p or os.path.isabs(p) else os.path.normpath(os.path.join(base, p))

@@ -23,7 +23,10 @@ from typing import Any
 import numpy as np
 
 from obd.errors import CorruptError, ObdError, UsageError
+from obd.formats import lsmt
 from obd.formats import uuid as uuidmod
+from obd.formats import zfile as zf
+from obd.formats.layout import flag_names
 from obd.formats.lsmt import (
     ENTRY_SIZE,
     FLAG_DATA,
@@ -53,33 +56,6 @@ KIND_LSMT_RW_INDEX = "lsmt_rw_index"  # writable index file (§2.1)
 KIND_ZFILE = "zfile"  # a ZFile whose payload is not an LSMT layer
 KIND_IMAGE = "image_config"
 KIND_UNKNOWN = "unknown"
-
-LSMT_FLAG_NAMES = (
-    (0x01, "header"),
-    (0x02, "data"),
-    (0x04, "sealed"),
-    (0x08, "gc_layer"),
-    (0x10, "sparse"),
-    (0x20, "info_valid"),
-)
-ZFILE_FLAG_NAMES = (
-    (0x01, "header"),
-    (0x02, "data"),
-    (0x04, "sealed"),
-    (0x08, "header_overwrite"),
-    (0x10, "digest"),
-    (0x20, "index_compression"),
-)
-
-
-def flag_names(value: int, table: tuple[tuple[int, str], ...], bits: int) -> list[str]:
-    """Names of the set bits of ``value`` among ``bits``; unnamed bits as ``bitN``."""
-    out = [name for mask, name in table if value & mask & bits]
-    known = sum(m for m, _ in table)
-    for b in range(bits.bit_length()):
-        if value & bits & ~known & (1 << b):
-            out.append(f"bit{b}")
-    return out
 
 
 def uuid_or_none(text: str) -> str | None:
@@ -425,8 +401,8 @@ def _ht_info(h: HeaderTrailer, t: HeaderTrailer | None) -> LsmtInfo:
     src = t if t is not None else h
     return LsmtInfo(
         format_version=f"{src.version}.{src.sub_version}",
-        header_flags=flag_names(h.flags, LSMT_FLAG_NAMES, 0xFFFFFFFF),
-        trailer_flags=None if t is None else flag_names(t.flags, LSMT_FLAG_NAMES, 0xFFFFFFFF),
+        header_flags=flag_names(h.flags, lsmt.FLAG_NAMES, 0xFFFFFFFF),
+        trailer_flags=None if t is None else flag_names(t.flags, lsmt.FLAG_NAMES, 0xFFFFFFFF),
         uuid=uuid_or_none(src.uuid),
         parent_uuid=uuid_or_none(src.parent_uuid),
         virtual_size=src.virtual_size,
@@ -533,7 +509,7 @@ def inspect_file(path: str, *, index: str | None = None) -> FileInfo:
                 blocks=z.nblocks,
                 crc=z.verify,
                 digest=z.info.digest_enabled,
-                header_flags=flag_names(z.header.flags, ZFILE_FLAG_NAMES, 0x3F),
+                header_flags=flag_names(z.header.flags, zf.FLAG_NAMES, 0x3F),
                 compressed_size=z.source.size(),
                 original_size=z.original_file_size,
             )
@@ -584,9 +560,7 @@ def inspect_image(cfg: ImageConfig) -> ImageInfo:
     from obd.image.layers import local_layer_path
 
     rows: list[LayerRow] = []
-    layers = list(cfg.lowers)
-    if cfg.accelerationLayer and layers:
-        layers = layers[:-1]
+    layers = cfg.stacked_lowers
     for i, lc in enumerate(layers):
         p = local_layer_path(lc)
         if p is None or not os.path.exists(p):
@@ -675,9 +649,7 @@ def map_path(path: str, *, index: str | None = None) -> ExtentMap:
     if looks_like_config(path):
         cfg = load_image_config(path)
         with open_image(path, readonly=True) as st:
-            lowers = list(cfg.lowers)
-            if cfg.accelerationLayer and lowers:
-                lowers = lowers[:-1]
+            lowers = cfg.stacked_lowers
             names = [local_layer_path(lc) or lc.digest for lc in lowers][::-1]
             if cfg.upper.present:
                 names.insert(0, cfg.upper.data)

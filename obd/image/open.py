@@ -13,9 +13,7 @@ def open_config(cfg: ImageConfig, *, readonly: bool = False) -> Stack:
     lowers: list[LSMTReadOnly] = []
     upper: LSMTWritable | None = None
     try:
-        layers = list(cfg.lowers)
-        if cfg.accelerationLayer and layers:
-            layers = layers[:-1]  # the last lower carries a trace, it is not stacked
+        layers = cfg.stacked_lowers
         for i, layer in enumerate(layers):
             lowers.append(open_lower(layer, i, config_path=cfg.path))
         if cfg.upper.present:

@@ -22,6 +22,7 @@ from obd.formats.lsmt_rw import LSMTWritable
 from obd.image.layers import open_ro_layer, open_rw_layer
 from obd.image.stack import Stack
 from obd.io.base import ExtentKind, ReadAt
+from obd.io.cpu import cores
 from obd.io.file import AtomicOutput, LocalFile, open_file
 
 Progress = Callable[[int], None] | None
@@ -33,7 +34,7 @@ class ZFileOptions:
 
     algorithm: str = "lz4"
     block_size: int = 4096
-    threads: int = 1
+    threads: int | None = 1  # None: every CPU this process may use
     overwrite_header: bool = False
 
 
@@ -58,7 +59,7 @@ def output_sink(
             block_size=zfile.block_size,
             verify=True,
             overwrite_header=zfile.overwrite_header,
-            threads=zfile.threads,
+            threads=zfile.threads or cores(),
         )
     else:
         sink = FileSink(target)
