@@ -9,16 +9,21 @@
 =====  ==========  =========================================================
 
 Byte-identical output with the upstream tools needs the same compressor version: the
-reference vectors match liblz4 1.9.4 and libzstd 1.5.4 (Debian bookworm). When the system
-libraries ``liblz4.so.1`` / ``libzstd.so.1`` load they are called through ctypes (which
-releases the GIL, so compression threads scale); otherwise the ``lz4`` / ``zstandard``
-Python packages are used. Decompression works with either.
+reference vectors match liblz4 1.9.4 and libzstd 1.5.4 (Debian bookworm).
 
 Besides one-block ``compress`` / ``decompress``, every codec has batch helpers
-(:meth:`Codec.compress_blocks`, :meth:`Codec.decompress_blocks`) that handle many
-consecutive blocks with one output buffer; they also append and check the per-block CRC
-(raw CRC32C, seed 100007) so the ZFile reader and writer pay as little per block as
-possible.
+(:meth:`Codec.compress_blocks`, :meth:`Codec.decompress_blocks`, and :func:`bad_crcs`)
+that handle a run of consecutive blocks with one output buffer; they also append and
+check the per-block CRC (raw CRC32C, seed 100007). Three backends, best first:
+
+1. the compiled extension ``_zbatch.c`` (built at install time when a compiler and the
+   liblz4 / libzstd headers are there): one C call per run, GIL released for the whole
+   run, so reader and writer threads run in parallel; ``OBD_NO_EXT=1`` turns it off;
+2. the system libraries ``liblz4.so.1`` / ``libzstd.so.1`` through ctypes, one call per
+   block (each releases the GIL), CRC through the ``crc32c`` package;
+3. the ``lz4`` / ``zstandard`` Python packages (``OBD_NO_SYSTEM_CODECS=1`` forces them).
+
+All three read what any of them writes; 1 and 2 write the same bytes.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ Lengths = Sequence[int] | np.ndarray
 PROBLEM_CRC = "checksum mismatch"
 PROBLEM_DECODE = "decompression failed"
 PROBLEM_SIZE = "decompressed to the wrong size"
+# The extension's problem codes.
+_PROBLEMS = {1: PROBLEM_CRC, 2: PROBLEM_DECODE, 3: PROBLEM_SIZE}
 
 
 def _address(buf: Any) -> int:
@@ -73,6 +80,18 @@ def _load(name: str) -> Any:
         return ctypes.CDLL(name)
     except OSError:
         return None
+
+
+def _load_ext() -> Any:
+    """The compiled batch path (``_zbatch.c``), or None when it is not built or when
+    ``OBD_NO_EXT`` (or ``OBD_NO_SYSTEM_CODECS``) is set."""
+    if os.environ.get("OBD_NO_EXT") or os.environ.get("OBD_NO_SYSTEM_CODECS"):
+        return None
+    try:
+        from obd.formats import _zbatch  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return _zbatch
 
 
 class Codec:
@@ -211,6 +230,14 @@ def _plan(
 
 def bad_crcs(stored: bytes | bytearray | memoryview, lengths: Lengths) -> list[int]:
     """Indices of the records (CRC included in ``lengths``) whose per-block CRC fails."""
+    ext = _ext()
+    if ext is not None:
+        bad: list[int] = ext.bad_crcs(stored, lengths)
+        return bad
+    return _bad_crcs_python(stored, lengths)
+
+
+def _bad_crcs_python(stored: bytes | bytearray | memoryview, lengths: Lengths) -> list[int]:
     src = memoryview(stored).cast("B")
     if not len(lengths):
         return []
@@ -225,51 +252,44 @@ def bad_crcs(stored: bytes | bytearray | memoryview, lengths: Lengths) -> list[i
     ]
 
 
-# ----------------------------------------------------------------------------- LZ4
+# ------------------------------------------------------------- system libraries
 
 
-class _Lz4System(Codec):
-    algo_id = ALGO_LZ4
-    name = "lz4"
-    backend = "liblz4"
+class _SystemCodec(Codec):
+    """liblz4 / libzstd: batches in the compiled extension when it is built, else one
+    ctypes loop (ctypes releases the GIL per call, the extension once per run).
 
-    def __init__(self, lib: Any) -> None:
-        lib.LZ4_compress_default.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-            ctypes.c_int,
-        ]
-        lib.LZ4_compress_default.restype = ctypes.c_int
-        lib.LZ4_decompress_safe.argtypes = lib.LZ4_compress_default.argtypes
-        lib.LZ4_decompress_safe.restype = ctypes.c_int
-        lib.LZ4_versionNumber.restype = ctypes.c_int
-        lib.LZ4_compressBound.argtypes = [ctypes.c_int]
-        lib.LZ4_compressBound.restype = ctypes.c_int
+    Subclasses give ``_encoder()`` / ``_decoder()``: per-thread callables that code one
+    block between raw addresses, so the fallback loops exist once for both libraries.
+    """
+
+    def __init__(self, lib: Any, ext: Any) -> None:
         self._lib = lib
-        self._c = lib.LZ4_compress_default
-        self._d = lib.LZ4_decompress_safe
+        self._ext = ext
+        self.batch = "zbatch" if ext is not None else "ctypes"
 
-    def version(self) -> int:
-        return int(self._lib.LZ4_versionNumber())
+    def _encoder(self) -> Any:
+        """``enc(dst, cap, src, n) -> stored length``, negative on failure."""
+        raise NotImplementedError
 
-    def matches_vectors(self) -> bool:
-        return self.version() == LZ4_VECTOR_VERSION
-
-    def bound(self, raw_size: int) -> int:
-        return raw_size + raw_size // 255 + 16
+    def _decoder(self) -> Any:
+        """``dec(dst, want, src, body) -> problem`` (None when it decoded to ``want``)."""
+        raise NotImplementedError
 
     def compress(self, raw: bytes | bytearray | memoryview) -> bytes:
         mv, _ = self.compress_blocks(raw, max(len(raw), 1), False)
         return bytes(mv)
 
     def decompress(self, stored: bytes | bytearray | memoryview, raw_size: int) -> bytes:
+        if self._ext is not None:
+            r = self._ext.decompress(self.algo_id, stored, raw_size)
+            if isinstance(r, int):
+                raise ValueError(_PROBLEMS[r])
+            return bytes(r)
         out = bytearray(raw_size)
-        n = self._d(_address(stored), _address(out), len(stored), raw_size)
-        if n < 0:
-            raise ValueError(PROBLEM_DECODE)
-        if n != raw_size:
-            raise ValueError(PROBLEM_SIZE)
+        problem = self._decoder()(_address(out), raw_size, _address(stored), len(stored))
+        if problem is not None:
+            raise ValueError(problem)
         return bytes(out)
 
     def compress_blocks(
@@ -281,22 +301,28 @@ class _Lz4System(Codec):
     ) -> tuple[memoryview, list[int]]:
         data = memoryview(data).cast("B")
         size = len(data)
-        nblocks = -(-size // block_size)
+        # An empty input still makes one (empty) zstd frame, as ZSTD_compress does.
+        nblocks = -(-size // block_size) if size or self.algo_id != ALGO_ZSTD else 1
         cap = self.bound(block_size)
         need = nblocks * (cap + 4)
         out = scratch if scratch is not None and len(scratch) >= need else bytearray(need)
         mv = memoryview(out)
+        if self._ext is not None:
+            used, ext_lengths = self._ext.compress_blocks(
+                self.algo_id, data, block_size, crc, out, ZSTD_LEVEL
+            )
+            return mv[:used], ext_lengths
         src = _address(data)
         dst = _address(out)
-        comp = self._c
+        enc = self._encoder()
         pack = _U32.pack_into
         lengths: list[int] = []
         append = lengths.append
         pos = 0
-        for off in range(0, size, block_size):
-            n = comp(src + off, dst + pos, min(block_size, size - off), cap)
-            if n <= 0:
-                raise ValueError("LZ4 compression failed")
+        for off in range(0, nblocks * block_size, block_size):
+            n = enc(dst + pos, cap, src + off, min(block_size, size - off))
+            if n < 0:
+                raise ValueError(f"{self.name} compression failed")
             if crc:
                 pack(out, pos + n, ~_crc32c(mv[pos : pos + n], _BLOCK_SEED_INV) & _MASK)
                 n += 4
@@ -313,32 +339,82 @@ class _Lz4System(Codec):
         last_raw: int,
         crc: bool,
     ) -> list[tuple[int, str]]:
+        if self._ext is not None:
+            bad = self._ext.decompress_blocks(
+                self.algo_id, stored, lengths, out, block_size, last_raw, crc
+            )
+            return [(i, _PROBLEMS[code]) for i, code in bad] if bad else bad
         src_mv = memoryview(stored).cast("B")
         _check_sizes(src_mv, lengths, out, block_size, last_raw)
         if not len(lengths):
             return []
         src = _address(stored)
         dst = _address(out)
-        dec = self._d
+        dec = self._decoder()
         starts, bodies, expect = _plan(src_mv, lengths, crc)
-        bad: list[tuple[int, str]] = []
+        bad_list: list[tuple[int, str]] = []
         last = len(bodies) - 1
-        if expect is not None:
-            for i, (pos, body, want_crc) in enumerate(zip(starts, bodies, expect, strict=True)):
-                if _crc32c(src_mv[pos : pos + body], _BLOCK_SEED_INV) != want_crc:
-                    bad.append((i, PROBLEM_CRC))
-                    continue
-                want = block_size if i != last else last_raw
-                r = dec(src + pos, dst + i * block_size, body, want)
-                if r != want:
-                    bad.append((i, PROBLEM_DECODE if r < 0 else PROBLEM_SIZE))
-        else:
-            for i, (pos, body) in enumerate(zip(starts, bodies, strict=True)):
-                want = block_size if i != last else last_raw
-                r = dec(src + pos, dst + i * block_size, body, want)
-                if r != want:
-                    bad.append((i, PROBLEM_DECODE if r < 0 else PROBLEM_SIZE))
-        return bad
+        for i, (pos, body) in enumerate(zip(starts, bodies, strict=True)):
+            if expect is not None and (
+                _crc32c(src_mv[pos : pos + body], _BLOCK_SEED_INV) != expect[i]
+            ):
+                bad_list.append((i, PROBLEM_CRC))
+                continue
+            problem = dec(
+                dst + i * block_size, block_size if i != last else last_raw, src + pos, body
+            )
+            if problem is not None:
+                bad_list.append((i, problem))
+        return bad_list
+
+
+# ----------------------------------------------------------------------------- LZ4
+
+
+class _Lz4System(_SystemCodec):
+    algo_id = ALGO_LZ4
+    name = "lz4"
+    backend = "liblz4"
+
+    def __init__(self, lib: Any, ext: Any = None) -> None:
+        super().__init__(lib, ext)
+        lib.LZ4_compress_default.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+        ]
+        lib.LZ4_compress_default.restype = ctypes.c_int
+        lib.LZ4_decompress_safe.argtypes = lib.LZ4_compress_default.argtypes
+        lib.LZ4_decompress_safe.restype = ctypes.c_int
+        lib.LZ4_versionNumber.restype = ctypes.c_int
+        comp, dec = lib.LZ4_compress_default, lib.LZ4_decompress_safe
+
+        def encode(dst: int, cap: int, src: int, n: int) -> int:
+            r: int = comp(src, dst, n, cap)
+            return r if r > 0 else -1
+
+        def decode(dst: int, want: int, src: int, body: int) -> str | None:
+            r = dec(src, dst, body, want)
+            return None if r == want else PROBLEM_DECODE if r < 0 else PROBLEM_SIZE
+
+        self._enc, self._dec = encode, decode
+
+    def _encoder(self) -> Any:
+        return self._enc
+
+    def _decoder(self) -> Any:
+        return self._dec
+
+    def version(self) -> int:
+        return int(self._lib.LZ4_versionNumber())
+
+    def matches_vectors(self) -> bool:
+        return self.version() == LZ4_VECTOR_VERSION
+
+    def bound(self, raw_size: int) -> int:
+        # LZ4_COMPRESSBOUND
+        return raw_size + raw_size // 255 + 16
 
 
 class _Lz4Python(Codec):
@@ -394,12 +470,13 @@ class _ZstdCtx:
             lib.ZSTD_freeDCtx(self.dctx)
 
 
-class _ZstdSystem(Codec):
+class _ZstdSystem(_SystemCodec):
     algo_id = ALGO_ZSTD
     name = "zstd"
     backend = "libzstd"
 
-    def __init__(self, lib: Any) -> None:
+    def __init__(self, lib: Any, ext: Any = None) -> None:
+        super().__init__(lib, ext)
         vp, sz = ctypes.c_void_p, ctypes.c_size_t
         lib.ZSTD_createCCtx.restype = vp
         lib.ZSTD_createDCtx.restype = vp
@@ -412,9 +489,6 @@ class _ZstdSystem(Codec):
         lib.ZSTD_compressBound.argtypes = [sz]
         lib.ZSTD_compressBound.restype = sz
         lib.ZSTD_versionNumber.restype = ctypes.c_uint
-        self._lib = lib
-        self._c = lib.ZSTD_compressCCtx
-        self._d = lib.ZSTD_decompressDCtx
         self._local = threading.local()
 
     def _ctx(self) -> _ZstdCtx:
@@ -422,6 +496,24 @@ class _ZstdSystem(Codec):
         if ctx is None:
             ctx = self._local.ctx = _ZstdCtx(self._lib)
         return ctx
+
+    def _encoder(self) -> Any:
+        comp, cctx = self._lib.ZSTD_compressCCtx, self._ctx().cctx
+
+        def encode(dst: int, cap: int, src: int, n: int) -> int:
+            r: int = comp(cctx, dst, cap, src, n, ZSTD_LEVEL)
+            return r if r <= cap else -1
+
+        return encode
+
+    def _decoder(self) -> Any:
+        dec, dctx = self._lib.ZSTD_decompressDCtx, self._ctx().dctx
+
+        def decode(dst: int, want: int, src: int, body: int) -> str | None:
+            r = dec(dctx, dst, want, src, body)
+            return None if r == want else PROBLEM_DECODE if r > want else PROBLEM_SIZE
+
+        return decode
 
     def version(self) -> int:
         return int(self._lib.ZSTD_versionNumber())
@@ -431,85 +523,6 @@ class _ZstdSystem(Codec):
 
     def bound(self, raw_size: int) -> int:
         return int(self._lib.ZSTD_compressBound(raw_size))
-
-    def compress(self, raw: bytes | bytearray | memoryview) -> bytes:
-        mv, _ = self.compress_blocks(raw, max(len(raw), 1), False)
-        return bytes(mv)
-
-    def decompress(self, stored: bytes | bytearray | memoryview, raw_size: int) -> bytes:
-        out = bytearray(raw_size)
-        n = self._d(self._ctx().dctx, _address(out), raw_size, _address(stored), len(stored))
-        if n > raw_size:
-            raise ValueError(PROBLEM_DECODE)
-        if n != raw_size:
-            raise ValueError(PROBLEM_SIZE)
-        return bytes(out)
-
-    def compress_blocks(
-        self,
-        data: bytes | bytearray | memoryview,
-        block_size: int,
-        crc: bool,
-        scratch: bytearray | None = None,
-    ) -> tuple[memoryview, list[int]]:
-        data = memoryview(data).cast("B")
-        size = len(data)
-        nblocks = -(-size // block_size) if size else 1
-        cap = self.bound(block_size)
-        need = nblocks * (cap + 4)
-        out = scratch if scratch is not None and len(scratch) >= need else bytearray(need)
-        mv = memoryview(out)
-        src = _address(data)
-        dst = _address(out)
-        cctx = self._ctx().cctx
-        comp = self._c
-        pack = _U32.pack_into
-        lengths: list[int] = []
-        append = lengths.append
-        pos = 0
-        # An empty input still makes one (empty) frame, as ZSTD_compress does.
-        for off in range(0, size, block_size) if size else (0,):
-            n = comp(cctx, dst + pos, cap, src + off, min(block_size, size - off), ZSTD_LEVEL)
-            if n > cap:
-                raise ValueError("zstd compression failed")
-            if crc:
-                pack(out, pos + n, ~_crc32c(mv[pos : pos + n], _BLOCK_SEED_INV) & _MASK)
-                n += 4
-            append(n)
-            pos += n
-        return mv[:pos], lengths
-
-    def decompress_blocks(
-        self,
-        stored: bytes | bytearray | memoryview,
-        lengths: Lengths,
-        out: bytearray | memoryview,
-        block_size: int,
-        last_raw: int,
-        crc: bool,
-    ) -> list[tuple[int, str]]:
-        src_mv = memoryview(stored).cast("B")
-        _check_sizes(src_mv, lengths, out, block_size, last_raw)
-        if not len(lengths):
-            return []
-        src = _address(stored)
-        dst = _address(out)
-        dctx = self._ctx().dctx
-        dec = self._d
-        starts, bodies, expect = _plan(src_mv, lengths, crc)
-        bad: list[tuple[int, str]] = []
-        last = len(bodies) - 1
-        for i, (pos, body) in enumerate(zip(starts, bodies, strict=True)):
-            if expect is not None and (
-                _crc32c(src_mv[pos : pos + body], _BLOCK_SEED_INV) != expect[i]
-            ):
-                bad.append((i, PROBLEM_CRC))
-                continue
-            want = block_size if i != last else last_raw
-            r = dec(dctx, dst + i * block_size, want, src + pos, body)
-            if r != want:
-                bad.append((i, PROBLEM_DECODE if r > want else PROBLEM_SIZE))
-        return bad
 
 
 class _ZstdPython(Codec):
@@ -559,18 +572,25 @@ class _ZstdPython(Codec):
 
 _CODECS: dict[int, Codec] = {}
 _LOCK = threading.Lock()
+_EXT: list[Any] = []  # [the extension or None], loaded on first use
 
 
-def _make(algo_id: int) -> Codec:
+def _ext() -> Any:
+    if not _EXT:
+        _EXT.append(_load_ext())
+    return _EXT[0]
+
+
+def _make(algo_id: int, ext: Any) -> Codec:
     if algo_id == ALGO_LZ4:
         lib = _load("liblz4.so.1")
         if lib is not None and hasattr(lib, "LZ4_compress_default"):
-            return _Lz4System(lib)
+            return _Lz4System(lib, ext)
         return _Lz4Python()
     if algo_id == ALGO_ZSTD:
         lib = _load("libzstd.so.1")
         if lib is not None and hasattr(lib, "ZSTD_compressCCtx"):
-            return _ZstdSystem(lib)
+            return _ZstdSystem(lib, ext)
         return _ZstdPython()
     if algo_id in ALGO_NAMES:
         raise UnsupportedError(
@@ -591,8 +611,19 @@ def get_codec(algo: int | str) -> Codec:
         with _LOCK:
             codec = _CODECS.get(algo)
             if codec is None:
-                codec = _CODECS[algo] = _make(algo)
+                codec = _CODECS[algo] = _make(algo, _ext())
     return codec
+
+
+def have_extension() -> bool:
+    """True when the compiled batch path is built and enabled (see ``OBD_NO_EXT``)."""
+    return _ext() is not None
+
+
+def fallback_codec(algo: int | str) -> Codec:
+    """The codec ``get_codec`` gives without the compiled extension (for tests and
+    comparisons): the system library through ctypes, or the Python package."""
+    return _make(get_codec(algo).algo_id, None)
 
 
 def python_codec(algo: int | str) -> Codec:
