@@ -24,7 +24,8 @@ from typing import NamedTuple
 
 import pytest
 
-from obd.serve import nbd as N
+from obd.serve import nbd
+from obd.serve.nbd import proto as N
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,10 +52,10 @@ def obd(*args: str, timeout: float = 60, check: bool = True, cwd: str | None = N
 
 @contextlib.contextmanager
 def in_process_server(
-    exports: Sequence[N.Export], *, failed: dict[str, str] | None = None, workers: int = 0
-) -> Iterator[tuple[N.NbdServer, int]]:
+    exports: Sequence[nbd.Export], *, failed: dict[str, str] | None = None, workers: int = 0
+) -> Iterator[tuple[nbd.NbdServer, int]]:
     """An :class:`NbdServer` on 127.0.0.1:<free port>, shut down afterwards."""
-    server = N.NbdServer(exports, failed=failed, workers=workers)
+    server = nbd.NbdServer(exports, failed=failed, workers=workers)
     _, port = server.listen_tcp("127.0.0.1", 0)
     server.start()
     try:

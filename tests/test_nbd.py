@@ -19,10 +19,10 @@ import pytest
 
 from obd.errors import ConfigError, FileAccessError
 from obd.io.base import Extent, ExtentKind
-from obd.serve import ImageSpec, NbdService
-from obd.serve import nbd as N
+from obd.serve import ImageSpec, NbdService, nbd
 from obd.serve.audit import AuditLog, setup_logs
 from obd.serve.config import GlobalConfig, load_global_config, parse_global_config
+from obd.serve.nbd import proto as N
 from obd.serve.result import failure_reason, write_failure, write_success
 from tests.nbd_helpers import (
     RawClient,
@@ -78,8 +78,8 @@ def server(images):  # type: ignore[no-untyped-def]
     from obd.image import open_image
 
     exports = [
-        N.Export("rw", open_image(str(images["rw"]))),
-        N.Export("ro", open_image(str(images["ro"]))),
+        nbd.Export("rw", open_image(str(images["rw"]))),
+        nbd.Export("ro", open_image(str(images["ro"]))),
     ]
     with in_process_server(exports, failed={"broken": "failed to open layer 0"}) as (srv, port):
         yield srv, port
@@ -121,10 +121,10 @@ def test_block_status_states() -> None:
             Extent(12288, 4096, ExtentKind.HOLE),
         ]
     )
-    got = N.block_status(dev, 0, 16384)  # type: ignore[arg-type]
+    got = nbd.block_status(dev, 0, 16384)  # type: ignore[arg-type]
     assert got == [(8192, 0), (4096, N.NBD_STATE_ZERO), (4096, N.NBD_STATE_HOLE | N.NBD_STATE_ZERO)]
-    assert N.block_status(dev, 0, 16384, one=True) == [(8192, 0)]  # type: ignore[arg-type]
-    assert N.block_status(dev, 10000, 4000) == [  # type: ignore[arg-type]
+    assert nbd.block_status(dev, 0, 16384, one=True) == [(8192, 0)]  # type: ignore[arg-type]
+    assert nbd.block_status(dev, 10000, 4000) == [  # type: ignore[arg-type]
         (2288, N.NBD_STATE_ZERO),
         (1712, N.NBD_STATE_HOLE | N.NBD_STATE_ZERO),
     ]
@@ -413,7 +413,7 @@ def test_worker_pool_mode(images) -> None:  # type: ignore[no-untyped-def]
     from obd.image import open_image
 
     dev = open_image(str(images["rw"]))
-    with in_process_server([N.Export("rw", dev)], workers=3) as (_, port):
+    with in_process_server([nbd.Export("rw", dev)], workers=3) as (_, port):
         c = RawClient(port, "rw")
         for i in range(64):  # pipeline 64 writes, then collect the replies
             c.send_request(N.NBD_CMD_WRITE, i * 4096, 4096, 0, bytes([i]) * 4096)
@@ -433,7 +433,7 @@ def test_unix_socket_and_default_export(raw_pair, images, tmp_path: Path) -> Non
     from obd.image import open_image
 
     _, ro, _ = raw_pair
-    srv = N.NbdServer([N.Export("only", open_image(str(images["ro"])))])
+    srv = nbd.NbdServer([nbd.Export("only", open_image(str(images["ro"])))])
     sock = str(tmp_path / "s.sock")
     srv.listen_unix(sock)
     srv.start()

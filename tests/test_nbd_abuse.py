@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from obd.serve import nbd as N
+from obd.serve import nbd
+from obd.serve.nbd import proto as N
 from tests.nbd_helpers import (
     RawClient,
     RealClients,
@@ -272,7 +273,7 @@ def rw_export(tmp_path: Path):  # type: ignore[no-untyped-def]
     from obd.image import open_image
 
     cfg = writable_image(tmp_path, "fl", "16M")
-    return N.Export("fl", open_image(str(cfg)))
+    return nbd.Export("fl", open_image(str(cfg)))
 
 
 def _timed_read(port: int, offset: int, want: bytes) -> float:
@@ -853,7 +854,7 @@ def _random_session(f: Fuzz) -> None:
         for _ in sent:
             r = c.reply()
             cmd, flags, offset, length, want, expected = sent[r.cookie]
-            assert r.error in want, (N._COMMAND_NAMES.get(cmd, cmd), flags, offset, length, r.error, want)  # fmt: skip
+            assert r.error in want, (N.COMMAND_NAMES.get(cmd, cmd), flags, offset, length, r.error, want)  # fmt: skip
             f.answers["ok" if not r.error else f"error {r.error}"] += 1
             if cmd == N.NBD_CMD_READ and not r.error and expected is not None:
                 assert r.data == expected, f"READ {offset}+{length} returned wrong bytes"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from obd.serve import nbd as N
+from obd.serve.nbd import proto as N
 from tests.nbd_helpers import (
     RawClient,
     RealClients,
