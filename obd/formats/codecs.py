@@ -36,9 +36,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from crc32c import crc32c as _crc32c
 
 from obd.errors import UnsupportedError
+from obd.formats.crc import block_crc
 
 ALGO_MINI_LZO = 0
 ALGO_LZ4 = 1
@@ -51,8 +51,6 @@ ZSTD_LEVEL = 3
 LZ4_VECTOR_VERSION = 10904
 ZSTD_VECTOR_VERSION = 10504
 
-_MASK = 0xFFFFFFFF
-_BLOCK_SEED_INV = ~100007 & _MASK
 _U32 = struct.Struct("<I")
 
 # Jump-table entries: a list or a numpy integer array.
@@ -144,7 +142,7 @@ class Codec:
             out += c
             n = len(c)
             if crc:
-                out += _U32.pack(~_crc32c(c, _BLOCK_SEED_INV) & _MASK)
+                out += _U32.pack(block_crc(c))
                 n += 4
             lengths.append(n)
         return memoryview(out), lengths
@@ -172,10 +170,7 @@ class Codec:
         for i, n in enumerate(np.asarray(lengths, dtype=np.int64).tolist()):
             body = n - 4 if crc else n
             rec = src[pos : pos + body]
-            if (
-                crc
-                and (~_crc32c(rec, _BLOCK_SEED_INV) & _MASK) != _U32.unpack_from(src, pos + body)[0]
-            ):
+            if crc and block_crc(rec) != _U32.unpack_from(src, pos + body)[0]:
                 bad.append((i, PROBLEM_CRC))
                 pos += n
                 continue
@@ -205,8 +200,8 @@ def _check_sizes(
 def _plan(
     src: memoryview, lengths: Lengths, crc: bool
 ) -> tuple[list[int], list[int], list[int] | None]:
-    """Record starts, body lengths and (with ``crc``) the expected standard-CRC32C
-    value of each body, decoded in bulk with numpy instead of block by block."""
+    """Record starts, body lengths and (with ``crc``) the stored CRC of each body,
+    decoded in bulk with numpy instead of block by block."""
     lens = np.asarray(lengths, dtype=np.int64)
     starts = np.zeros(len(lens), dtype=np.int64)
     if len(lens) > 1:
@@ -224,8 +219,7 @@ def _plan(
         | (u8[at + 2].astype(np.uint32) << 16)
         | (u8[at + 3].astype(np.uint32) << 24)
     )
-    # raw = ~S(body, ~seed)  <=>  S(body, ~seed) == ~raw
-    return starts.tolist(), bodies.tolist(), (~stored).tolist()
+    return starts.tolist(), bodies.tolist(), stored.tolist()
 
 
 def bad_crcs(stored: bytes | bytearray | memoryview, lengths: Lengths) -> list[int]:
@@ -248,7 +242,7 @@ def _bad_crcs_python(stored: bytes | bytearray | memoryview, lengths: Lengths) -
     return [
         i
         for i, (pos, body, want) in enumerate(zip(starts, bodies, expect, strict=True))
-        if _crc32c(src[pos : pos + body], _BLOCK_SEED_INV) != want
+        if block_crc(src[pos : pos + body]) != want
     ]
 
 
@@ -324,7 +318,7 @@ class _SystemCodec(Codec):
             if n < 0:
                 raise ValueError(f"{self.name} compression failed")
             if crc:
-                pack(out, pos + n, ~_crc32c(mv[pos : pos + n], _BLOCK_SEED_INV) & _MASK)
+                pack(out, pos + n, block_crc(mv[pos : pos + n]))
                 n += 4
             append(n)
             pos += n
@@ -355,9 +349,7 @@ class _SystemCodec(Codec):
         bad_list: list[tuple[int, str]] = []
         last = len(bodies) - 1
         for i, (pos, body) in enumerate(zip(starts, bodies, strict=True)):
-            if expect is not None and (
-                _crc32c(src_mv[pos : pos + body], _BLOCK_SEED_INV) != expect[i]
-            ):
+            if expect is not None and block_crc(src_mv[pos : pos + body]) != expect[i]:
                 bad_list.append((i, PROBLEM_CRC))
                 continue
             problem = dec(
