@@ -34,7 +34,7 @@ from obd.formats.lsmt import (
     Mappings,
     encode_entries,
 )
-from obd.formats.lsmt_rw import LSMTWritable
+from obd.formats.lsmt.rw import LSMTWritable
 from obd.image import ops
 from obd.image.layers import open_ro_layer
 from obd.image.stack import Stack

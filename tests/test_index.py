@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from obd.formats.lsmt import RUN_DATA, RUN_HOLE, RUN_ZERO, Mappings, SegmentIndex, merge_layers
-from obd.formats.lsmt_rw import MutableIndex
+from obd.formats.lsmt.rw import MutableIndex
 
 records = st.lists(
     st.tuples(st.integers(0, 300), st.integers(0, 60), st.integers(8, 10_000), st.booleans()),

@@ -648,7 +648,7 @@ def test_verify_blocks_source_shrinks(good: bytes) -> None:
     zr = ZFileReader(src)
     src.opened = True
     with pytest.MonkeyPatch.context() as mp:  # reuse the reader opened before the cut
-        mp.setattr("obd.formats.zfile.ZFileReader", lambda *a, **k: zr)
+        mp.setattr("obd.formats.zfile.reader.ZFileReader", lambda *a, **k: zr)
         problems = verify_blocks(src)
     assert [p[0] for p in problems] == list(range(4, r.nblocks))
     assert all(p[2] == "truncated" for p in problems)

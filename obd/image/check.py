@@ -44,6 +44,7 @@ from obd.errors import CorruptError, ObdError, UnsupportedError
 from obd.formats import crc
 from obd.formats import uuid as uuidmod
 from obd.formats import zfile as zf
+from obd.formats.codecs import get_codec
 from obd.formats.lsmt import (
     ENTRY_SIZE,
     FLAG_DATA,
@@ -333,7 +334,7 @@ def _check_zfile(
         return st
     codec = None
     try:
-        codec = zf.get_codec(h.algo)
+        codec = get_codec(h.algo)
     except UnsupportedError as e:
         rep.add(ERROR, "unsupported", e.message + "; blocks not checked", base + 76)
     verify = bool(h.verify)
@@ -798,7 +799,7 @@ def _check_entries(
 
 def check_rw(data_path: str, index_path: str | None, rep: CheckReport) -> None:
     """A writable layer's data file and (log-structured) index file (§2.1-§2.3)."""
-    from obd.formats.lsmt_rw import LSMTWritable
+    from obd.formats.lsmt.rw import LSMTWritable
 
     with open_file(data_path) as data:
         dsize = data.size()
@@ -847,7 +848,7 @@ def check_rw(data_path: str, index_path: str | None, rep: CheckReport) -> None:
             data2 = open_file(data_path)
             index = open_file(index_path)
             try:
-                with _quiet("obd.formats.lsmt_rw"):  # a torn tail is reported above
+                with _quiet("obd.formats.lsmt.rw"):  # a torn tail is reported above
                     layer = LSMTWritable.open(data2, index, readonly=True)
             except ObdError as e:  # pragma: no cover - the checks above cover open()
                 data2.close()
@@ -991,7 +992,7 @@ def _check_rw_index(
         return False
     # records past the data file's end: a crash's lost appends when they end the log (the
     # reader's own rule), corruption when a record inside the file follows them
-    from obd.formats.lsmt_rw import whole_records
+    from obd.formats.lsmt.rw import whole_records
 
     try:
         keep = whole_records(m, dsize, path=index_path)

@@ -10,7 +10,7 @@ import os
 
 from obd.errors import CorruptError, FileAccessError, ObdError, UnsupportedError
 from obd.formats.lsmt import HT_SLOT, LSMTReadOnly, is_lsmt
-from obd.formats.lsmt_rw import LSMTWritable
+from obd.formats.lsmt.rw import LSMTWritable
 from obd.image.config import LayerConfig
 from obd.io.base import ReadAt
 from obd.io.file import LocalFile, open_file

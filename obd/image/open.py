@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from obd.formats.lsmt import LSMTReadOnly
-from obd.formats.lsmt_rw import LSMTWritable
+from obd.formats.lsmt.rw import LSMTWritable
 from obd.image.config import ImageConfig
 from obd.image.layers import local_layer_path, open_lower, open_rw_layer
 from obd.image.stack import Stack

@@ -17,8 +17,8 @@ import numpy as np
 from obd.errors import CorruptError, UsageError
 from obd.formats import uuid as uuidmod
 from obd.formats.lsmt import SECTOR, HeaderTrailer, Mappings
-from obd.formats.lsmt_commit import FileSink, commit_header, compact
-from obd.formats.lsmt_rw import LSMTWritable
+from obd.formats.lsmt.commit import FileSink, commit_header, compact
+from obd.formats.lsmt.rw import LSMTWritable
 from obd.image.layers import open_ro_layer, open_rw_layer
 from obd.image.stack import Stack
 from obd.io.base import ExtentKind, ReadAt

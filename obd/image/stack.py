@@ -26,7 +26,7 @@ from obd.formats.lsmt import (
     SegmentIndex,
     merge_layers,
 )
-from obd.formats.lsmt_rw import LSMTWritable
+from obd.formats.lsmt.rw import LSMTWritable
 from obd.io.base import Extent, ExtentKind, ReadAt, merge_extents
 from obd.io.file import LocalFile
 

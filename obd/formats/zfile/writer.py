@@ -1,0 +1,235 @@
+"""Writing ZFiles: the streaming :class:`ZFileWriter` and :func:`compress_file` (FORMATS.md §4.8)."""
+
+from __future__ import annotations
+
+from array import array
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+
+from obd.errors import UsageError
+from obd.formats import crc
+from obd.formats.codecs import (
+    get_codec,
+)
+from obd.formats.zfile.layout import (
+    DEFAULT_BLOCK_SIZE,
+    FLAGS_INITIAL_HEADER,
+    FLAGS_OVERWRITTEN_HEADER,
+    FLAGS_TRAILER,
+    SLOT_SIZE,
+    WRITER_BLOCK_SIZES,
+    HeaderTrailer,
+    _table_bytes,
+)
+from obd.formats.zfile.reader import Progress
+from obd.io.base import ReadAt, WriteAt
+
+# ----------------------------------------------------------------------------- writer
+
+
+class ZFileWriter:
+    """A streaming ZFile sink (§4.8 stream builder) over a WriteAt.
+
+    ``write`` takes any sizes and buffers into full blocks; ``close`` compresses the last
+    partial block, writes the jump table right after the last block, the trailer
+    (flags 0x16) and, with ``overwrite_header``, rewrites the header (0x1B). The streamed
+    header has flags 0x13. Positions start at 0 of ``out``; the writer tracks them itself.
+
+    ``threads`` counts the caller: with ``threads > 1``, ``threads - 1`` pool workers
+    compress batches of blocks while the calling thread feeds them and writes results
+    (measured on 2 cores: one worker plus the caller beats two workers, whose GIL
+    hand-offs at every 4 KiB block cost more than they gain). At most ``2 * threads``
+    batches are in flight and results are written in order, so the file is
+    byte-identical to a single-threaded one.
+
+    ``bytes_in`` counts plain bytes written, ``bytes_out`` the ZFile bytes so far.
+    ``close`` does not close ``out``.
+    """
+
+    def __init__(
+        self,
+        out: WriteAt,
+        *,
+        algorithm: str | int = "lz4",
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        verify: bool = True,
+        overwrite_header: bool = False,
+        threads: int = 1,
+    ) -> None:
+        if block_size not in WRITER_BLOCK_SIZES:
+            raise UsageError(
+                f"ZFile block size must be 4, 8, 16, 32 or 64 KiB, not {block_size} bytes"
+            )
+        self.codec = get_codec(algorithm)
+        self.out = out
+        self.block_size = block_size
+        self.verify = bool(verify)
+        self.overwrite_header = overwrite_header
+        self.threads = max(1, int(threads))
+        self._batch = max(1, (1 << 20) // block_size) * block_size
+        self._stage = bytearray(self._batch)  # plain bytes waiting for a full batch
+        self._fill = 0
+        self._index: array = array("I")
+        self._pending: deque[Future[tuple[memoryview, list[int]]]] = deque()
+        self._free: deque[bytearray] = deque()
+        self._pool: ThreadPoolExecutor | None = (
+            ThreadPoolExecutor(self.threads - 1, thread_name_prefix="zfile")
+            if self.threads > 1
+            else None
+        )
+        self._closed = False
+        self.bytes_in = 0
+        self._template = HeaderTrailer(
+            block_size=block_size,
+            algo=self.codec.algo_id,
+            verify=1 if self.verify else 0,
+        )
+        head = replace(self._template, flags=FLAGS_INITIAL_HEADER).pack_slot()
+        out.pwrite(0, head)
+        self._pos = SLOT_SIZE
+        self.index_offset: int | None = None
+
+    @property
+    def bytes_out(self) -> int:
+        return self._pos
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self._closed:
+            raise ValueError("write to a closed ZFileWriter")
+        mv = memoryview(data).cast("B")  # count bytes, not items
+        n = len(mv)
+        self.bytes_in += n
+        batch = self._batch
+        pos = 0
+        if not self._fill and n >= batch:
+            # Fast path: cut whole batches straight from the caller's data.
+            pos = n // batch * batch
+            # Threads need data that cannot change after we return: bytes is immutable.
+            src = mv if isinstance(data, bytes) or self._pool is None else bytes(mv[:pos])
+            for off in range(0, pos, batch):
+                self._submit(src[off : off + batch])
+        stage, fill = self._stage, self._fill
+        while pos < n:
+            take = min(batch - fill, n - pos)
+            stage[fill : fill + take] = mv[pos : pos + take]
+            fill += take
+            pos += take
+            if fill == batch:
+                self._submit_stage(fill)
+                fill = 0
+        self._fill = fill
+        return n
+
+    def _submit_stage(self, fill: int) -> None:
+        view = memoryview(self._stage)[:fill]
+        # One thread compresses the staging buffer in place; workers get a copy.
+        self._submit(view if self._pool is None else bytes(view))
+
+    def _compress(self, chunk: bytes | memoryview) -> tuple[memoryview, list[int]]:
+        try:
+            scratch: bytearray | None = self._free.pop()
+        except IndexError:
+            scratch = None
+        return self.codec.compress_blocks(chunk, self.block_size, self.verify, scratch)
+
+    def _submit(self, chunk: bytes | memoryview) -> None:
+        if self._pool is None:
+            self._emit(self._compress(chunk))
+            return
+        self._pending.append(self._pool.submit(self._compress, chunk))
+        while len(self._pending) > 2 * self.threads:
+            self._emit(self._pending.popleft().result())
+
+    def _emit(self, result: tuple[memoryview, list[int]]) -> None:
+        stored, lengths = result
+        self.out.pwrite(self._pos, stored)
+        self._pos += len(stored)
+        self._index.extend(lengths)
+        if isinstance(stored.obj, bytearray):
+            self._free.append(stored.obj)  # recycle the output buffer
+
+    def close(self) -> None:
+        """Finish the file: last block, jump table, trailer (and header rewrite)."""
+        if self._closed:
+            return
+        try:
+            if self._fill:
+                self._submit_stage(self._fill)
+                self._fill = 0
+            while self._pending:
+                self._emit(self._pending.popleft().result())
+        finally:
+            self._closed = True
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+        table = _table_bytes(self._index)
+        self.index_offset = ioff = self._pos
+        self.out.pwrite(ioff, table)
+        self._pos += len(table)
+        final = replace(
+            self._template,
+            index_offset=ioff,
+            index_size=len(self._index),
+            original_file_size=self.bytes_in,
+            index_crc=crc.raw(table, 0),
+        )
+        self.out.pwrite(self._pos, replace(final, flags=FLAGS_TRAILER).pack_slot())
+        self._pos += SLOT_SIZE
+        if self.overwrite_header:
+            self.out.pwrite(0, replace(final, flags=FLAGS_OVERWRITTEN_HEADER).pack_slot())
+
+    def abort(self) -> None:
+        """Stop without finishing the file (the output is left incomplete)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> ZFileWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def compress_file(
+    src: ReadAt,
+    out: WriteAt,
+    *,
+    algorithm: str | int = "lz4",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    verify: bool = True,
+    overwrite_header: bool = False,
+    threads: int = 1,
+    progress: Progress | None = None,
+) -> ZFileWriter:
+    """Compress all of ``src`` into ``out`` as a ZFile; returns the closed writer."""
+    total = src.size()
+    chunk = max(8 << 20, block_size)
+    with ZFileWriter(
+        out,
+        algorithm=algorithm,
+        block_size=block_size,
+        verify=verify,
+        overwrite_header=overwrite_header,
+        threads=threads,
+    ) as w:
+        pos = 0
+        while pos < total:
+            data = src.pread(pos, min(chunk, total - pos))
+            if not data:
+                break
+            w.write(data)
+            pos += len(data)
+            if progress is not None:
+                progress(len(data))
+    return w
