@@ -1,4 +1,4 @@
-"""The server's logs: the main log (``logConfig``) and the audit log (FORMATS.md §6.2, §8.8).
+"""The server's logs: the main log (``logConfig``) and the audit log (docs/formats.md §6.2, §8.8).
 
 Audit lines keep Photon's format::
 

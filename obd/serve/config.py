@@ -1,4 +1,4 @@
-"""The global config: ``/etc/overlaybd/overlaybd.json`` (FORMATS.md §6.2).
+"""The global config: ``/etc/overlaybd/overlaybd.json`` (docs/formats.md §6.2).
 
 Every key upstream reads, with upstream's default. Missing keys and missing nested
 objects take the defaults; a present key of the wrong type, bad JSON, an unknown cache

@@ -1,4 +1,4 @@
-"""The Prometheus exporter (FORMATS.md §8.7), served with prometheus_client.
+"""The Prometheus exporter (docs/formats.md §8.7), served with prometheus_client.
 
 Upstream's metric families, all gauges: ``OverlayBD_Alive`` (1, label ``node`` = host
 name), and per source tag (``pread``: reads served to clients; ``download``: fetches

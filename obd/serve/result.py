@@ -1,4 +1,4 @@
-"""The image config's ``resultFile`` (FORMATS.md §6.5).
+"""The image config's ``resultFile`` (docs/formats.md §6.5).
 
 The file holds ``success`` once the device is open, or ``failed:<reason>`` with one of
 upstream's reasons; no trailing newline. It is replaced atomically and durably

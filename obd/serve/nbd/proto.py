@@ -1,4 +1,4 @@
-"""NBD as obd speaks it: the wire constants and byte layouts (docs/formats.md §7).
+"""NBD as obd speaks it: the wire constants and byte layouts (docs/formats.md §10).
 
 Names are the protocol's (NetworkBlockDevice/nbd ``doc/proto.md``); every value and every
 layout is declared here once. Each layout is a :class:`struct.Struct` on a frozen
