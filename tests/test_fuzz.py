@@ -1080,7 +1080,7 @@ def test_huge_virtual_size_is_corrupt(own: list[Target], which: str, tmp_path: P
     code, _, err = cli("merge", "--raw", cfg, tmp_path / "out.raw")
     assert code == 4 and "larger than an LSMT index can address" in err, err
     code, out, _ = cli("check", cfg)
-    assert code == 2 and "larger than an index can address" in out, out
+    assert code == 2 and "larger than an LSMT index can address" in out, out
 
 
 def test_header_and_trailer_disagree_on_the_virtual_size(own: list[Target], tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -42,7 +42,6 @@ import numpy as np
 
 from obd.errors import CorruptError, ObdError, UnsupportedError
 from obd.formats import crc
-from obd.formats import uuid as uuidmod
 from obd.formats import zfile as zf
 from obd.formats.codecs import get_codec
 from obd.formats.lsmt import (
@@ -54,14 +53,19 @@ from obd.formats.lsmt import (
     HT_SECTORS,
     HT_SLOT,
     INVALID_OFFSET,
-    MAX_RO_INDEX_SIZE,
     MAX_RW_INDEX_RECORDS,
-    MAX_VIRTUAL_SIZE,
     SECTOR,
     HeaderTrailer,
     decode_entries,
-    sectors_of,
 )
+from obd.formats.lsmt.ro import (
+    RoFacts,
+    disagreements,
+    header_problems,
+    padding_problems,
+    validate_ro,
+)
+from obd.formats.problem import CORRUPTION, ERROR, LEAK, NOTE, WARNING, Problem
 from obd.image.inspect import (
     KIND_IMAGE,
     KIND_LSMT_RO,
@@ -74,19 +78,12 @@ from obd.image.inspect import (
     chain_problems,
     looks_like_config,
     lsmt_kind,
-    referenced_bytes,
     sibling_index,
     uuid_or_none,
 )
 from obd.io.base import ReadAt
 from obd.io.cpu import cores
 from obd.io.file import open_file
-
-CORRUPTION = "corruption"
-LEAK = "leak"
-WARNING = "warning"
-NOTE = "note"
-ERROR = "error"
 
 EXIT_CLEAN = 0
 EXIT_ERROR = 1
@@ -491,307 +488,37 @@ def _check_blocks(
 # ------------------------------------------------------------------------------- LSMT
 
 
+def _report(
+    rep: CheckReport, problems: Iterable[Problem], *, space: str = "file", path: str | None = None
+) -> None:
+    """Add each problem as a finding; leaked and garbage bytes go to the totals."""
+    for p in problems:
+        rep.add(p.severity, p.code, p.message, p.offset, space=space, path=path)
+        if p.severity == LEAK:
+            rep.leaked_bytes += p.nbytes
+        elif p.code == "garbage":
+            rep.garbage_bytes += p.nbytes
+
+
 def _lsmt_ht(
     view: ReadAt, rep: CheckReport, at: int, what: str, space: str
 ) -> tuple[HeaderTrailer | None, bytes]:
     raw = view.pread(at, HT_SLOT)
-    if len(raw) < HT_SLOT:
-        rep.add(CORRUPTION, f"lsmt_{what}", f"LSMT {what} is truncated", at, space=space)
-        return None, raw
-    try:
-        ht = HeaderTrailer.unpack(raw, offset=at, what=what)
-    except CorruptError:
-        rep.add(CORRUPTION, f"lsmt_{what}", f"LSMT {what} has a bad magic", at, space=space)
-        return None, raw
-    size = HeaderTrailer.STRUCT.unpack_from(raw)[2]
-    if size != HeaderTrailer.STRUCT.size:
-        rep.add(
-            CORRUPTION,
-            f"lsmt_{what}",
-            f"LSMT {what} size field is {size}, not {HeaderTrailer.STRUCT.size}",
-            at + LSMT_OFF["size"],
-            space=space,
-        )
-    if any(raw[HeaderTrailer.STRUCT.size :]):
-        rep.add(
-            WARNING,
-            f"lsmt_{what}",
-            f"LSMT {what} has non-zero bytes after its {HeaderTrailer.STRUCT.size}-byte struct",
-            at + HeaderTrailer.STRUCT.size,
-            space=space,
-        )
-    if ht.virtual_size > MAX_VIRTUAL_SIZE:
-        rep.add(
-            CORRUPTION,
-            f"lsmt_{what}",
-            f"LSMT {what} virtual size {ht.virtual_size} is larger than an index can address "
-            f"({MAX_VIRTUAL_SIZE})",
-            at + LSMT_OFF["virtual_size"],
-            space=space,
-        )
-    if (ht.version, ht.sub_version) != (1, 1):
-        rep.add(
-            WARNING,
-            f"lsmt_{what}",
-            f"LSMT {what} version {ht.version}.{ht.sub_version} (writers use 1.1)",
-            at + LSMT_OFF["version"],
-            space=space,
-        )
-    for name in ("uuid", "parent_uuid"):
-        text = getattr(ht, name)
-        if text and not uuidmod.is_valid(text):
-            rep.add(
-                CORRUPTION,
-                f"lsmt_{what}",
-                f"LSMT {what} {name} {text!r} is not a valid uuid",
-                at + LSMT_OFF[name],
-                space=space,
-            )
+    ht, problems = header_problems(raw, at, what)
+    _report(rep, problems, space=space)
     return ht, raw
-
-
-def _compare_ht(
-    a: HeaderTrailer,
-    b: HeaderTrailer,
-    rep: CheckReport,
-    names: tuple[str, ...],
-    *,
-    at_a: int,
-    at_b: int,
-    what: str,
-    space: str = "file",
-    path_b: str | None = None,
-    severity: str = CORRUPTION,
-) -> None:
-    for name in names:
-        va, vb = getattr(a, name), getattr(b, name)
-        same = va.upper() == vb.upper() if name in ("uuid", "parent_uuid") else va == vb
-        if not same:
-            where = f" at {path_b} offset {at_b + LSMT_OFF[name]}" if path_b else ""
-            rep.add(
-                severity,
-                "header_trailer_mismatch",
-                f"{what} disagree on {name}: {va!r} vs {vb!r}{where}",
-                at_a + LSMT_OFF[name],
-                space=space,
-            )
-
-
-def _padding_problems(m: Any, w_raw: np.ndarray, rep: CheckReport, at: int, space: str) -> None:
-    """Entries whose offset is the invalid marker must be all padding (w1 == 0...)."""
-    pad = m.offset == np.uint64(INVALID_OFFSET)
-    malformed = pad & ((m.length != 0) | (w_raw[:, 1] != 0))
-    for i in np.flatnonzero(malformed).tolist():
-        rep.add(
-            CORRUPTION,
-            "index_entry",
-            f"index entry {i} has the padding offset but other fields set",
-            at + i * ENTRY_SIZE,
-            space=space,
-        )
 
 
 def check_lsmt_ro(view: ReadAt, rep: CheckReport, *, space: str = "file") -> None:
     """A read-only layer (commit output) or a sealed data file, everything of §1.5-§1.6."""
-    fsize = view.size()
-    if fsize < 2 * HT_SLOT:
-        rep.add(
-            CORRUPTION,
-            "lsmt_header",
-            f"too small for an LSMT layer ({fsize} bytes)",
-            0,
-            space=space,
-        )
-        return
-    if fsize % SECTOR:
-        rep.add(
-            WARNING,
-            "lsmt_trailer",
-            f"file size {fsize} is not a multiple of 512",
-            fsize,
-            space=space,
-        )
-    h, _ = _lsmt_ht(view, rep, 0, "header", space)
-    if h is not None and (not h.flags & FLAG_HEADER or not h.flags & FLAG_DATA):
-        rep.add(
-            CORRUPTION,
-            "lsmt_header",
-            f"header flags {h.flags:#x} are not a data-file header",
-            LSMT_OFF["flags"],
-            space=space,
-        )
-    toff = fsize - HT_SLOT
-    t, _ = _lsmt_ht(view, rep, toff, "trailer", space)
-    if t is None:
-        return
-    if t.flags & FLAG_HEADER or not t.flags & FLAG_DATA or not t.flags & FLAG_SEALED:
-        rep.add(
-            CORRUPTION,
-            "lsmt_trailer",
-            f"trailer flags {t.flags:#x} are not a sealed data-file trailer",
-            toff + LSMT_OFF["flags"],
-            space=space,
-        )
-    rep.uuid, rep.parent_uuid = uuid_or_none(t.uuid), uuid_or_none(t.parent_uuid)
-    if h is not None:
-        _compare_ht(
-            h,
-            t,
-            rep,
-            ("uuid", "parent_uuid", "virtual_size", "version", "sub_version", "user_tag"),
-            at_a=0,
-            at_b=toff,
-            what="header and trailer",
-            space=space,
-        )
-        if h.flags & FLAG_SEALED and (h.index_offset or h.index_size):
-            rep.add(
-                WARNING,
-                "lsmt_header",
-                "committed header carries index fields (writers leave them 0)",
-                LSMT_OFF["index_offset"],
-                space=space,
-            )
-    n, ioff = t.index_size, t.index_offset
-    rep.checked["index_entries"] = n
-    if n > MAX_RO_INDEX_SIZE:
-        rep.add(
-            CORRUPTION,
-            "index_bounds",
-            f"index has {n} entries, more than {MAX_RO_INDEX_SIZE}",
-            toff + LSMT_OFF["index_size"],
-            space=space,
-        )
-        return
-    if ioff % SECTOR or ioff < HT_SLOT or ioff > toff or n * ENTRY_SIZE > toff - ioff:
-        rep.add(
-            CORRUPTION,
-            "index_bounds",
-            f"index ({n} entries at offset {ioff}) does not fit between the header and the "
-            f"trailer at {toff}" + (" or is not 512-aligned" if ioff % SECTOR else ""),
-            toff + LSMT_OFF["index_offset"],
-            space=space,
-        )
-        return
-    raw = view.pread(ioff, n * ENTRY_SIZE)
-    if len(raw) != n * ENTRY_SIZE:
-        rep.add(CORRUPTION, "index_bounds", "index is truncated", ioff + len(raw), space=space)
-        return
-    m = decode_entries(raw)
-    words = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
-    _padding_problems(m, words, rep, ioff, space)
-    valid = np.flatnonzero(m.offset != np.uint64(INVALID_OFFSET))
-    rep.checked["valid_entries"] = len(valid)
-    vm = m.select(valid)
-    _check_entries(vm, valid, rep, ioff, t.virtual_size, space)
-    # data area [4096, index_offset) bytes that no entry references
-    area = ioff - HT_SLOT
-    used = referenced_bytes(vm)
-    if area > used:
-        if h is not None and not h.flags & FLAG_SEALED:
-            # sealed in place (§2.4): the writable layer's garbage stays, as upstream's
-            rep.add(
-                NOTE,
-                "garbage",
-                f"{area - used} bytes of the data area are overwritten data no longer "
-                "referenced (sealed in place; a commit drops them)",
-                HT_SLOT,
-                space=space,
-            )
-            rep.garbage_bytes += area - used
-        else:
-            # a compacted commit copies referenced data only (§1.8): nothing explains these
-            rep.add(
-                LEAK,
-                "unreferenced",
-                f"{area - used} bytes of the data area are not referenced by the index "
-                "(a commit writes none)",
-                HT_SLOT,
-                space=space,
-            )
-            rep.leaked_bytes += area - used
-
-
-def _check_entries(
-    vm: Any, pos: np.ndarray, rep: CheckReport, ioff: int, vsize: int, space: str
-) -> None:
-    """Order, overlap, moffset ranges (§1.5) and shared stored data of valid entries."""
-
-    def at(i: int) -> int:
-        return ioff + int(pos[i]) * ENTRY_SIZE
-
-    off = vm.offset.astype(np.int64)
-    ln = vm.length.astype(np.int64)
-    mo = vm.moffset.astype(np.int64)
-    ze = vm.zeroed
-    end = off + ln
-    if len(off) > 1:
-        prev_end = np.maximum.accumulate(end)[:-1]
-        disorder = np.flatnonzero(off[1:] < off[:-1]) + 1
-        for i in disorder.tolist():
-            rep.add(
-                CORRUPTION,
-                "index_order",
-                f"index entry {int(pos[i])} is out of order (offset {int(off[i])} < previous "
-                f"offset {int(off[i - 1])} sectors)",
-                at(i),
-                space=space,
-            )
-        overlap = np.flatnonzero((off[1:] < prev_end) & (off[1:] >= off[:-1])) + 1
-        for i in overlap.tolist():
-            rep.add(
-                CORRUPTION,
-                "index_overlap",
-                f"index entry {int(pos[i])} overlaps an earlier entry (offset {int(off[i])} < "
-                f"end {int(prev_end[i - 1])} sectors)",
-                at(i),
-                space=space,
-            )
-    b, e = HT_SECTORS, ioff // SECTOR
-    mend = np.where(ze, mo, mo + ln)
-    data_bad = (~ze) & ((mo < b) | (mo >= e) | (mend <= b) | (mend > e))
-    zero_bad = ze & ((mo < b) | (mo > e))
-    for i in np.flatnonzero(data_bad | zero_bad).tolist():
-        rep.add(
-            CORRUPTION,
-            "index_moffset",
-            f"index entry {int(pos[i])} maps outside the data area [{b}, {e}) sectors "
-            f"(moffset {int(mo[i])}, length {int(ln[i])}{', zeroed' if ze[i] else ''})",
-            at(i),
-            space=space,
-        )
-    for i in np.flatnonzero(ln == 0).tolist():
-        rep.add(
-            WARNING, "index_entry", f"index entry {int(pos[i])} has length 0", at(i), space=space
-        )
-    # the layer's disk ends at ``vsize``: an entry past it is a damaged offset or length
-    # (what it should map reads wrong), refused by the reader too (lsmt.validate_ro_index)
-    past = np.flatnonzero((ln > 0) & (end > sectors_of(vsize)))
-    for i in past.tolist():
-        rep.add(
-            CORRUPTION,
-            "index_entry",
-            f"index entry {int(pos[i])} maps past the virtual size (sectors [{int(off[i])}, "
-            f"{int(end[i])}) of a {vsize}-byte disk)",
-            at(i),
-            space=space,
-        )
-    # two data entries sharing stored sectors
-    data = np.flatnonzero(~ze & (ln > 0))
-    if len(data) > 1:
-        order = data[np.argsort(mo[data], kind="stable")]
-        s, f = mo[order], mo[order] + ln[order]
-        prev = np.maximum.accumulate(f)[:-1]
-        for k in (np.flatnonzero(s[1:] < prev) + 1).tolist():
-            i = int(order[k])
-            rep.add(
-                CORRUPTION,
-                "index_shared",
-                f"index entry {int(pos[i])} maps stored data another entry maps too "
-                f"(moffset {int(mo[i])} sectors)",
-                at(i),
-                space=space,
-            )
+    facts = RoFacts()
+    _report(rep, validate_ro(view, facts), space=space)
+    t = facts.trailer
+    if t is not None:
+        rep.uuid, rep.parent_uuid = uuid_or_none(t.uuid), uuid_or_none(t.parent_uuid)
+        rep.checked["index_entries"] = t.index_size
+    if facts.raw_entries is not None:
+        rep.checked["valid_entries"] = facts.valid_entries
 
 
 # --------------------------------------------------------------------------- writable
@@ -926,27 +653,13 @@ def _check_rw_index(
                 LSMT_OFF["index_offset"],
                 path=index_path,
             )
-        _compare_ht(
-            h,
-            ih,
-            rep,
-            ("uuid", "parent_uuid"),
-            at_a=0,
-            at_b=0,
-            what=f"data header and index header ({index_path})",
-            path_b=index_path,
-        )
-        _compare_ht(
-            h,
-            ih,
-            rep,
-            ("virtual_size",),
-            at_a=0,
-            at_b=0,
-            what=f"data header and index header ({index_path})",
-            path_b=index_path,
-            severity=WARNING,
-        )
+        what = f"data header and index header ({index_path})"
+        where_b = f" at {index_path} offset "
+        for names, sev in ((("uuid", "parent_uuid"), CORRUPTION), (("virtual_size",), WARNING)):
+            _report(rep, (
+                replace(p, message=p.message + where_b + str(p.offset))
+                for p in disagreements(h, ih, names, at=0, what=what, severity=sev)
+            ))  # fmt: skip
         rep.uuid, rep.parent_uuid = uuid_or_none(ih.uuid), uuid_or_none(ih.parent_uuid)
         body = isize - HT_SLOT
         n = body // ENTRY_SIZE
@@ -971,10 +684,7 @@ def _check_rw_index(
             return False
         raw = ix.pread(HT_SLOT, n * ENTRY_SIZE)
     m = decode_entries(raw)
-    words = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
-    sub = CheckReport(index_path)
-    _padding_problems(m, words, sub, HT_SLOT, "file")
-    rep.findings.extend(sub.findings)
+    _report(rep, padding_problems(raw, m, HT_SLOT), path=index_path)
     valid = (m.offset != np.uint64(INVALID_OFFSET)) & (m.length > 0)
     mo = m.moffset.astype(np.int64)
     ln = m.length.astype(np.int64)
@@ -1161,9 +871,8 @@ def _check_lone_index(view: ReadAt, rep: CheckReport) -> None:
             HT_SLOT + n * ENTRY_SIZE,
         )
     raw = view.pread(HT_SLOT, n * ENTRY_SIZE)
-    m = decode_entries(raw)
     # record ranges are checked against the data file when the data file is checked
-    _padding_problems(m, np.frombuffer(raw, dtype="<u8").reshape(-1, 2), rep, HT_SLOT, "file")
+    _report(rep, padding_problems(raw, decode_entries(raw), HT_SLOT))
 
 
 def check_image(

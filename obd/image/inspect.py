@@ -40,6 +40,7 @@ from obd.formats.lsmt import (
     LSMTReadOnly,
     Mappings,
     decode_entries,
+    referenced_bytes,
 )
 from obd.image.config import ImageConfig, is_image_config, load_image_config
 from obd.io.base import Extent, ExtentKind, ReadAt
@@ -380,21 +381,6 @@ def _mapping_totals(m: Mappings) -> tuple[int, int]:
     data = int(m.length[~m.zeroed].sum()) * SECTOR
     zero = int(m.length[m.zeroed].sum()) * SECTOR
     return data, zero
-
-
-def referenced_bytes(m: Mappings) -> int:
-    """Bytes of the data area that data entries reference (overlaps counted once)."""
-    keep = ~m.zeroed & (m.length > 0)
-    if not keep.any():
-        return 0
-    s = m.moffset[keep].astype(np.int64)
-    e = s + m.length[keep].astype(np.int64)
-    order = np.argsort(s, kind="stable")
-    s, e = s[order], e[order]
-    prev_max = np.maximum.accumulate(e)
-    start = s.copy()
-    start[1:] = np.maximum(s[1:], prev_max[:-1])
-    return int(np.clip(e - start, 0, None).sum()) * SECTOR
 
 
 def _ht_info(h: HeaderTrailer, t: HeaderTrailer | None) -> LsmtInfo:

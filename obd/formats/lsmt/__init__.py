@@ -48,11 +48,13 @@ from obd.formats.lsmt.layout import (
     encode_entries,
     encode_entry,
     is_lsmt,
+    referenced_bytes,
     sectors_of,
 )
 from obd.formats.lsmt.ro import (
     LSMTReadOnly,
-    validate_ro_index,
+    RoFacts,
+    validate_ro,
 )
 
 __all__ = [
@@ -81,6 +83,7 @@ __all__ = [
     "HeaderTrailer",
     "LSMTReadOnly",
     "Mappings",
+    "RoFacts",
     "RunSource",
     "SegmentIndex",
     "check_virtual_size",
@@ -92,6 +95,7 @@ __all__ = [
     "iter_runs",
     "merge_layers",
     "read_view",
+    "referenced_bytes",
     "sectors_of",
-    "validate_ro_index",
+    "validate_ro",
 ]

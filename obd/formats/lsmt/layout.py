@@ -147,6 +147,14 @@ class HeaderTrailer:
             reserved=rsv,
         )
 
+    @classmethod
+    def unpack_or_none(cls, raw: bytes) -> HeaderTrailer | None:
+        """The header or trailer in ``raw``, or None when it is none (short, bad magic)."""
+        try:
+            return cls.unpack(raw)
+        except CorruptError:
+            return None
+
     def with_(self, **changes: object) -> HeaderTrailer:
         return replace(self, **changes)  # type: ignore[arg-type]
 
@@ -282,3 +290,18 @@ def check_virtual_size(vsize: int, *, path: str | None, offset: int) -> None:
 def sectors_of(size: int) -> int:
     """Sectors a disk of ``size`` bytes spans (a partial last sector counts)."""
     return -(-size // SECTOR)
+
+
+def referenced_bytes(m: Mappings) -> int:
+    """Bytes of the data area that data entries reference (overlaps counted once)."""
+    keep = ~m.zeroed & (m.length > 0)
+    if not keep.any():
+        return 0
+    s = m.moffset[keep].astype(np.int64)
+    e = s + m.length[keep].astype(np.int64)
+    order = np.argsort(s, kind="stable")
+    s, e = s[order], e[order]
+    prev_max = np.maximum.accumulate(e)
+    start = s.copy()
+    start[1:] = np.maximum(s[1:], prev_max[:-1])
+    return int(np.clip(e - start, 0, None).sum()) * SECTOR
