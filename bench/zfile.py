@@ -21,12 +21,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 
 import numpy as np
 
-from obd.formats.codecs import have_extension
+from obd.formats.codecs import Codec, fallback_codec, get_codec, have_extension
 from obd.formats.zfile import ZFileReader, compress_file, decompress_to
 from obd.io.file import open_file
 
@@ -189,6 +190,69 @@ def bench_algo(
         drop(p)
 
 
+BS, RUN_BLOCKS = 4096, 1024
+
+
+def _in_threads(fn: Callable[[int], None], t: int) -> float:
+    """Wall seconds of ``fn(0) .. fn(t-1)``, each in its own thread."""
+    ts = [threading.Thread(target=fn, args=(k,)) for k in range(t)]
+    t0 = time.perf_counter()
+    for th in ts:
+        th.start()
+    for th in ts:
+        th.join()
+    return time.perf_counter() - t0
+
+
+def _codec_speed(
+    codec: Codec, runs: list[bytes], stored: list[tuple[bytes, list[int]]], op: str, t: int
+) -> float:
+    """Best seconds to decode (or compress) every run, split round-robin over t threads."""
+
+    def decode(k: int) -> None:
+        out = bytearray(BS * RUN_BLOCKS)
+        for i in range(k, len(stored), t):
+            s, n = stored[i]
+            last = len(runs[i]) - (len(n) - 1) * BS
+            codec.decompress_blocks(s, n, out, BS, last, True)
+
+    def compress(k: int) -> None:
+        scratch = bytearray(RUN_BLOCKS * (codec.bound(BS) + 4))
+        for i in range(k, len(runs), t):
+            codec.compress_blocks(runs[i], BS, True, scratch)
+
+    fn = decode if op == "decode" else compress
+    return min(_in_threads(fn, t) for _ in range(REPEAT))
+
+
+def codec_scaling(src: str, threads: int) -> list[tuple[str, str, str, int, float]]:
+    """Codec only, in memory: decode (CRC + decompress) and compress the whole file in
+    runs of 1,024 blocks, split over 1 and ``threads`` threads, with the extension and
+    with the ctypes path. A path whose work holds the GIL does not speed up with threads.
+
+    Returns (algo, path, op, threads, MiB/s) rows.
+    """
+    with open(src, "rb") as f:
+        data = f.read()
+    chunk = BS * RUN_BLOCKS
+    runs = [data[i : i + chunk] for i in range(0, len(data), chunk)]
+    rows: list[tuple[str, str, str, int, float]] = []
+    for algo in ("lz4", "zstd"):
+        paths: list[tuple[str, Codec]] = [("ctypes", fallback_codec(algo))]
+        if have_extension():
+            paths.insert(0, ("zbatch", get_codec(algo)))
+        stored = []
+        for r in runs:
+            s, n = paths[0][1].compress_blocks(r, BS, True)
+            stored.append((bytes(s), n))
+        for name, codec in paths:
+            for op in ("decode", "compress"):
+                for t in sorted({1, threads}):
+                    secs = _codec_speed(codec, runs, stored, op, t)
+                    rows.append((algo, name, op, t, len(data) / secs / (1 << 20)))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=256)
@@ -214,6 +278,7 @@ def main() -> None:
                 pass
         for algo, tool, level in (("lz4", "lz4", "-1"), ("zstd", "zstd", "-3")):
             bench_algo(algo, tool, level, src, folder, args.threads, rows)
+        scaling = codec_scaling(src, args.threads)
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
@@ -233,6 +298,15 @@ def main() -> None:
             f"{algo:5} {who:16} {op:9} {mib / wall:8.1f} {x:7.2f} "
             f"{mib / max(cpu_s, 1e-9):10.1f}  {mark}"
         )
+    print(
+        "\nCodec only, in memory (CRC + LZ4/zstd over runs of 1,024 blocks), MiB/s of plain "
+        "bytes; x1 = speed-up over one thread of the same path."
+    )
+    print(f"{'algo':5} {'path':7} {'op':9} {'threads':>7} {'MiB/s':>8} {'x1':>5}")
+    one: dict[tuple[str, str, str], float] = {}
+    for algo, path, op, t, speed in scaling:
+        one.setdefault((algo, path, op), speed)
+        print(f"{algo:5} {path:7} {op:9} {t:7d} {speed:8.1f} {speed / one[algo, path, op]:5.2f}")
 
 
 if __name__ == "__main__":
