@@ -32,7 +32,7 @@ import ctypes
 import os
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -119,6 +119,38 @@ class Codec:
         return False
 
     # -- batches ---------------------------------------------------------------------
+    # One loop each for every backend without the extension; a backend gives the
+    # per-block step for a batch (``_block_encoder`` / ``_block_decoder``).
+
+    empty_frame = False  # an empty input still makes one block (zstd: an empty frame)
+
+    def _block_encoder(self, data: memoryview, out: bytearray) -> Callable[..., int]:
+        """``enc(pos, cap, off, n)``: compress ``data[off:off+n]`` into ``out`` at ``pos``
+        (at most ``cap`` bytes); the stored length, negative on failure."""
+        compress = self.compress
+
+        def encode(pos: int, cap: int, off: int, n: int) -> int:
+            c = compress(data[off : off + n])
+            if len(c) > cap:
+                return -1
+            out[pos : pos + len(c)] = c
+            return len(c)
+
+        return encode
+
+    def _block_decoder(self, stored: memoryview, out: memoryview) -> Callable[..., str | None]:
+        """``dec(dst, want, src, body)``: decode ``stored[src:src+body]`` into
+        ``out[dst:dst+want]``; the problem, or None when it decoded to ``want`` bytes."""
+        decompress = self.decompress
+
+        def decode(dst: int, want: int, src: int, body: int) -> str | None:
+            try:
+                out[dst : dst + want] = decompress(stored[src : src + body], want)
+            except ValueError as e:
+                return str(e)
+            return None
+
+        return decode
 
     def compress_blocks(
         self,
@@ -135,17 +167,27 @@ class Codec:
         ``obj``) when it is large enough.
         """
         mv = memoryview(data).cast("B")
-        out = bytearray()
+        size = len(mv)
+        nblocks = -(-size // block_size) if size or not self.empty_frame else 1
+        cap = self.bound(block_size)
+        need = nblocks * (cap + 4)
+        out = scratch if scratch is not None and len(scratch) >= need else bytearray(need)
+        view = memoryview(out)
+        enc = self._block_encoder(mv, out)
+        pack = _U32.pack_into
         lengths: list[int] = []
-        for pos in range(0, len(mv), block_size):
-            c = self.compress(mv[pos : pos + block_size])
-            out += c
-            n = len(c)
+        append = lengths.append
+        pos = 0
+        for off in range(0, nblocks * block_size, block_size):
+            n = enc(pos, cap, off, min(block_size, size - off))
+            if n < 0:
+                raise ValueError(f"{self.name} compression failed")
             if crc:
-                out += _U32.pack(block_crc(c))
+                pack(out, pos + n, block_crc(view[pos : pos + n]))
                 n += 4
-            lengths.append(n)
-        return memoryview(out), lengths
+            append(n)
+            pos += n
+        return view[:pos], lengths
 
     def decompress_blocks(
         self,
@@ -164,24 +206,20 @@ class Codec:
         """
         src = memoryview(stored).cast("B")
         dst = memoryview(out).cast("B")
+        _check_sizes(src, lengths, dst, block_size, last_raw)
+        if not len(lengths):
+            return []
+        dec = self._block_decoder(src, dst)
+        starts, bodies, expect = _plan(src, lengths, crc)
         bad: list[tuple[int, str]] = []
-        pos = 0
-        last = len(lengths) - 1
-        for i, n in enumerate(np.asarray(lengths, dtype=np.int64).tolist()):
-            body = n - 4 if crc else n
-            rec = src[pos : pos + body]
-            if crc and block_crc(rec) != _U32.unpack_from(src, pos + body)[0]:
+        last = len(bodies) - 1
+        for i, (pos, body) in enumerate(zip(starts, bodies, strict=True)):
+            if expect is not None and block_crc(src[pos : pos + body]) != expect[i]:
                 bad.append((i, PROBLEM_CRC))
-                pos += n
                 continue
-            want = last_raw if i == last else block_size
-            try:
-                raw = self.decompress(rec, want)
-            except ValueError as e:
-                bad.append((i, str(e)))
-            else:
-                dst[i * block_size : i * block_size + want] = raw
-            pos += n
+            problem = dec(i * block_size, block_size if i != last else last_raw, pos, body)
+            if problem is not None:
+                bad.append((i, problem))
         return bad
 
 
@@ -250,25 +288,14 @@ def _bad_crcs_python(stored: bytes | bytearray | memoryview, lengths: Lengths) -
 
 
 class _SystemCodec(Codec):
-    """liblz4 / libzstd: batches in the compiled extension when it is built, else one
-    ctypes loop (ctypes releases the GIL per call, the extension once per run).
-
-    Subclasses give ``_encoder()`` / ``_decoder()``: per-thread callables that code one
-    block between raw addresses, so the fallback loops exist once for both libraries.
-    """
+    """liblz4 / libzstd: a batch is one call into the compiled extension when it is built
+    (GIL released for the whole run), else :class:`Codec`'s loops with one ctypes call
+    per block (each releases the GIL)."""
 
     def __init__(self, lib: Any, ext: Any) -> None:
         self._lib = lib
         self._ext = ext
         self.batch = "zbatch" if ext is not None else "ctypes"
-
-    def _encoder(self) -> Any:
-        """``enc(dst, cap, src, n) -> stored length``, negative on failure."""
-        raise NotImplementedError
-
-    def _decoder(self) -> Any:
-        """``dec(dst, want, src, body) -> problem`` (None when it decoded to ``want``)."""
-        raise NotImplementedError
 
     def compress(self, raw: bytes | bytearray | memoryview) -> bytes:
         mv, _ = self.compress_blocks(raw, max(len(raw), 1), False)
@@ -281,7 +308,8 @@ class _SystemCodec(Codec):
                 raise ValueError(_PROBLEMS[r])
             return bytes(r)
         out = bytearray(raw_size)
-        problem = self._decoder()(_address(out), raw_size, _address(stored), len(stored))
+        src = memoryview(stored).cast("B")
+        problem = self._block_decoder(src, memoryview(out))(0, raw_size, 0, len(src))
         if problem is not None:
             raise ValueError(problem)
         return bytes(out)
@@ -293,36 +321,16 @@ class _SystemCodec(Codec):
         crc: bool,
         scratch: bytearray | None = None,
     ) -> tuple[memoryview, list[int]]:
-        data = memoryview(data).cast("B")
-        size = len(data)
-        # An empty input still makes one (empty) zstd frame, as ZSTD_compress does.
-        nblocks = -(-size // block_size) if size or self.algo_id != ALGO_ZSTD else 1
-        cap = self.bound(block_size)
-        need = nblocks * (cap + 4)
+        if self._ext is None:
+            return super().compress_blocks(data, block_size, crc, scratch)
+        mv = memoryview(data).cast("B")
+        nblocks = -(-len(mv) // block_size) if len(mv) or not self.empty_frame else 1
+        need = nblocks * (self.bound(block_size) + 4)
         out = scratch if scratch is not None and len(scratch) >= need else bytearray(need)
-        mv = memoryview(out)
-        if self._ext is not None:
-            used, ext_lengths = self._ext.compress_blocks(
-                self.algo_id, data, block_size, crc, out, ZSTD_LEVEL
-            )
-            return mv[:used], ext_lengths
-        src = _address(data)
-        dst = _address(out)
-        enc = self._encoder()
-        pack = _U32.pack_into
-        lengths: list[int] = []
-        append = lengths.append
-        pos = 0
-        for off in range(0, nblocks * block_size, block_size):
-            n = enc(dst + pos, cap, src + off, min(block_size, size - off))
-            if n < 0:
-                raise ValueError(f"{self.name} compression failed")
-            if crc:
-                pack(out, pos + n, block_crc(mv[pos : pos + n]))
-                n += 4
-            append(n)
-            pos += n
-        return mv[:pos], lengths
+        used, lengths = self._ext.compress_blocks(
+            self.algo_id, mv, block_size, crc, out, ZSTD_LEVEL
+        )
+        return memoryview(out)[:used], lengths
 
     def decompress_blocks(
         self,
@@ -333,31 +341,12 @@ class _SystemCodec(Codec):
         last_raw: int,
         crc: bool,
     ) -> list[tuple[int, str]]:
-        if self._ext is not None:
-            bad = self._ext.decompress_blocks(
-                self.algo_id, stored, lengths, out, block_size, last_raw, crc
-            )
-            return [(i, _PROBLEMS[code]) for i, code in bad] if bad else bad
-        src_mv = memoryview(stored).cast("B")
-        _check_sizes(src_mv, lengths, out, block_size, last_raw)
-        if not len(lengths):
-            return []
-        src = _address(stored)
-        dst = _address(out)
-        dec = self._decoder()
-        starts, bodies, expect = _plan(src_mv, lengths, crc)
-        bad_list: list[tuple[int, str]] = []
-        last = len(bodies) - 1
-        for i, (pos, body) in enumerate(zip(starts, bodies, strict=True)):
-            if expect is not None and block_crc(src_mv[pos : pos + body]) != expect[i]:
-                bad_list.append((i, PROBLEM_CRC))
-                continue
-            problem = dec(
-                dst + i * block_size, block_size if i != last else last_raw, src + pos, body
-            )
-            if problem is not None:
-                bad_list.append((i, problem))
-        return bad_list
+        if self._ext is None:
+            return super().decompress_blocks(stored, lengths, out, block_size, last_raw, crc)
+        bad = self._ext.decompress_blocks(
+            self.algo_id, stored, lengths, out, block_size, last_raw, crc
+        )
+        return [(i, _PROBLEMS[code]) for i, code in bad] if bad else bad
 
 
 # ----------------------------------------------------------------------------- LZ4
@@ -380,23 +369,25 @@ class _Lz4System(_SystemCodec):
         lib.LZ4_decompress_safe.argtypes = lib.LZ4_compress_default.argtypes
         lib.LZ4_decompress_safe.restype = ctypes.c_int
         lib.LZ4_versionNumber.restype = ctypes.c_int
-        comp, dec = lib.LZ4_compress_default, lib.LZ4_decompress_safe
+        self._c, self._d = lib.LZ4_compress_default, lib.LZ4_decompress_safe
 
-        def encode(dst: int, cap: int, src: int, n: int) -> int:
-            r: int = comp(src, dst, n, cap)
+    def _block_encoder(self, data: memoryview, out: bytearray) -> Callable[..., int]:
+        comp, s, d = self._c, _address(data), _address(out)
+
+        def encode(pos: int, cap: int, off: int, n: int) -> int:
+            r: int = comp(s + off, d + pos, n, cap)
             return r if r > 0 else -1
 
+        return encode
+
+    def _block_decoder(self, stored: memoryview, out: memoryview) -> Callable[..., str | None]:
+        dec, s, d = self._d, _address(stored), _address(out)
+
         def decode(dst: int, want: int, src: int, body: int) -> str | None:
-            r = dec(src, dst, body, want)
+            r = dec(s + src, d + dst, body, want)
             return None if r == want else PROBLEM_DECODE if r < 0 else PROBLEM_SIZE
 
-        self._enc, self._dec = encode, decode
-
-    def _encoder(self) -> Any:
-        return self._enc
-
-    def _decoder(self) -> Any:
-        return self._dec
+        return decode
 
     def version(self) -> int:
         return int(self._lib.LZ4_versionNumber())
@@ -466,6 +457,7 @@ class _ZstdSystem(_SystemCodec):
     algo_id = ALGO_ZSTD
     name = "zstd"
     backend = "libzstd"
+    empty_frame = True  # as ZSTD_compress
 
     def __init__(self, lib: Any, ext: Any = None) -> None:
         super().__init__(lib, ext)
@@ -489,20 +481,22 @@ class _ZstdSystem(_SystemCodec):
             ctx = self._local.ctx = _ZstdCtx(self._lib)
         return ctx
 
-    def _encoder(self) -> Any:
+    def _block_encoder(self, data: memoryview, out: bytearray) -> Callable[..., int]:
         comp, cctx = self._lib.ZSTD_compressCCtx, self._ctx().cctx
+        s, d = _address(data), _address(out)
 
-        def encode(dst: int, cap: int, src: int, n: int) -> int:
-            r: int = comp(cctx, dst, cap, src, n, ZSTD_LEVEL)
+        def encode(pos: int, cap: int, off: int, n: int) -> int:
+            r: int = comp(cctx, d + pos, cap, s + off, n, ZSTD_LEVEL)
             return r if r <= cap else -1
 
         return encode
 
-    def _decoder(self) -> Any:
+    def _block_decoder(self, stored: memoryview, out: memoryview) -> Callable[..., str | None]:
         dec, dctx = self._lib.ZSTD_decompressDCtx, self._ctx().dctx
+        s, d = _address(stored), _address(out)
 
         def decode(dst: int, want: int, src: int, body: int) -> str | None:
-            r = dec(dctx, dst, want, src, body)
+            r = dec(dctx, d + dst, want, s + src, body)
             return None if r == want else PROBLEM_DECODE if r > want else PROBLEM_SIZE
 
         return decode
