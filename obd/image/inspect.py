@@ -1,10 +1,8 @@
 """What an overlaybd file or image holds: ``obd inspect`` and ``obd inspect --map``.
 
-A file's kind is found from its bytes, outermost wrapper first (FORMATS.md §0.4): a tar
-wrapper (§0.5), a ZFile (§4), then the LSMT header (§1, §2): a committed read-only layer
-(header flags say sealed), a writable data file sealed in place (a trailer follows the
-index), a writable data file (log-structured or sparse) or a writable index file. A file
-whose first byte is ``{`` is read as an image config (§6.1).
+A file's kind and wrappers come from :func:`obd.formats.sniff.open_blob` (the one place
+that peels tar and ZFile and reads the LSMT flags); a file whose first byte is ``{`` is
+read as an image config (§6.1).
 
 Nothing here re-declares a byte layout: headers are decoded by the format modules
 (:class:`obd.formats.lsmt.HeaderTrailer`, :class:`obd.formats.zfile.ZFileReader`,
@@ -29,9 +27,6 @@ from obd.formats import zfile as zf
 from obd.formats.layout import flag_names
 from obd.formats.lsmt import (
     ENTRY_SIZE,
-    FLAG_DATA,
-    FLAG_HEADER,
-    FLAG_SEALED,
     FLAG_SPARSE,
     HT_SLOT,
     INVALID_OFFSET,
@@ -42,21 +37,25 @@ from obd.formats.lsmt import (
     decode_entries,
     referenced_bytes,
 )
+from obd.formats.sniff import (  # the kinds are declared there; named here for old callers
+    KIND_IMAGE,  # noqa: F401
+    KIND_LSMT_RO,  # noqa: F401
+    KIND_LSMT_RW,
+    KIND_LSMT_RW_INDEX,
+    KIND_LSMT_RW_SPARSE,  # noqa: F401
+    KIND_LSMT_SEALED,  # noqa: F401
+    KIND_UNKNOWN,
+    KIND_ZFILE,
+    RO_KINDS,
+    RW_DATA_KINDS,
+    lsmt_kind,  # noqa: F401
+    open_blob_path,
+)
 from obd.image.config import ImageConfig, is_image_config, load_image_config
 from obd.io.base import Extent, ExtentKind, ReadAt
 from obd.io.file import open_file
 
 JSON_VERSION = 1
-
-# kinds (the innermost content; wrappers are listed separately, outermost first)
-KIND_LSMT_RO = "lsmt_ro"  # committed read-only layer (header flags 0x07)
-KIND_LSMT_SEALED = "lsmt_sealed"  # writable data file sealed in place (§2.4)
-KIND_LSMT_RW = "lsmt_rw"  # writable log-structured data file (needs its index file)
-KIND_LSMT_RW_SPARSE = "lsmt_rw_sparse"  # writable sparse data file (§2.3)
-KIND_LSMT_RW_INDEX = "lsmt_rw_index"  # writable index file (§2.1)
-KIND_ZFILE = "zfile"  # a ZFile whose payload is not an LSMT layer
-KIND_IMAGE = "image_config"
-KIND_UNKNOWN = "unknown"
 
 
 def uuid_or_none(text: str) -> str | None:
@@ -69,75 +68,6 @@ def same_uuid(a: str | None, b: str | None) -> bool:
 
 
 # ------------------------------------------------------------------------ detection
-
-
-@dataclass
-class Opened:
-    """A file opened down to its innermost content (closed with ``close()``)."""
-
-    path: str
-    file: ReadAt  # the local file
-    view: ReadAt  # innermost view (TarView / ZFileReader / the file itself)
-    wrappers: list[str]
-    tar: Any = None  # the TarView when wrapped
-    zfile: Any = None  # the ZFileReader when compressed
-    kind: str = KIND_UNKNOWN
-    header: HeaderTrailer | None = None
-
-    def close(self) -> None:
-        self.view.close()
-
-
-def lsmt_kind(view: ReadAt) -> tuple[str, HeaderTrailer | None]:
-    """Which LSMT file ``view`` is, by its header flags and trailer (see module doc)."""
-    head = view.pread(0, HT_SLOT)
-    try:
-        hdr = HeaderTrailer.unpack(head)
-    except ObdError:
-        return KIND_UNKNOWN, None
-    if not hdr.flags & FLAG_HEADER:
-        return KIND_UNKNOWN, hdr
-    if not hdr.flags & FLAG_DATA:
-        return KIND_LSMT_RW_INDEX, hdr
-    if hdr.flags & FLAG_SEALED:
-        return KIND_LSMT_RO, hdr
-    size = view.size()
-    if size >= 2 * HT_SLOT:
-        try:
-            t = HeaderTrailer.unpack(view.pread(size - HT_SLOT, HT_SLOT))
-        except ObdError:
-            t = None
-        if t is not None and not t.flags & FLAG_HEADER:
-            return KIND_LSMT_SEALED, hdr
-    return (KIND_LSMT_RW_SPARSE if hdr.flags & FLAG_SPARSE else KIND_LSMT_RW), hdr
-
-
-def open_any(path: str, *, cache_blocks: int = 64) -> Opened:
-    """Open ``path`` and peel its wrappers (tar, ZFile); classify the content.
-
-    A broken wrapper raises its :class:`CorruptError`; the local file is closed then.
-    """
-    from obd.formats.tar import TarView, is_tar
-    from obd.formats.zfile import ZFileReader, is_zfile
-
-    f = open_file(path)
-    view: ReadAt = f
-    op = Opened(path, f, f, [])
-    try:
-        if is_tar(view.pread(0, 512)):
-            view = op.tar = TarView(view, path=path)
-            op.wrappers.append("tar")
-        if is_zfile(view.pread(0, 512)):
-            view = op.zfile = ZFileReader(view, cache_blocks=cache_blocks, path=path)
-            op.wrappers.append("zfile")
-        op.view = view
-        op.kind, op.header = lsmt_kind(view)
-        if op.kind == KIND_UNKNOWN and op.zfile is not None:
-            op.kind = KIND_ZFILE
-    except BaseException:
-        view.close()
-        raise
-    return op
 
 
 def sibling_index(data_path: str) -> str | None:
@@ -477,7 +407,7 @@ def inspect_file(path: str, *, index: str | None = None) -> FileInfo:
     with open_file(path) as f:
         info.file_size = f.size()
     try:
-        op = open_any(path)
+        op = open_blob_path(path)
     except ObdError as e:
         info.error = str(e.with_path(path))
         return info
@@ -499,11 +429,11 @@ def inspect_file(path: str, *, index: str | None = None) -> FileInfo:
                 compressed_size=z.source.size(),
                 original_size=z.original_file_size,
             )
-        if op.kind in (KIND_LSMT_RO, KIND_LSMT_SEALED):
+        if op.kind in RO_KINDS:
             _ro_info(op.view, path, info)
         elif op.kind == KIND_LSMT_RW_INDEX:
             _index_file_info(op.view, path, info)
-        elif op.kind in (KIND_LSMT_RW, KIND_LSMT_RW_SPARSE):
+        elif op.kind in RW_DATA_KINDS:
             if op.wrappers:
                 info.lsmt = _ht_info(op.header, None) if op.header else None
                 info.error = "a writable layer inside a wrapper cannot be opened"
@@ -640,18 +570,15 @@ def map_path(path: str, *, index: str | None = None) -> ExtentMap:
             if cfg.upper.present:
                 names.insert(0, cfg.upper.data)
             return _stack_map(path, st, names)
-    op = open_any(path)
-    kind, zf = op.kind, op.zfile
+    with open_blob_path(path) as op:
+        kind, size = op.kind, op.view.size()
     if kind == KIND_ZFILE:
-        size = zf.size()
-        op.close()
         ext = [Extent(0, size, ExtentKind.DATA, 0)] if size else []
         return ExtentMap(path, size, [path], ext)
-    op.close()
-    if kind in (KIND_LSMT_RO, KIND_LSMT_SEALED):
+    if kind in RO_KINDS:
         with Stack([open_ro_layer(path)], readonly=True) as st:
             return _stack_map(path, st, [path])
-    if kind in (KIND_LSMT_RW, KIND_LSMT_RW_SPARSE):
+    if kind in RW_DATA_KINDS:
         if kind == KIND_LSMT_RW and index is None:
             index = sibling_index(path)
             if index is None:

@@ -9,31 +9,22 @@ from __future__ import annotations
 import os
 
 from obd.errors import CorruptError, FileAccessError, ObdError, UnsupportedError
-from obd.formats.lsmt import HT_SLOT, LSMTReadOnly, is_lsmt
+from obd.formats.lsmt import LSMTReadOnly
 from obd.formats.lsmt.rw import LSMTWritable
+from obd.formats.sniff import KIND_UNKNOWN, KIND_ZFILE, open_blob
 from obd.image.config import LayerConfig
-from obd.io.base import ReadAt
 from obd.io.file import LocalFile, open_file
-
-
-def unwrap_blob(file: ReadAt) -> tuple[ReadAt, list[str]]:
-    """Peel a tar wrapper and a ZFile off ``file`` (when the ZFile support is present)."""
-    try:
-        from obd.formats.sniff import unwrap
-    except ImportError:  # pragma: no cover - only while ZFile support is missing
-        return file, []
-    return unwrap(file)
 
 
 def open_ro_layer(path: str) -> LSMTReadOnly:
     """Open a read-only layer file of any nesting (tar / ZFile / plain LSMT)."""
     f = open_file(path)
     try:
-        inner, wrappers = unwrap_blob(f)
-        if not is_lsmt(inner.pread(0, HT_SLOT)):
-            what = " inside " + "/".join(wrappers) if wrappers else ""
+        blob = open_blob(f, path=path)
+        if blob.kind in (KIND_UNKNOWN, KIND_ZFILE):  # no LSMT header inside the wrappers
+            what = " inside " + "/".join(blob.wrappers) if blob.wrappers else ""
             raise CorruptError(f"not an overlaybd layer (no LSMT header{what})", path=path)
-        return LSMTReadOnly(inner, path=path)
+        return LSMTReadOnly(blob.view, path=path)
     except ObdError as e:
         f.close()
         raise e.with_path(path) from None
