@@ -32,18 +32,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from obd.errors import CorruptError, ObdError, UnsupportedError
-from obd.formats import crc
+from obd.errors import CorruptError, ObdError
 from obd.formats import zfile as zf
-from obd.formats.codecs import get_codec
 from obd.formats.lsmt import (
     ENTRY_SIZE,
     FLAG_DATA,
@@ -66,6 +62,7 @@ from obd.formats.lsmt.ro import (
     validate_ro,
 )
 from obd.formats.problem import CORRUPTION, ERROR, LEAK, NOTE, WARNING, Problem
+from obd.formats.zfile.validate import ZFacts, block_problems, validate_zfile
 from obd.image.inspect import (
     KIND_IMAGE,
     KIND_LSMT_RO,
@@ -229,14 +226,6 @@ def document(reports: list[CheckReport]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ ZFile
 
 
-@dataclass
-class _ZCheck:
-    """Where a ZFile check got to."""
-
-    ok_structure: bool = False  # jump table usable: blocks can be located
-    blocks_bad: int = 0
-
-
 def _check_zfile(
     src: ReadAt,
     rep: CheckReport,
@@ -244,256 +233,34 @@ def _check_zfile(
     base: int,
     progress: Progress,
     threads: int,
-) -> _ZCheck:
-    """Check a ZFile at ``src`` (file offsets are ``base`` + offsets in ``src``)."""
-    st = _ZCheck()
-    total = src.size()
-
-    def bad(code: str, msg: str, off: int | None = None, sev: str = CORRUPTION) -> None:
-        rep.add(sev, code, msg, None if off is None else base + off)
-
-    if total < zf.SLOT_SIZE:
-        bad("zfile_header", f"ZFile is only {total} bytes", 0)
-        return st
-    head = src.pread(0, zf.SLOT_SIZE)
-    h = zf.HeaderTrailer.unpack(head)
-    if not h.magic_ok:
-        bad("zfile_header", "no ZFile magic in the header", 0)
-        return st
-    if not h.is_header:
-        bad("zfile_header", "ZFile header lacks the header flag", 32)
-    if not h.is_data_file and not h.header_overwrite:
-        bad("zfile_header", "ZFile header lacks the data-file flag", 32)
-    if h.digest_enabled:
-        want = zf.slot_digest(head)
-        if want != h.digest:
-            bad(
-                "zfile_digest",
-                f"ZFile header digest mismatch: stored {h.digest:#010x}, computed {want:#010x}",
-                28,
-            )
-    t: zf.HeaderTrailer | None = None
-    toff = total - zf.SLOT_SIZE
-    if total >= 2 * zf.SLOT_SIZE:
-        tail = src.pread(toff, zf.SLOT_SIZE)
-        tt = zf.HeaderTrailer.unpack(tail)
-        if tt.magic_ok:
-            t = tt
-            if tt.is_header or not tt.is_data_file or not tt.is_sealed:
-                bad(
-                    "zfile_trailer",
-                    f"bad ZFile trailer flags {tt.flags & zf.FLAG_BITS:#x} (want data and sealed, "
-                    "not header)",
-                    toff + 32,
-                )
-            if tt.digest_enabled and zf.slot_digest(tail) != tt.digest:
-                bad(
-                    "zfile_digest",
-                    f"ZFile trailer digest mismatch: stored {tt.digest:#010x}, computed "
-                    f"{zf.slot_digest(tail):#010x}",
-                    toff + 28,
-                )
-    if t is None:
-        msg = "ZFile trailer missing (no magic in the last 512 bytes): the file is truncated"
-        if not h.header_overwrite:
-            bad("zfile_trailer", msg + "; the jump table cannot be located", toff)
-            return st
-        bad("zfile_trailer", msg, toff)
-    info = h if h.header_overwrite else t
-    assert info is not None
-    if h.header_overwrite and t is not None:
-        for name in zf.INDEX_FIELDS:
-            if getattr(h, name) != getattr(t, name):
-                bad(
-                    "zfile_header_trailer",
-                    f"ZFile header and trailer disagree on {name} "
-                    f"(header {getattr(h, name)}, trailer {getattr(t, name)})",
-                    0,
-                )
-    if t is not None:
-        for name in zf.SHAPE_FIELDS:
-            if getattr(h, name) != getattr(t, name):
-                bad(
-                    "zfile_header_trailer",
-                    f"ZFile header and trailer disagree on {name} "
-                    f"(header {getattr(h, name)}, trailer {getattr(t, name)})",
-                    0,
-                )
-    if h.dict_size:
-        rep.add(ERROR, "unsupported", f"ZFile with a dictionary (dict_size {h.dict_size})")
-        return st
-    bs = h.block_size
-    if bs == 0 or bs & (bs - 1):
-        bad("zfile_header", f"bad ZFile block size {bs}", 72)
-        return st
-    if bs > zf.MAX_BLOCK_SIZE:
-        rep.add(ERROR, "unsupported", f"ZFile block size {bs} is larger than 64 KiB")
-        return st
-    codec = None
-    try:
-        codec = get_codec(h.algo)
-    except UnsupportedError as e:
-        rep.add(ERROR, "unsupported", e.message + "; blocks not checked", base + 76)
-    verify = bool(h.verify)
-    data_start = zf.SLOT_SIZE
-    limit = toff if t is not None else total
-    info_at = 0 if info is h else toff
-    n, size, ioff = info.index_size, info.original_file_size, info.index_offset
-    rep.checked["blocks"] = n
-    if n > zf.MAX_INDEX_SIZE:
-        bad("zfile_jump_table", f"index_size {n} is larger than {zf.MAX_INDEX_SIZE}", info_at + 48)
-        return st
-    if -(-size // bs) != n:
-        bad(
-            "zfile_jump_table",
-            f"jump table has {n} blocks but original_file_size {size} needs "
-            f"{-(-size // bs)} blocks of {bs}",
-            info_at + 48,
-        )
-    if ioff < data_start or ioff + 4 * n > limit:
-        bad(
-            "zfile_jump_table",
-            f"jump table [{ioff}, {ioff + 4 * n}) lies outside [{data_start}, {limit}): "
-            "truncated or bad index_offset",
-            ioff if ioff < total else info_at + 40,
-        )
-        return st
-    table = src.pread(ioff, 4 * n)
-    if len(table) != 4 * n:
-        bad("zfile_jump_table", "jump table is truncated", ioff + len(table))
-        return st
-    if info.digest_enabled:
-        got = crc.raw(table, 0)
-        if got != info.index_crc:
-            bad(
-                "zfile_index_crc",
-                f"jump table checksum (index_crc) mismatch: stored {info.index_crc:#010x}, "
-                f"computed {got:#010x}",
-                ioff,
-            )
-    lengths = np.frombuffer(table, dtype="<u4").astype(np.int64)
-    minimum = 5 if verify else 1
-    maximum = (codec.bound(bs) if codec else bs + bs // 8 + 64) + (4 if verify else 0)
-    wrong = np.flatnonzero((lengths < minimum) | (lengths > maximum))
-    for b in wrong.tolist():
-        bad(
-            "zfile_jump_table",
-            f"jump table entry {b} has impossible stored length {int(lengths[b])}",
-            ioff + 4 * b,
-        )
-    offsets = np.empty(n + 1, dtype=np.int64)
-    offsets[0] = data_start
-    np.cumsum(lengths, out=offsets[1:])
-    offsets[1:] += data_start
-    end = int(offsets[-1])
-    if end > ioff:
-        bad(
-            "zfile_jump_table",
-            f"blocks run past the jump table: they end at {end}, the table starts at {ioff}",
-            ioff,
-        )
-        return st
-    if end < ioff:
-        rep.add(
-            LEAK, "zfile_gap", f"{ioff - end} unreferenced bytes after the last block", base + end
-        )
-        rep.leaked_bytes += ioff - end
-    if ioff + 4 * n < limit:
-        gap = limit - ioff - 4 * n
-        rep.add(
-            LEAK, "zfile_gap", f"{gap} unreferenced bytes after the jump table", base + ioff + 4 * n
-        )
-        rep.leaked_bytes += gap
-    if len(wrong):
-        return st
-    st.ok_structure = True
-    if codec is None:
-        return st
-    st.blocks_bad = _check_blocks(
-        src, rep, codec, offsets, lengths, bs, size, verify, base, progress, threads
-    )
-    return st
-
-
-def _check_blocks(
-    src: ReadAt,
-    rep: CheckReport,
-    codec: Any,
-    offsets: np.ndarray,
-    lengths: np.ndarray,
-    bs: int,
-    size: int,
-    verify: bool,
-    base: int,
-    progress: Progress,
-    threads: int,
-) -> int:
-    """CRC and decompress every block, batches in parallel; report each bad block."""
-    n = len(lengths)
-    if n == 0:
-        return 0
-    per = max(1, (4 << 20) // bs)
-    ranges = [(s, min(s + per, n)) for s in range(0, n, per)]
-    local = threading.local()
-    last_raw = size - (n - 1) * bs
-    if not 0 < last_raw <= bs:  # original_file_size disagrees with the block count (reported)
-        last_raw = bs
-
-    def work(r: tuple[int, int]) -> tuple[int, list[tuple[int, str]], int]:
-        s, e = r
-        so, eo = int(offsets[s]), int(offsets[e])
-        stored = src.pread(so, eo - so)
-        buf = getattr(local, "buf", None)
-        if buf is None or len(buf) < per * bs:
-            buf = local.buf = bytearray(per * bs)
-        lens = lengths[s:e].tolist()
-        if len(stored) < eo - so:
-            # truncated: check what is there, report the rest
-            have = len(stored)
-            pos = 0
-            k = 0
-            while k < len(lens) and pos + lens[k] <= have:
-                pos += lens[k]
-                k += 1
-            bad = [(i, "truncated (past the end of the file)") for i in range(k, len(lens))]
-            if k:
-                bad = codec.decompress_blocks(stored[:pos], lens[:k], buf, bs, bs, verify) + bad
-            return s, bad, eo - so
-        lr = last_raw if e == n else bs
-        return s, codec.decompress_blocks(stored, lens, buf, bs, lr, verify), eo - so
-
-    nbad = 0
-
-    def take(res: tuple[int, list[tuple[int, str]], int]) -> None:
-        nonlocal nbad
-        s, bad, nbytes = res
-        for i, problem in bad:
-            b = s + i
-            nbad += 1
-            code = "zfile_block_crc" if "checksum" in problem else "zfile_block"
-            rep.add(CORRUPTION, code, f"ZFile block {b}: {problem}", base + int(offsets[b]))
-        if progress is not None:
-            progress(nbytes)
-
-    if threads <= 1 or len(ranges) < 2:
-        for r in ranges:
-            take(work(r))
-    else:
-        with ThreadPoolExecutor(threads, thread_name_prefix="check") as pool:
-            for res in pool.map(work, ranges):
-                take(res)
-    return nbad
+) -> bool:
+    """Check a ZFile at ``src`` (file offsets are ``base`` + offsets in ``src``): its
+    structure, then every block; True when the blocks can be located."""
+    facts = ZFacts()
+    _report(rep, validate_zfile(src, facts), base=base)
+    if facts.info is not None:
+        rep.checked["blocks"] = facts.info.index_size
+    if facts.structure_ok:
+        _report(rep, block_problems(src, facts, progress=progress, threads=threads), base=base)
+    return facts.structure_ok
 
 
 # ------------------------------------------------------------------------------- LSMT
 
 
 def _report(
-    rep: CheckReport, problems: Iterable[Problem], *, space: str = "file", path: str | None = None
+    rep: CheckReport,
+    problems: Iterable[Problem],
+    *,
+    space: str = "file",
+    path: str | None = None,
+    base: int = 0,
 ) -> None:
-    """Add each problem as a finding; leaked and garbage bytes go to the totals."""
+    """Add each problem as a finding (offsets moved by ``base``, where the validated view
+    starts in the file); leaked and garbage bytes go to the totals."""
     for p in problems:
-        rep.add(p.severity, p.code, p.message, p.offset, space=space, path=path)
+        off = None if p.offset is None else base + p.offset
+        rep.add(p.severity, p.code, p.message, off, space=space, path=path)
         if p.severity == LEAK:
             rep.leaked_bytes += p.nbytes
         elif p.code == "garbage":
@@ -755,8 +522,7 @@ def check_file(
             base = view.offset
         if zf.is_zfile(view.pread(0, 512)):
             rep.wrappers.append("zfile")
-            zst = _check_zfile(view, rep, base=base, progress=progress, threads=nthreads)
-            if not zst.ok_structure:
+            if not _check_zfile(view, rep, base=base, progress=progress, threads=nthreads):
                 rep.kind = KIND_ZFILE
                 return rep
             try:

@@ -18,18 +18,9 @@ from obd.formats.codecs import (
     PROBLEM_CRC,
     Codec,
     bad_crcs,
-    get_codec,
 )
-from obd.formats.zfile.layout import (
-    FLAG_BITS,
-    HT_OFF,
-    MAX_BLOCK_SIZE,
-    MAX_INDEX_SIZE,
-    SLOT_SIZE,
-    HeaderTrailer,
-    _u32_table,
-    slot_digest,
-)
+from obd.formats.zfile.layout import HeaderTrailer
+from obd.formats.zfile.validate import ZFacts, raise_first_zfile, validate_zfile
 from obd.io.base import ReadAt, WriteAt
 
 # ----------------------------------------------------------------------------- reader
@@ -77,132 +68,22 @@ class ZFileReader:
         return CorruptError(message, path=self.path, offset=offset)
 
     def _open(self) -> None:
-        src = self._src
-        total = src.size()
-        if total < SLOT_SIZE:
-            raise self._corrupt(f"not a ZFile: only {total} bytes")
-        head = src.pread(0, SLOT_SIZE)
-        header = HeaderTrailer.unpack(head)
-        if not header.magic_ok:
-            raise self._corrupt("not a ZFile (no ZFile magic)", 0)
-        if not header.is_header:
-            raise self._corrupt("ZFile header lacks the header flag", HT_OFF["flags"])
-        if header.digest_enabled:
-            want = slot_digest(head)
-            if want != header.digest:
-                raise self._corrupt(
-                    f"ZFile header digest mismatch: stored {header.digest:#010x}, "
-                    f"computed {want:#010x}",
-                    HT_OFF["digest"],
-                )
-        if header.header_overwrite:
-            info = header
-            limit = total
-            self.trailer: HeaderTrailer | None = None
-        else:
-            if not header.is_data_file:
-                raise self._corrupt("ZFile header lacks the data-file flag", HT_OFF["flags"])
-            if total < 2 * SLOT_SIZE:
-                raise self._corrupt(f"truncated ZFile: {total} bytes, no room for a trailer")
-            toff = total - SLOT_SIZE
-            tail = src.pread(toff, SLOT_SIZE)
-            info = HeaderTrailer.unpack(tail)
-            if not info.magic_ok:
-                raise self._corrupt("ZFile trailer has no ZFile magic (truncated file?)", toff)
-            if info.is_header or not info.is_data_file or not info.is_sealed:
-                raise self._corrupt(f"bad ZFile trailer flags {info.flags & FLAG_BITS:#x}", toff)
-            # Upstream never checks the trailer digest; we do when the trailer says it
-            # has one (every writer since the digest exists fills it in correctly).
-            if info.digest_enabled and slot_digest(tail) != info.digest:
-                raise self._corrupt(
-                    f"ZFile trailer digest mismatch: stored {info.digest:#010x}, "
-                    f"computed {slot_digest(tail):#010x}",
-                    toff + HT_OFF["digest"],
-                )
-            limit = toff
-            self.trailer = info
-        self.header = header
-        self.info = info
-
-        if header.dict_size != 0:
-            raise UnsupportedError(
-                f"ZFile with a dictionary (dict_size {header.dict_size}) is not supported",
-                path=self.path,
-            )
-        bs = header.block_size
-        if bs == 0 or bs & (bs - 1):
-            raise self._corrupt(f"bad ZFile block size {bs}", HT_OFF["block_size"])
-        if bs > MAX_BLOCK_SIZE:
-            raise UnsupportedError(
-                f"ZFile block size {bs} is larger than {MAX_BLOCK_SIZE}", path=self.path
-            )
-        try:
-            self.codec: Codec = get_codec(header.algo)
-        except UnsupportedError as e:
-            raise e.with_path(self.path) if self.path else e from None
-        self.block_size = bs
+        facts = ZFacts()
+        raise_first_zfile(validate_zfile(self._src, facts, deep=False), self.path)
+        assert facts.header is not None and facts.info is not None and facts.codec is not None
+        assert facts.lengths is not None and facts.offsets is not None
+        header = self.header = facts.header
+        info = self.info = facts.info
+        self.trailer: HeaderTrailer | None = facts.trailer
+        self.codec: Codec = facts.codec
+        self.block_size = header.block_size
         self.verify = bool(header.verify)
-        self.data_start = SLOT_SIZE + header.dict_size
-
-        n = info.index_size
-        self.original_file_size = size = info.original_file_size
-        self.index_offset = ioff = info.index_offset
-        if n > MAX_INDEX_SIZE:
-            raise self._corrupt(
-                f"ZFile index_size {n} is larger than {MAX_INDEX_SIZE}", HT_OFF["index_size"]
-            )
-        if -(-size // bs) != n:
-            raise self._corrupt(
-                f"ZFile index has {n} blocks but original_file_size {size} needs "
-                f"{-(-size // bs)} blocks of {bs}",
-                HT_OFF["index_size"],
-            )
-        if ioff < self.data_start or ioff + 4 * n > limit:
-            raise self._corrupt(
-                f"ZFile jump table [{ioff}, {ioff + 4 * n}) lies outside [{self.data_start}, "
-                f"{limit})",
-                ioff,
-            )
-        table = bytearray()
-        pos, end = ioff, ioff + 4 * n
-        while pos < end:
-            chunk = src.pread(pos, min(16 << 20, end - pos))
-            if not chunk:
-                raise self._corrupt("ZFile jump table is truncated", pos)
-            table += chunk
-            pos += len(chunk)
-        if info.digest_enabled:
-            got = crc.raw(table, 0)
-            if got != info.index_crc:
-                raise self._corrupt(
-                    f"ZFile jump table checksum mismatch: stored {info.index_crc:#010x}, "
-                    f"computed {got:#010x}",
-                    ioff,
-                )
-        lengths = _u32_table(table)
-        minimum = 5 if self.verify else 1
-        maximum = self.codec.bound(bs) + (4 if self.verify else 0)
-        if n:
-            bad = np.flatnonzero((lengths < minimum) | (lengths > maximum))
-            if bad.size:
-                b = int(bad[0])
-                raise self._corrupt(
-                    f"ZFile jump table entry {b} has impossible stored length {int(lengths[b])}",
-                    ioff + 4 * b,
-                )
-        offsets = np.empty(n + 1, dtype=np.int64)
-        offsets[0] = self.data_start
-        np.cumsum(lengths, dtype=np.int64, out=offsets[1:])
-        offsets[1:] += self.data_start
-        if int(offsets[-1]) > ioff:
-            raise self._corrupt(
-                f"ZFile jump table points past the end of the data: blocks end at "
-                f"{int(offsets[-1])}, jump table starts at {ioff}",
-                ioff,
-            )
-        self.lengths = lengths
-        self.offsets = offsets
-        self.nblocks = n
+        self.data_start = facts.data_start
+        self.original_file_size = info.original_file_size
+        self.index_offset = info.index_offset
+        self.lengths = facts.lengths
+        self.offsets = offsets = facts.offsets
+        self.nblocks = info.index_size
         # plain ints for the one-block path (no numpy scalars per request)
         self._offsets_list: list[int] = offsets.tolist()
 
