@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from obd.errors import CorruptError
+from obd.formats.problem import CORRUPTION, Problem, raise_first
 from obd.io.base import ReadAt, WriteAt
 
 BLOCK = 512
@@ -125,58 +127,91 @@ def _pax_records(data: bytes) -> dict[str, str]:
 MAX_PAX_SIZE = 1 << 20  # a pax header of the wrapper holds one short record
 
 
+@dataclass
+class TarFacts:
+    """What :func:`validate_tar` learnt: the payload's place and the headers."""
+
+    pax: dict[str, str] = field(default_factory=dict)
+    member: TarHeader | None = None
+    offset: int = 0  # where the payload starts
+    size: int = 0  # payload bytes
+    ok: bool = False  # the payload can be read
+
+
+def _header_at(block: bytes, at: int) -> TarHeader | Problem:
+    try:
+        return TarHeader.unpack(block)
+    except CorruptError as e:
+        return Problem(CORRUPTION, "tar", e.message, at)
+
+
+def validate_tar(src: ReadAt, facts: TarFacts | None = None) -> Iterator[Problem]:
+    """What is wrong with the tar wrapper at ``src`` (§0.5): the problem that stops
+    :class:`TarView` (and ``obd check``) from finding the payload, if any."""
+    facts = facts if facts is not None else TarFacts()
+    total = src.size()
+    head = src.pread(0, BLOCK)
+    if not is_tar(head):
+        yield Problem(CORRUPTION, "tar", "not a tar file (no valid ustar header)", 0)
+        return
+    h = _header_at(head, 0)
+    if isinstance(h, Problem):
+        yield h
+        return
+    offset = BLOCK
+    if h.typeflag in (b"x", b"g"):
+        if h.size > min(MAX_PAX_SIZE, total - BLOCK):
+            yield Problem(
+                CORRUPTION, "tar",
+                f"tar pax header size {h.size} runs past the end of the file or is too large",
+                _SIZE,
+            )  # fmt: skip
+            return
+        data = src.pread(BLOCK, h.size)
+        if len(data) < h.size:
+            yield Problem(CORRUPTION, "tar", "tar pax header is truncated", BLOCK)
+            return
+        facts.pax = _pax_records(data)
+        moff = BLOCK + -(-h.size // BLOCK) * BLOCK
+        member = src.pread(moff, BLOCK)
+        if not is_tar(member):
+            yield Problem(CORRUPTION, "tar", "bad tar member header after pax", moff)
+            return
+        h = _header_at(member, moff)
+        if isinstance(h, Problem):
+            yield h
+            return
+        offset = moff + BLOCK
+    size = h.size
+    if "size" in facts.pax:
+        text = facts.pax["size"]
+        if not (text.isascii() and text.isdigit()):
+            yield Problem(CORRUPTION, "tar", f"bad pax size record {text!r}", BLOCK)
+            return
+        size = int(text)
+    if offset + size > total:
+        yield Problem(
+            CORRUPTION, "tar",
+            f"tar payload [{offset}, {offset + size}) runs past the end ({total} bytes)",
+            total,
+        )  # fmt: skip
+        return
+    facts.member, facts.offset, facts.size, facts.ok = h, offset, size, True
+
+
 class TarView:
     """The payload of a tar-wrapped blob as a ReadAt. ``close()`` closes the source."""
 
     def __init__(self, src: ReadAt, *, path: str | None = None) -> None:
         self._src = src
         self.path = path if path is not None else getattr(src, "path", None)
-        total = src.size()
-        head = src.pread(0, BLOCK)
-        if not is_tar(head):
-            raise CorruptError("not a tar file (no valid ustar header)", path=self.path, offset=0)
-        h = self._header(head, 0)
-        self.pax: dict[str, str] = {}
-        offset = BLOCK
-        if h.typeflag in (b"x", b"g"):
-            if h.size > min(MAX_PAX_SIZE, total - BLOCK):
-                raise CorruptError(
-                    f"tar pax header size {h.size} runs past the end of the file or is too large",
-                    path=self.path,
-                    offset=_SIZE,
-                )
-            pax_blocks = -(-h.size // BLOCK)
-            data = src.pread(BLOCK, h.size)
-            if len(data) < h.size:
-                raise CorruptError("tar pax header is truncated", path=self.path, offset=BLOCK)
-            self.pax = _pax_records(data)
-            moff = BLOCK + pax_blocks * BLOCK
-            member = src.pread(moff, BLOCK)
-            if not is_tar(member):
-                raise CorruptError("bad tar member header after pax", path=self.path, offset=moff)
-            h = self._header(member, moff)
-            offset = moff + BLOCK
-        size = h.size
-        if "size" in self.pax:
-            text = self.pax["size"]
-            if not (text.isascii() and text.isdigit()):
-                raise CorruptError(f"bad pax size record {text!r}", path=self.path, offset=BLOCK)
-            size = int(text)
-        if offset + size > total:
-            raise CorruptError(
-                f"tar payload [{offset}, {offset + size}) runs past the end ({total} bytes)",
-                path=self.path,
-                offset=total,
-            )
-        self.member = h
-        self.offset = offset
-        self._size = size
-
-    def _header(self, block: bytes, at: int) -> TarHeader:
-        try:
-            return TarHeader.unpack(block)
-        except CorruptError as e:
-            raise CorruptError(e.message, path=self.path, offset=at) from None
+        facts = TarFacts()
+        raise_first(validate_tar(src, facts), self.path)
+        assert facts.member is not None
+        self.pax: dict[str, str] = facts.pax
+        self.member = facts.member
+        self.offset = facts.offset
+        self._size = facts.size
 
     def size(self) -> int:
         return self._size

@@ -500,7 +500,7 @@ def check_file(
 ) -> CheckReport:
     """Check one file of any kind; every problem becomes a finding (never raises
     :class:`ObdError`)."""
-    from obd.formats.tar import TarView, is_tar
+    from obd.formats.tar import TarFacts, TarView, is_tar, validate_tar
 
     rep = CheckReport(path)
     nthreads = threads or cores()
@@ -514,11 +514,11 @@ def check_file(
     try:
         if is_tar(f.pread(0, 512)):
             rep.wrappers.append("tar")
-            try:
-                view = TarView(f, path=path)
-            except CorruptError as e:
-                rep.add(CORRUPTION, "tar", e.message, e.offset)
+            tar = TarFacts()
+            _report(rep, validate_tar(f, tar))
+            if not tar.ok:
                 return rep
+            view = TarView(f, path=path)
             base = view.offset
         if zf.is_zfile(view.pread(0, 512)):
             rep.wrappers.append("zfile")
