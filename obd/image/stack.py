@@ -25,6 +25,7 @@ from obd.formats.lsmt import (
     Mappings,
     SegmentIndex,
     merge_layers,
+    read_view,
 )
 from obd.formats.lsmt.rw import LSMTWritable
 from obd.io.base import Extent, ExtentKind, ReadAt, merge_extents
@@ -62,7 +63,6 @@ class Stack:
         self.lower_mappings: Mappings = merge_layers([lay.mappings for lay in top_first])
         self.lower_index = SegmentIndex(self.lower_mappings)
         self.lower_files: list[ReadAt] = [lay.file for lay in top_first]
-        self._lower_preads = [f.pread for f in self.lower_files]
         # os.pread-shaped readers, (length, offset): local files skip a Python frame
         self._lower_raw = [
             functools.partial(os.pread, f.fd) if isinstance(f, LocalFile) else _swap(f.pread)
@@ -78,8 +78,16 @@ class Stack:
             self._vsize = lower_vsize
         self._readonly = readonly or upper is None or upper.readonly
         self._lock = upper.lock if upper is not None else threading.RLock()
+        # any byte range: the readers' one run-walker over :meth:`runs`, whose depth
+        # indexes these files (the upper's data file is depth 0); bound once, no frame
+        files = self.lower_files if upper is None else [upper.data, *self.lower_files]
+        self._pread: Callable[[int, int], bytes] = functools.partial(
+            read_view, self, files, vsize=self._vsize
+        )
         if upper is None:
             self.pread = self._pread_lowers  # type: ignore[method-assign]
+        else:
+            self.pread = self._pread  # type: ignore[method-assign]
 
     # -- BlockDevice ------------------------------------------------------------------
 
@@ -132,35 +140,6 @@ class Stack:
 
     def pread(self, offset: int, length: int) -> bytes:
         return self._pread(offset, length)
-
-    def _pread(self, offset: int, length: int) -> bytes:
-        vsize = self._vsize
-        if offset >= vsize or length <= 0:
-            return b""
-        if offset + length > vsize:
-            length = vsize - offset
-        end = offset + length
-        s0 = offset // SECTOR
-        s1 = -(-end // SECTOR)
-        out = bytearray((s1 - s0) * SECTOR)
-        upper_data = self.upper.data.pread if self.upper is not None else None
-        lower_preads = self._lower_preads
-        base = self.upper is not None
-        for kind, sec, cnt, moff, depth in self.runs(s0, s1):
-            if kind != RUN_DATA:
-                continue
-            want = cnt * SECTOR
-            if base and depth == 0:
-                assert upper_data is not None
-                data = upper_data(moff * SECTOR, want)
-            else:
-                data = lower_preads[depth - 1 if base else depth](moff * SECTOR, want)
-            dst = (sec - s0) * SECTOR
-            out[dst : dst + len(data)] = data
-        head = offset - s0 * SECTOR
-        if head == 0 and len(out) == length:
-            return bytes(out)
-        return bytes(out[head : head + length])
 
     def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         """Extents of ``[offset, offset+length)``, adjacent equal ones merged."""

@@ -166,22 +166,26 @@ def read_view(index: RunSource, files: list[ReadAt], offset: int, length: int, v
     """Read ``[offset, offset+length)`` of a virtual disk described by ``index``.
 
     ``files[tag]`` holds the data of segments with that tag. Any byte range is accepted;
-    it is clipped at ``vsize``.
+    it is clipped at ``vsize``. The one run-walker of the readers: a layer passes its
+    index and file, :class:`obd.image.stack.Stack` itself and a file per depth.
     """
     if offset >= vsize or length <= 0:
         return b""
-    length = min(length, vsize - offset)
-    end = offset + length
-    s0 = offset // SECTOR
-    s1 = -(-end // SECTOR)
-    out = bytearray((s1 - s0) * SECTOR)
+    if length > vsize - offset:
+        length = vsize - offset
+    # shifts by 9 are SECTOR arithmetic (asserted below): this loop is every read's path
+    s0 = offset >> 9
+    s1 = (offset + length + 511) >> 9
+    out = bytearray((s1 - s0) << 9)
     for kind, sec, cnt, moff, tag in index.runs(s0, s1):
         if kind == RUN_DATA:
-            want = cnt * SECTOR
-            data = files[tag].pread(moff * SECTOR, want)
-            dst = (sec - s0) * SECTOR
+            data = files[tag].pread(moff << 9, cnt << 9)
+            dst = (sec - s0) << 9
             out[dst : dst + len(data)] = data
-    head = offset - s0 * SECTOR
+    head = offset - (s0 << 9)
     if head == 0 and len(out) == length:
         return bytes(out)
     return bytes(out[head : head + length])
+
+
+assert SECTOR == 1 << 9  # read_view shifts by 9
