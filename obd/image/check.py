@@ -36,31 +36,20 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
-
 from obd.errors import CorruptError, ObdError
 from obd.formats import zfile as zf
 from obd.formats.lsmt import (
     ENTRY_SIZE,
-    FLAG_DATA,
     FLAG_HEADER,
-    FLAG_SEALED,
-    FLAG_SPARSE,
-    HT_SECTORS,
     HT_SLOT,
-    INVALID_OFFSET,
-    MAX_RW_INDEX_RECORDS,
-    SECTOR,
     HeaderTrailer,
-    decode_entries,
 )
 from obd.formats.lsmt.ro import (
     RoFacts,
-    disagreements,
     header_problems,
-    padding_problems,
     validate_ro,
 )
+from obd.formats.lsmt.rw import LSMTWritable, RwFacts, data_problems, index_problems
 from obd.formats.problem import CORRUPTION, ERROR, LEAK, NOTE, WARNING, Problem
 from obd.formats.zfile.validate import ZFacts, block_problems, validate_zfile
 from obd.image.inspect import (
@@ -293,78 +282,54 @@ def check_lsmt_ro(view: ReadAt, rep: CheckReport, *, space: str = "file") -> Non
 
 def check_rw(data_path: str, index_path: str | None, rep: CheckReport) -> None:
     """A writable layer's data file and (log-structured) index file (§2.1-§2.3)."""
-    from obd.formats.lsmt.rw import LSMTWritable
-
+    facts = RwFacts()
     with open_file(data_path) as data:
-        dsize = data.size()
-        h, _ = _lsmt_ht(data, rep, 0, "header", "file")
-        if h is None:
+        _report(rep, data_problems(data, facts))
+        h = facts.header
+        if h is None or not (h.is_header and h.is_data_file):
             return
         rep.uuid, rep.parent_uuid = uuid_or_none(h.uuid), uuid_or_none(h.parent_uuid)
-        if not h.flags & FLAG_HEADER or not h.flags & FLAG_DATA:
-            rep.add(
-                CORRUPTION,
-                "lsmt_header",
-                f"flags {h.flags:#x} are not a data-file header",
-                LSMT_OFF["flags"],
-            )
-            return
-        if h.flags & FLAG_SPARSE:
-            if dsize < HT_SLOT + h.virtual_size:
-                rep.add(
-                    WARNING,
-                    "sparse_size",
-                    f"sparse data file is {dsize} bytes, shorter than 4096 + virtual size "
-                    f"{h.virtual_size} (the rest reads as zeros)",
-                    dsize,
-                )
+        if h.is_sparse:
             with LSMTWritable.open(data, None, readonly=True) as layer:
                 rep.checked["segments"] = len(layer.idx)
             return
-        if dsize % SECTOR:
-            # writers append at the next whole sector: the stray bytes are never read
-            rep.add(
-                NOTE,
-                "data_tail",
-                f"data file size {dsize} is not a multiple of 512: {dsize % SECTOR} stray "
-                "bytes of an interrupted append (harmless; the next append starts at the "
-                "next sector)",
-                dsize - dsize % SECTOR,
-            )
-        if index_path is None:
-            rep.add(
-                ERROR,
-                "no_index",
-                "the index file of this writable layer was not found (give it with --index)",
-            )
-            return
-        if _check_rw_index(data_path, dsize, h, index_path, rep):
-            data2 = open_file(data_path)
-            index = open_file(index_path)
-            try:
-                with _quiet("obd.formats.lsmt.rw"):  # a torn tail is reported above
-                    layer = LSMTWritable.open(data2, index, readonly=True)
-            except ObdError as e:  # pragma: no cover - the checks above cover open()
-                data2.close()
-                index.close()
-                rep.add(CORRUPTION, "rw_open", str(e))
-                return
-            with layer:
-                garbage = layer.garbage_bytes()
-            if garbage:
-                rep.add(
-                    NOTE,
-                    "garbage",
-                    f"{garbage} bytes of the data file are overwritten data no longer "
-                    "referenced (normal in a log-structured layer; a commit drops them)",
-                    HT_SLOT,
-                )
-                rep.garbage_bytes += garbage
-
-
-def _bare(e: CorruptError) -> str:
-    """The message of ``e`` without the offset it appends (findings carry it apart)."""
-    return e.message.removesuffix(f" (at offset {e.offset})") if e.offset is not None else e.message
+    if index_path is None:
+        rep.add(
+            ERROR,
+            "no_index",
+            "the index file of this writable layer was not found (give it with --index)",
+        )
+        return
+    before = rep.count(CORRUPTION)
+    with open_file(index_path) as ix:
+        _report(rep, index_problems(ix, facts, data_path=data_path), path=index_path)
+    ih = facts.index_header
+    if ih is not None:
+        rep.uuid, rep.parent_uuid = uuid_or_none(ih.uuid), uuid_or_none(ih.parent_uuid)
+    if facts.records is not None:
+        rep.checked["index_records"] = len(facts.records)
+    if rep.count(CORRUPTION) > before:
+        return
+    data2, index = open_file(data_path), open_file(index_path)
+    try:
+        with _quiet("obd.formats.lsmt.rw"):  # a torn tail is reported above
+            layer = LSMTWritable.open(data2, index, readonly=True)
+    except ObdError as e:  # pragma: no cover - the checks above are open()'s
+        data2.close()
+        index.close()
+        rep.add(CORRUPTION, "rw_open", str(e))
+        return
+    with layer:
+        garbage = layer.garbage_bytes()
+    if garbage:
+        rep.add(
+            NOTE,
+            "garbage",
+            f"{garbage} bytes of the data file are overwritten data no longer "
+            "referenced (normal in a log-structured layer; a commit drops them)",
+            HT_SLOT,
+        )
+        rep.garbage_bytes += garbage
 
 
 @contextlib.contextmanager
@@ -380,112 +345,6 @@ def _quiet(logger: str) -> Iterator[None]:
         yield
     finally:
         log.removeFilter(drop)
-
-
-def _check_rw_index(
-    data_path: str, dsize: int, h: HeaderTrailer, index_path: str, rep: CheckReport
-) -> bool:
-    """Check the index file; True when the layer can be opened (no corruption)."""
-    before = rep.count(CORRUPTION)
-    with open_file(index_path) as ix:
-        isize = ix.size()
-        if isize < HT_SLOT:
-            rep.add(
-                CORRUPTION,
-                "rw_index_header",
-                f"index file is {isize} bytes, too small",
-                0,
-                path=index_path,
-            )
-            return False
-        sub = CheckReport(index_path)
-        ih, _ = _lsmt_ht(ix, sub, 0, "header", "file")
-        for f in sub.findings:
-            rep.findings.append(f)
-        if ih is None:
-            return False
-        if not ih.flags & FLAG_HEADER or ih.flags & FLAG_DATA or ih.flags & FLAG_SEALED:
-            rep.add(
-                CORRUPTION,
-                "rw_index_header",
-                f"index file header flags {ih.flags:#x} are not a writable index header",
-                LSMT_OFF["flags"],
-                path=index_path,
-            )
-        if ih.index_offset != HT_SLOT:
-            rep.add(
-                CORRUPTION,
-                "rw_index_header",
-                f"index file header has index_offset {ih.index_offset}, expected 4096",
-                LSMT_OFF["index_offset"],
-                path=index_path,
-            )
-        what = f"data header and index header ({index_path})"
-        where_b = f" at {index_path} offset "
-        for names, sev in ((("uuid", "parent_uuid"), CORRUPTION), (("virtual_size",), WARNING)):
-            _report(rep, (
-                replace(p, message=p.message + where_b + str(p.offset))
-                for p in disagreements(h, ih, names, at=0, what=what, severity=sev)
-            ))  # fmt: skip
-        rep.uuid, rep.parent_uuid = uuid_or_none(ih.uuid), uuid_or_none(ih.parent_uuid)
-        body = isize - HT_SLOT
-        n = body // ENTRY_SIZE
-        rep.checked["index_records"] = n
-        if body % ENTRY_SIZE:
-            rep.add(
-                NOTE,
-                "rw_index_torn",
-                f"torn tail: {body % ENTRY_SIZE} bytes after the last complete record "
-                "(an interrupted append; readers ignore it, a writer cuts it off)",
-                HT_SLOT + n * ENTRY_SIZE,
-                path=index_path,
-            )
-        if n > MAX_RW_INDEX_RECORDS:
-            rep.add(
-                CORRUPTION,
-                "rw_index_records",
-                f"index file holds {n} records, more than {MAX_RW_INDEX_RECORDS}",
-                HT_SLOT,
-                path=index_path,
-            )
-            return False
-        raw = ix.pread(HT_SLOT, n * ENTRY_SIZE)
-    m = decode_entries(raw)
-    _report(rep, padding_problems(raw, m, HT_SLOT), path=index_path)
-    valid = (m.offset != np.uint64(INVALID_OFFSET)) & (m.length > 0)
-    mo = m.moffset.astype(np.int64)
-    ln = m.length.astype(np.int64)
-    low = valid & (mo < HT_SECTORS)
-    for i in np.flatnonzero(low).tolist():
-        rep.add(
-            CORRUPTION,
-            "rw_index_record",
-            f"index record {i} maps into the data file's header "
-            f"(moffset {int(mo[i])}, length {int(ln[i])}{', zeroed' if m.zeroed[i] else ''})",
-            HT_SLOT + i * ENTRY_SIZE,
-            path=index_path,
-        )
-    if low.any():
-        return False
-    # records past the data file's end: a crash's lost appends when they end the log (the
-    # reader's own rule), corruption when a record inside the file follows them
-    from obd.formats.lsmt.rw import whole_records
-
-    try:
-        keep = whole_records(m, dsize, path=index_path)
-    except CorruptError as e:
-        rep.add(CORRUPTION, "rw_index_record", _bare(e), e.offset, path=index_path)
-        return False
-    if keep < n:
-        rep.add(
-            NOTE,
-            "rw_index_lost",
-            f"{n - keep} index record(s) from record {keep} on point past the data file's "
-            "end: writes lost before a flush (readers ignore them, a writer cuts them off)",
-            HT_SLOT + keep * ENTRY_SIZE,
-            path=index_path,
-        )
-    return rep.count(CORRUPTION) == before
 
 
 # ------------------------------------------------------------------------------ files
@@ -618,27 +477,14 @@ def _trailer_kind(f: ReadAt) -> str | None:
 
 
 def _check_lone_index(view: ReadAt, rep: CheckReport) -> None:
-    """An index file given alone: its header and the shape of its records."""
-    h, _ = _lsmt_ht(view, rep, 0, "header", "file")
-    if h is None:
-        return
-    rep.uuid, rep.parent_uuid = uuid_or_none(h.uuid), uuid_or_none(h.parent_uuid)
-    if h.index_offset != HT_SLOT or h.flags & FLAG_SEALED:
-        rep.add(CORRUPTION, "rw_index_header", "not a valid writable index header", 0)
-    body = view.size() - HT_SLOT
-    n = body // ENTRY_SIZE
-    rep.checked["index_records"] = n
-    if body % ENTRY_SIZE:
-        rep.add(
-            NOTE,
-            "rw_index_torn",
-            f"torn tail: {body % ENTRY_SIZE} bytes after the last complete record "
-            "(an interrupted append)",
-            HT_SLOT + n * ENTRY_SIZE,
-        )
-    raw = view.pread(HT_SLOT, n * ENTRY_SIZE)
-    # record ranges are checked against the data file when the data file is checked
-    _report(rep, padding_problems(raw, decode_entries(raw), HT_SLOT))
+    """An index file given alone: its header and the shape of its records (their
+    ranges are checked against the data file when the data file is checked)."""
+    facts = RwFacts()
+    _report(rep, index_problems(view, facts))
+    ih = facts.index_header
+    if ih is not None:
+        rep.uuid, rep.parent_uuid = uuid_or_none(ih.uuid), uuid_or_none(ih.parent_uuid)
+        rep.checked["index_records"] = (view.size() - HT_SLOT) // ENTRY_SIZE
 
 
 def check_image(

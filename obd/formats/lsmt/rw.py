@@ -12,11 +12,12 @@ import logging
 import threading
 from bisect import bisect_right
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from obd.errors import CorruptError, ObdError, UsageError
+from obd.errors import ObdError, UsageError
 from obd.formats import uuid as uuidmod
 from obd.formats.lsmt import (
     ENTRY_SIZE,
@@ -33,13 +34,15 @@ from obd.formats.lsmt import (
     SECTOR,
     HeaderTrailer,
     Mappings,
-    check_virtual_size,
     decode_entries,
     encode_entries,
     encode_entry,
     iter_runs,
     read_view,
 )
+from obd.formats.lsmt.ro import disagreements, header_problems, padding_problems
+from obd.formats.problem import CORRUPTION, NOTE, WARNING, Problem, raise_first
+from obd.io.base import ReadAt
 from obd.io.file import LocalFile
 from obd.io.lock import lock_writer
 
@@ -372,25 +375,13 @@ class LSMTWritable:
         """
         if not readonly:
             lock_writer(data.fd, data.path)
-        dsize = data.size()
-        if dsize < HT_SLOT:
-            raise CorruptError(f"too small for an LSMT data file ({dsize} bytes)", path=data.path)
-        hdr = HeaderTrailer.unpack(data.pread(0, HT_SLOT), path=data.path)
-        if not hdr.is_header or not hdr.is_data_file:
-            raise CorruptError(
-                f"flags 0x{hdr.flags:x} are not a writable data-file header",
-                path=data.path,
-                offset=HT_OFF["flags"],
-            )
+        facts = RwFacts()
+        raise_first(data_problems(data, facts, deep=False), data.path)
         if _has_trailer(data):
             raise UsageError(f"{data.path}: this layer is sealed; open it as a read-only layer")
-        if hdr.is_sealed:  # sealing leaves the header as it was and appends a trailer (§2.4)
-            raise CorruptError(
-                f"header flags 0x{hdr.flags:x} say sealed, but the file has no trailer",
-                path=data.path,
-                offset=HT_OFF["flags"],
-            )
-        check_virtual_size(hdr.virtual_size, path=data.path, offset=HT_OFF["virtual_size"])
+        hdr = facts.header
+        assert hdr is not None
+        dsize = facts.data_size
         idx = MutableIndex()
         if hdr.is_sparse:
             end = HT_SLOT + hdr.virtual_size
@@ -407,40 +398,12 @@ class LSMTWritable:
             return cls(data, index, hdr, idx, readonly=readonly)
         if index is None:
             raise UsageError("a log-structured layer needs its index file")
-        isize = index.size()
-        if isize < HT_SLOT:
-            raise CorruptError(f"too small for an LSMT index file ({isize} bytes)", path=index.path)
-        ihdr = HeaderTrailer.unpack(index.pread(0, HT_SLOT), path=index.path)
-        if not ihdr.is_header or ihdr.is_data_file:
-            what = "a data file" if ihdr.is_data_file else f"flags 0x{ihdr.flags:x}"
-            raise CorruptError(
-                f"not an LSMT index file ({what})", path=index.path, offset=HT_OFF["flags"]
-            )
-        if ihdr.is_sealed:
-            raise CorruptError(
-                "index file header is marked sealed", path=index.path, offset=HT_OFF["flags"]
-            )
-        if ihdr.index_offset != HT_SLOT:
-            raise CorruptError(
-                f"index file header has index_offset {ihdr.index_offset}, expected 4096",
-                path=index.path,
-                offset=32,
-            )
-        check_virtual_size(ihdr.virtual_size, path=index.path, offset=HT_OFF["virtual_size"])
-        body = isize - HT_SLOT
-        n = body // ENTRY_SIZE
-        if n > MAX_RW_INDEX_RECORDS:
-            raise CorruptError(f"index file holds {n} records, too many", path=index.path)
-        if ihdr.uuid != hdr.uuid:
-            raise CorruptError(
-                f"index file belongs to layer {ihdr.uuid}, but data file {data.path} is layer {hdr.uuid}",
-                path=index.path,
-            )
-        raw = index.pread(HT_SLOT, n * ENTRY_SIZE)
-        m = decode_entries(raw)
-        keep = whole_records(m, dsize, path=index.path)
+        raise_first(index_problems(index, facts, deep=False, data_path=data.path), index.path)
+        ihdr, m = facts.index_header, facts.records
+        assert ihdr is not None and m is not None
+        n, keep = len(m), facts.keep
         dropped = n - keep
-        torn = body % ENTRY_SIZE
+        torn = facts.torn
         if dropped or torn:
             log.warning(
                 "%s: %s %d index record(s) of writes lost before a flush%s",
@@ -656,44 +619,193 @@ class LSMTWritable:
         self.close()
 
 
-def whole_records(m: Mappings, data_size: int, *, path: str) -> int:
-    """How many leading records of a writable index are whole; raise on corruption.
+@dataclass
+class RwFacts:
+    """What :func:`data_problems` and :func:`index_problems` learnt."""
+
+    header: HeaderTrailer | None = None  # the data file's
+    data_size: int = 0
+    index_header: HeaderTrailer | None = None
+    records: Mappings | None = None  # every whole record of the index file
+    torn: int = 0  # bytes of a partial record after them
+    keep: int = 0  # leading records whose data reached the data file (see record_problems)
+
+
+def data_problems(data: ReadAt, facts: RwFacts, *, deep: bool = True) -> Iterator[Problem]:
+    """What is wrong with a writable layer's data file (§2.1, §2.3); ``deep=False``
+    stops at what :meth:`LSMTWritable.open` refuses."""
+    dsize = facts.data_size = data.size()
+    if dsize < HT_SLOT:
+        yield Problem(CORRUPTION, "lsmt_header", f"too small for an LSMT data file ({dsize} bytes)", 0)  # fmt: skip
+        return
+    h, found = header_problems(data.pread(0, HT_SLOT), 0, "header", deep=deep)
+    if h is None or (found and not deep):
+        yield from found
+        return
+    yield from found
+    facts.header = h
+    if not h.is_header or not h.is_data_file:
+        yield Problem(
+            CORRUPTION, "lsmt_header",
+            f"flags {h.flags:#x} are not a writable data-file header", HT_OFF["flags"],
+        )  # fmt: skip
+        return
+    if h.is_sealed and not _has_trailer(data):
+        # sealing leaves the header as it was and appends a trailer (§2.4)
+        yield Problem(
+            CORRUPTION, "lsmt_header",
+            f"header flags {h.flags:#x} say sealed, but the file has no trailer", HT_OFF["flags"],
+        )  # fmt: skip
+        if not deep:
+            return
+    if not deep:
+        return
+    if h.is_sparse:
+        if dsize < HT_SLOT + h.virtual_size:
+            yield Problem(
+                WARNING, "sparse_size",
+                f"sparse data file is {dsize} bytes, shorter than {HT_SLOT} + virtual size "
+                f"{h.virtual_size} (the rest reads as zeros)",
+                dsize,
+            )  # fmt: skip
+    elif dsize % SECTOR:
+        # writers append at the next whole sector: the stray bytes are never read
+        yield Problem(
+            NOTE, "data_tail",
+            f"data file size {dsize} is not a multiple of {SECTOR}: {dsize % SECTOR} stray "
+            "bytes of an interrupted append (harmless; the next append starts at the "
+            "next sector)",
+            dsize - dsize % SECTOR,
+        )  # fmt: skip
+
+
+def index_problems(
+    index: ReadAt, facts: RwFacts, *, deep: bool = True, data_path: str | None = None
+) -> Iterator[Problem]:
+    """What is wrong with a log-structured layer's index file (§2.2), given its data
+    file's facts (:func:`data_problems` first; without them, as for an index file given
+    alone, records are not checked against the data file); offsets are in the index
+    file. ``deep=False`` stops at what :meth:`LSMTWritable.open` refuses."""
+    h = facts.header
+    isize = index.size()
+    if isize < HT_SLOT:
+        yield Problem(CORRUPTION, "rw_index_header", f"too small for an LSMT index file ({isize} bytes)", 0)  # fmt: skip
+        return
+    ih, found = header_problems(index.pread(0, HT_SLOT), 0, "header", deep=deep)
+    if ih is None or (found and not deep):
+        yield from found
+        return
+    yield from found
+    facts.index_header = ih
+    flags_wrong = ""
+    if not ih.is_header or ih.is_data_file:
+        what = "a data file" if ih.is_data_file else f"flags {ih.flags:#x}"
+        flags_wrong = f"not an LSMT index file ({what})"
+    elif ih.is_sealed:
+        flags_wrong = "index file header is marked sealed"
+    if flags_wrong:
+        yield Problem(CORRUPTION, "rw_index_header", flags_wrong, HT_OFF["flags"])
+        if not deep:
+            return
+    if ih.index_offset != HT_SLOT:
+        yield Problem(
+            CORRUPTION, "rw_index_header",
+            f"index file header has index_offset {ih.index_offset}, expected {HT_SLOT}",
+            HT_OFF["index_offset"],
+        )  # fmt: skip
+        if not deep:
+            return
+    body = isize - HT_SLOT
+    n = body // ENTRY_SIZE
+    facts.torn = body % ENTRY_SIZE
+    if deep and facts.torn:
+        yield Problem(
+            NOTE, "rw_index_torn",
+            f"torn tail: {facts.torn} bytes after the last complete record "
+            "(an interrupted append; readers ignore it, a writer cuts it off)",
+            HT_SLOT + n * ENTRY_SIZE,
+        )  # fmt: skip
+    if n > MAX_RW_INDEX_RECORDS:
+        yield Problem(
+            CORRUPTION, "rw_index_records",
+            f"index file holds {n} records, more than {MAX_RW_INDEX_RECORDS}", HT_SLOT,
+        )  # fmt: skip
+        return
+    if h is None:
+        raw = index.pread(HT_SLOT, n * ENTRY_SIZE)
+        if deep:
+            yield from padding_problems(raw, decode_entries(raw), HT_SLOT)
+        return
+    if ih.uuid != h.uuid:
+        yield Problem(
+            CORRUPTION, "rw_index_header",
+            f"index file belongs to layer {ih.uuid}, but data file {data_path} is layer {h.uuid}",
+            HT_OFF["uuid"],
+        )  # fmt: skip
+        if not deep:
+            return
+    if deep:
+        what = "data header and index header"
+        yield from disagreements(h, ih, ("parent_uuid",), at=0, what=what)
+        yield from disagreements(h, ih, ("virtual_size",), at=0, what=what, severity=WARNING)
+    raw = index.pread(HT_SLOT, n * ENTRY_SIZE)
+    m = facts.records = decode_entries(raw)
+    if deep:
+        yield from padding_problems(raw, m, HT_SLOT)
+    yield from record_problems(m, facts, deep=deep)
+
+
+def record_problems(m: Mappings, facts: RwFacts, *, deep: bool = True) -> Iterator[Problem]:
+    """The crash rule: how many leading records of a writable index are whole
+    (``facts.keep``), and the records that break it.
 
     Data is appended in order, so the records whose data did not reach the data file (a
     crash before a flush) are a suffix: from the first record that points past the data
     file's end, every non-empty record must too. A record pointing into the header, or a
     record inside the data file after one past its end, is corruption.
     """
+    data_size = facts.data_size
     live = (m.offset != np.uint64(INVALID_OFFSET)) & (m.length > 0)
-    low = live & (m.moffset < HT_SECTORS)
-    if low.any():
-        i = int(np.flatnonzero(low)[0])
-        raise CorruptError(
-            f"index record {i} maps into the data file's header (moffset {int(m.moffset[i])})",
-            path=path,
-            offset=HT_SLOT + i * ENTRY_SIZE,
-        )
+    low = np.flatnonzero(live & (m.moffset < HT_SECTORS)).tolist()
+    for i in low if deep else low[:1]:
+        yield Problem(
+            CORRUPTION, "rw_index_record",
+            f"index record {i} maps into the data file's header (moffset {int(m.moffset[i])}, "
+            f"length {int(m.length[i])}{', zeroed' if m.zeroed[i] else ''})",
+            HT_SLOT + i * ENTRY_SIZE,
+        )  # fmt: skip
+    if low:
+        return
     # data must lie in whole sectors of the file; a zeroed record's moffset is the append
     # point when it was written, the file's end rounded up to a sector
     whole = np.uint64(data_size // SECTOR)
     append_point = np.uint64(-(-data_size // SECTOR))
     past = live & np.where(m.zeroed, m.moffset > append_point, m.mend() > whole)
     if not past.any():
-        return len(m)
+        facts.keep = len(m)
+        return
     first = int(np.flatnonzero(past)[0])
     inside = live[first:] & ~past[first:]
     if inside.any():
         i = first + int(np.flatnonzero(inside)[0])
-        raise CorruptError(
+        yield Problem(
+            CORRUPTION, "rw_index_record",
             f"index record {first} maps past the data file's end but record {i} after it "
             "does not: not a crash's lost appends",
-            path=path,
-            offset=HT_SLOT + first * ENTRY_SIZE,
-        )
-    return first
+            HT_SLOT + first * ENTRY_SIZE,
+        )  # fmt: skip
+        return
+    facts.keep = first
+    if deep:
+        yield Problem(
+            NOTE, "rw_index_lost",
+            f"{len(m) - first} index record(s) from record {first} on point past the data "
+            "file's end: writes lost before a flush (readers ignore them, a writer cuts them off)",
+            HT_SLOT + first * ENTRY_SIZE,
+        )  # fmt: skip
 
 
-def _has_trailer(data: LocalFile) -> bool:
+def _has_trailer(data: ReadAt) -> bool:
     size = data.size()
     if size < 2 * HT_SLOT:
         return False
@@ -704,4 +816,11 @@ def _has_trailer(data: LocalFile) -> bool:
     return not t.is_header and t.is_sealed
 
 
-__all__ = ["LSMTWritable", "MutableIndex", "whole_records"]
+__all__ = [
+    "LSMTWritable",
+    "MutableIndex",
+    "RwFacts",
+    "data_problems",
+    "index_problems",
+    "record_problems",
+]
