@@ -628,7 +628,7 @@ class RwFacts:
     index_header: HeaderTrailer | None = None
     records: Mappings | None = None  # every whole record of the index file
     torn: int = 0  # bytes of a partial record after them
-    keep: int = 0  # leading records whose data reached the data file (see record_problems)
+    keep: int = 0  # leading records whose data reached the data file (see whole_records)
 
 
 def data_problems(data: ReadAt, facts: RwFacts, *, deep: bool = True) -> Iterator[Problem]:
@@ -752,10 +752,10 @@ def index_problems(
     m = facts.records = decode_entries(raw)
     if deep:
         yield from padding_problems(raw, m, HT_SLOT)
-    yield from record_problems(m, facts, deep=deep)
+    yield from whole_records(m, facts, deep=deep)
 
 
-def record_problems(m: Mappings, facts: RwFacts, *, deep: bool = True) -> Iterator[Problem]:
+def whole_records(m: Mappings, facts: RwFacts, *, deep: bool = True) -> Iterator[Problem]:
     """The crash rule: how many leading records of a writable index are whole
     (``facts.keep``), and the records that break it.
 
@@ -822,5 +822,5 @@ __all__ = [
     "RwFacts",
     "data_problems",
     "index_problems",
-    "record_problems",
+    "whole_records",
 ]
