@@ -83,27 +83,14 @@ def merge(
     obd merge -o OUTPUT LAYER...                              (layers bottom first)
     """
 
-    from obd.image import ops
-    from obd.image.layers import open_ro_layer
-    from obd.image.stack import Stack
+    from obd.image import open_image, open_layers, ops
 
     if output_opt is not None:
         output = output_opt
-        layer_paths = list(inputs)
-        lowers = []
-        try:
-            for p in layer_paths:
-                lowers.append(open_ro_layer(p))
-        except BaseException:
-            for lay in lowers:
-                lay.close()
-            raise
-        stack = Stack(lowers, None, readonly=True)
+        stack = open_layers(list(inputs))
     else:
         if len(inputs) != 2:
             raise click.UsageError("expected IMAGE_CONFIG OUTPUT (or -o OUTPUT LAYER...)")
-        from obd.image import open_image
-
         config, output = inputs
         stack = open_image(config, readonly=True)
     with stack, progress(stack.virtual_size if raw else None, "merge") as bar:

@@ -9,20 +9,14 @@ marks plain data executable); outputs are written atomically (temporary file + r
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Iterator
 
 import click
 
 from commands._util import progress
 from obd.errors import CorruptError, UsageError
-from obd.formats.sniff import open_zfile, peel_tar
-from obd.formats.tar import TarWriter
-from obd.formats.zfile import ZFileWriter, compress_file, decompress_to, verify_blocks
-from obd.io.base import WriteAt
-from obd.io.cpu import cores
-from obd.io.file import AtomicOutput, open_file
 
 _BLOCK_KIB = ("4", "8", "16", "32", "64")
 _STDIN_CHUNK = 4 << 20
@@ -80,100 +74,50 @@ def zfile(
     ZFile, bad blocks), 5 TARGET exists (use -f), 6 unsupported (e.g. --verify of a
     ZFile without block CRCs), 130 interrupted.
     """
-    nthreads = threads or cores()
+    from obd.image import ops
+
     if verify:
         if target is not None:
             raise UsageError("--verify takes only SOURCE")
-        _verify(source)
+        problems = ops.zfile_verify(source)
+        for block, offset, problem in problems:
+            click.echo(f"obd: {source}: block {block} at offset {offset}: {problem}", err=True)
+        if problems:
+            raise CorruptError(f"{len(problems)} bad block(s)", path=source)
+        click.echo(f"{source} is a valid zfile blob.")
     elif extract:
         if target is None:
             raise UsageError("-x needs SOURCE and TARGET (stdin is not allowed)")
-        _extract(source, target, force=force, tar=tar, threads=nthreads)
-    else:
-        if target is None:
-            src_path, dst_path = None, source
-        else:
-            src_path, dst_path = source, target
-        _compress(
-            src_path,
-            dst_path,
-            force=force,
+        ops.zfile_extract(
+            source,
+            target,
             tar=tar,
-            algorithm=algorithm.lower(),
-            block_size=int(bs) * 1024,
-            threads=nthreads,
+            force=force,
+            threads=threads,
+            meter=lambda total: progress(total, "extract"),
         )
+    else:
+        src_path, dst_path = (None, source) if target is None else (source, target)
+        opts = ops.ZFileOptions(
+            algorithm=algorithm.lower(), block_size=int(bs) * 1024, threads=threads
+        )
+        with progress(_size(src_path), "compress") as bar:
+            ops.zfile_compress(
+                src_path, dst_path, zfile=opts, tar=tar, force=force, chunks=_stdin(), progress=bar
+            )
 
 
-def _verify(source: str) -> None:
-    with open_file(source) as f:
-        problems = verify_blocks(peel_tar(f, path=source), path=source)
-    if problems:
-        for block, offset, problem in problems:
-            click.echo(f"obd: {source}: block {block} at offset {offset}: {problem}", err=True)
-        raise CorruptError(f"{len(problems)} bad block(s)", path=source)
-    click.echo(f"{source} is a valid zfile blob.")
+def _size(path: str | None) -> int | None:
+    return os.path.getsize(path) if path is not None and os.path.isfile(path) else None
 
 
-def _extract(source: str, target: str, *, force: bool, tar: bool, threads: int) -> None:
-    # -t reads through the tar wrapper; without it a wrapper is still peeled (§0.4).
-    with open_file(source) as f:
-        reader = open_zfile(f, tar_required=tar, path=source)
-        with (
-            AtomicOutput(target, force=force, mode=0o644) as out,
-            progress(reader.size(), "extract") as bar,
-        ):
-            decompress_to(reader, out, bar, threads=threads)
-
-
-def _compress(
-    source: str | None,
-    target: str,
-    *,
-    force: bool,
-    tar: bool,
-    algorithm: str,
-    block_size: int,
-    threads: int,
-) -> None:
-    src = open_file(source) if source is not None else None
-    try:
-        with AtomicOutput(target, force=force, mode=0o644) as out:
-            wrapper = TarWriter(out) if tar else None
-            sink: WriteAt = wrapper if wrapper is not None else out
-            total = src.size() if src is not None else None
-            with progress(total, "compress") as bar:
-                if src is not None:
-                    compress_file(
-                        src,
-                        sink,
-                        algorithm=algorithm,
-                        block_size=block_size,
-                        threads=threads,
-                        progress=bar,
-                    )
-                else:
-                    _compress_stream(sink, algorithm, block_size, threads, bar)
-            if wrapper is not None:
-                wrapper.close()
-    finally:
-        if src is not None:
-            src.close()
-
-
-def _compress_stream(
-    sink: WriteAt, algorithm: str, block_size: int, threads: int, bar: Callable[[int], Any]
-) -> None:
+def _stdin() -> Iterator[bytes]:
+    """stdin in chunks (read when the output is open, so its errors come first)."""
     stdin = click.get_binary_stream("stdin")
     if stdin.isatty():
         raise UsageError("no input: give SOURCE and TARGET, or pipe the data to stdin")
-    with ZFileWriter(sink, algorithm=algorithm, block_size=block_size, threads=threads) as w:
-        while True:
-            data = stdin.read(_STDIN_CHUNK)
-            if not data:
-                break
-            w.write(data)
-            bar(len(data))
+    while data := stdin.read(_STDIN_CHUNK):
+        yield data
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,4 +13,11 @@ def open_image(config_path: str, *, readonly: bool = False) -> Stack:
     return open_config(load_image_config(config_path), readonly=readonly)
 
 
-__all__ = ["ImageConfig", "Stack", "load_image_config", "open_image"]
+def open_layers(paths: list[str]) -> Stack:
+    """A read-only :class:`Stack` of read-only layer files, listed bottom first."""
+    from obd.image.open import open_layers as _open_layers
+
+    return _open_layers(paths)
+
+
+__all__ = ["ImageConfig", "Stack", "load_image_config", "open_image", "open_layers"]

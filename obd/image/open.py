@@ -1,28 +1,39 @@
-"""Open the layers an image config names and stack them."""
+"""Open the layers an image config (or a list of layer files) names and stack them.
+
+What was opened is closed again when a later layer or the stack fails.
+"""
 
 from __future__ import annotations
 
-from obd.formats.lsmt import LSMTReadOnly
-from obd.formats.lsmt.rw import LSMTWritable
+import contextlib
+
 from obd.image.config import ImageConfig
-from obd.image.layers import local_layer_path, open_lower, open_rw_layer
+from obd.image.layers import local_layer_path, open_lower, open_ro_layer, open_rw_layer
 from obd.image.stack import Stack
 
 
 def open_config(cfg: ImageConfig, *, readonly: bool = False) -> Stack:
-    lowers: list[LSMTReadOnly] = []
-    upper: LSMTWritable | None = None
-    try:
-        layers = cfg.stacked_lowers
-        for i, layer in enumerate(layers):
-            lowers.append(open_lower(layer, i, config_path=cfg.path))
-        if cfg.upper.present:
-            upper = open_rw_layer(cfg.upper.data, cfg.upper.index, readonly=readonly)
+    layers = cfg.stacked_lowers
+    with contextlib.ExitStack() as opened:
+        lowers = [
+            opened.enter_context(open_lower(lc, i, config_path=cfg.path))
+            for i, lc in enumerate(layers)
+        ]
+        up = cfg.upper
+        upper = (
+            opened.enter_context(open_rw_layer(up.data, up.index, readonly=readonly))
+            if up.present
+            else None
+        )
         names = [local_layer_path(lc) or lc.digest for lc in layers]
-        return Stack(lowers, upper, readonly=readonly, names=names)
-    except BaseException:
-        for lay in lowers:
-            lay.close()
-        if upper is not None:
-            upper.close()
-        raise
+        stack = Stack(lowers, upper, readonly=readonly, names=names)
+        opened.pop_all()
+    return stack
+
+
+def open_layers(paths: list[str]) -> Stack:
+    """A read-only stack of the read-only layer files ``paths`` (bottom first)."""
+    with contextlib.ExitStack() as opened:
+        stack = Stack([opened.enter_context(open_ro_layer(p)) for p in paths], readonly=True)
+        opened.pop_all()
+    return stack

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,8 @@ from obd.formats import uuid as uuidmod
 from obd.formats.lsmt import SECTOR, HeaderTrailer, Mappings
 from obd.formats.lsmt.commit import FileSink, commit_header, compact
 from obd.formats.lsmt.rw import LSMTWritable
+from obd.formats.sniff import open_zfile, peel_tar
+from obd.formats.zfile import decompress_to, verify_blocks
 from obd.image.layers import open_ro_layer, open_rw_layer
 from obd.image.stack import Stack
 from obd.io.base import ExtentKind, ReadAt
@@ -26,6 +28,8 @@ from obd.io.cpu import cores
 from obd.io.file import AtomicOutput, LocalFile, open_file
 
 Progress = Callable[[int], None] | None
+#: given the number of bytes to go, a context giving the progress callback (a bar)
+Meter = Callable[[int | None], contextlib.AbstractContextManager[Callable[[int], None]]]
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,72 @@ def output_sink(
     sink.close()
     if tar_writer is not None:
         tar_writer.close()
+
+
+def zfile_compress(
+    source: str | None,
+    target: str,
+    *,
+    zfile: ZFileOptions,
+    tar: bool = False,
+    force: bool = False,
+    chunks: Iterable[bytes] = (),
+    progress: Progress = None,
+) -> None:
+    """Compress the file ``source`` (or, when it is None, the byte ``chunks``) into the
+    ZFile ``target`` (mode 0644), tar-wrapped with ``tar`` (``obd zfile``, §4.8)."""
+    src = open_file(source) if source is not None else None
+    try:
+        with (
+            AtomicOutput(target, force=force, mode=0o644) as out,
+            output_sink(out, zfile=zfile, tar=tar) as sink,
+        ):
+            for data in _file_chunks(src, 8 << 20) if src is not None else chunks:
+                sink.write(data)
+                if progress is not None:
+                    progress(len(data))
+    finally:
+        if src is not None:
+            src.close()
+
+
+def _file_chunks(src: ReadAt, chunk: int) -> Iterator[bytes]:
+    total = src.size()
+    pos = 0
+    while pos < total:
+        data = src.pread(pos, min(chunk, total - pos))
+        if not data:
+            break
+        yield data
+        pos += len(data)
+
+
+def zfile_extract(
+    source: str,
+    target: str,
+    *,
+    tar: bool = False,
+    force: bool = False,
+    threads: int | None = None,
+    meter: Meter | None = None,
+) -> None:
+    """Decompress the ZFile ``source`` into ``target`` (mode 0644), every block checked.
+
+    A tar wrapper is peeled when there is one; with ``tar`` it must be there.
+    """
+    with open_file(source) as f:
+        reader = open_zfile(f, tar_required=tar, path=source)
+        with (
+            AtomicOutput(target, force=force, mode=0o644) as out,
+            meter(reader.size()) if meter is not None else contextlib.nullcontext(None) as bar,
+        ):
+            decompress_to(reader, out, bar, threads=threads or cores())
+
+
+def zfile_verify(source: str) -> list[tuple[int, int, str]]:
+    """Every bad block of the ZFile ``source`` (tar peeled): ``(block, offset, problem)``."""
+    with open_file(source) as f:
+        return verify_blocks(peel_tar(f, path=source), path=source)
 
 
 @dataclass(frozen=True)
