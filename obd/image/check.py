@@ -33,7 +33,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from obd.errors import CorruptError, ObdError
@@ -51,22 +51,19 @@ from obd.formats.lsmt.ro import (
 )
 from obd.formats.lsmt.rw import LSMTWritable, RwFacts, data_problems, index_problems
 from obd.formats.problem import CORRUPTION, ERROR, LEAK, NOTE, WARNING, Problem
-from obd.formats.zfile.validate import ZFacts, block_problems, validate_zfile
-from obd.image.inspect import (
+from obd.formats.sniff import (
     KIND_IMAGE,
     KIND_LSMT_RO,
-    KIND_LSMT_RW,
     KIND_LSMT_RW_INDEX,
     KIND_LSMT_RW_SPARSE,
-    KIND_LSMT_SEALED,
     KIND_UNKNOWN,
     KIND_ZFILE,
-    chain_problems,
-    looks_like_config,
+    RO_KINDS,
+    RW_DATA_KINDS,
     lsmt_kind,
-    sibling_index,
-    uuid_or_none,
 )
+from obd.formats.zfile.validate import ZFacts, block_problems, validate_zfile
+from obd.image.inspect import chain_problems, looks_like_config, sibling_index, uuid_or_none
 from obd.io.base import ReadAt
 from obd.io.cpu import cores
 from obd.io.file import open_file
@@ -265,10 +262,11 @@ def _lsmt_ht(
     return ht, raw
 
 
-def check_lsmt_ro(view: ReadAt, rep: CheckReport, *, space: str = "file") -> None:
-    """A read-only layer (commit output) or a sealed data file, everything of §1.5-§1.6."""
+def check_lsmt_ro(view: ReadAt, rep: CheckReport, *, space: str = "file", base: int = 0) -> None:
+    """A read-only layer (commit output) or a sealed data file, everything of §1.5-§1.6
+    (``view`` starts at file offset ``base``)."""
     facts = RoFacts()
-    _report(rep, validate_ro(view, facts), space=space)
+    _report(rep, validate_ro(view, facts), space=space, base=base)
     t = facts.trailer
     if t is not None:
         rep.uuid, rep.parent_uuid = uuid_or_none(t.uuid), uuid_or_none(t.parent_uuid)
@@ -402,7 +400,7 @@ def check_file(
                 rep.kind = KIND_ZFILE
                 return rep
             rep.kind = kind
-            if kind in (KIND_LSMT_RO, KIND_LSMT_SEALED):
+            if kind in RO_KINDS:
                 try:
                     check_lsmt_ro(inner, rep, space="payload")
                 except CorruptError as e:
@@ -416,15 +414,9 @@ def check_file(
             return rep
         kind, _ = lsmt_kind(view)
         rep.kind = kind
-        if kind in (KIND_LSMT_RO, KIND_LSMT_SEALED):
-            first = len(rep.findings)
-            check_lsmt_ro(view, rep)
-            if base:  # a tar-wrapped plain layer: offsets in the payload -> file offsets
-                rep.findings[first:] = [
-                    replace(x, offset=x.offset + base) if x.offset is not None else x
-                    for x in rep.findings[first:]
-                ]
-        elif kind in (KIND_LSMT_RW, KIND_LSMT_RW_SPARSE):
+        if kind in RO_KINDS:
+            check_lsmt_ro(view, rep, base=base)  # base: a tar-wrapped plain layer
+        elif kind in RW_DATA_KINDS:
             if rep.wrappers:
                 rep.add(ERROR, "unsupported", "a writable layer inside a tar cannot be checked")
             else:
