@@ -66,3 +66,13 @@ def progress(total: int | None, desc: str, enabled: bool | None = None) -> Itera
         leave=False,
     ) as bar:
         yield Progress(bar)
+
+
+# options that several commands share, worded once
+index_option = click.option(
+    "--index",
+    metavar="INDEX",
+    type=click.Path(dir_okay=False),
+    help="Index file of a single writable data FILE (when not named X.index).",
+)
+paths_argument = click.argument("paths", metavar="FILE|IMAGE_CONFIG...", nargs=-1, required=True)

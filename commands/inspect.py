@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from commands._util import index_option, paths_argument
+
 _HELP = """Show what overlaybd files and images hold.
 
 Each FILE is recognised by its bytes: a tar wrapper, a ZFile, a read-only LSMT layer
@@ -65,13 +67,8 @@ def _size(n: int | None) -> str:
 @click.command("inspect", help=_HELP, short_help="Show what an overlaybd file or image holds.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (keys above).")
 @click.option("--map", "as_map", is_flag=True, help="Print the extents of the virtual disk.")
-@click.option(
-    "--index",
-    metavar="INDEX",
-    type=click.Path(dir_okay=False),
-    help="Index file of a single writable data FILE (when not named X.index).",
-)
-@click.argument("paths", metavar="FILE|IMAGE_CONFIG...", nargs=-1, required=True)
+@index_option
+@paths_argument
 def inspect(as_json: bool, as_map: bool, index: str | None, paths: tuple[str, ...]) -> None:
     from obd.image import inspect as ins
 
@@ -233,13 +230,8 @@ def _render_maps(maps: list[Any]) -> None:
     "merged, like qemu-img map). --json prints the document described in obd-inspect(1).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-@click.option(
-    "--index",
-    metavar="INDEX",
-    type=click.Path(dir_okay=False),
-    help="Index file of a single writable data FILE (when not named X.index).",
-)
-@click.argument("paths", metavar="FILE|IMAGE_CONFIG...", nargs=-1, required=True)
+@index_option
+@paths_argument
 @click.pass_context
 def map_(ctx: click.Context, as_json: bool, index: str | None, paths: tuple[str, ...]) -> None:
     ctx.invoke(inspect, as_json=as_json, as_map=True, index=index, paths=paths)
