@@ -44,11 +44,7 @@ from obd.formats.lsmt import (
     HT_SLOT,
     HeaderTrailer,
 )
-from obd.formats.lsmt.ro import (
-    RoFacts,
-    header_problems,
-    validate_ro,
-)
+from obd.formats.lsmt.ro import RoFacts, validate_ro
 from obd.formats.lsmt.rw import LSMTWritable, RwFacts, data_problems, index_problems
 from obd.formats.problem import CORRUPTION, ERROR, LEAK, NOTE, WARNING, Problem
 from obd.formats.sniff import (
@@ -78,9 +74,6 @@ MAX_PER_CODE = 50  # findings kept per (file, code); the rest are counted in one
 JSON_VERSION = 1
 
 Progress = Callable[[int], Any] | None
-
-LSMT_OFF = HeaderTrailer.LAYOUT.offsets
-ZF_OFF = zf.HT_OFF
 
 
 @dataclass(frozen=True)
@@ -251,15 +244,6 @@ def _report(
             rep.leaked_bytes += p.nbytes
         elif p.code == "garbage":
             rep.garbage_bytes += p.nbytes
-
-
-def _lsmt_ht(
-    view: ReadAt, rep: CheckReport, at: int, what: str, space: str
-) -> tuple[HeaderTrailer | None, bytes]:
-    raw = view.pread(at, HT_SLOT)
-    ht, problems = header_problems(raw, at, what)
-    _report(rep, problems, space=space)
-    return ht, raw
 
 
 def check_lsmt_ro(view: ReadAt, rep: CheckReport, *, space: str = "file", base: int = 0) -> None:
