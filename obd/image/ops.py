@@ -166,35 +166,29 @@ def commit(
     zfile: ZFileOptions | None = None,
     tar: bool = False,
     progress: Progress = None,
+    sealed: bool = False,
 ) -> None:
-    """Commit a writable layer into a read-only layer file (§2.5, §1.8)."""
+    """Commit a writable layer into a read-only layer file (§2.5, §1.8).
+
+    With ``sealed``, ``data_path`` is a file sealed in place by :func:`seal` (read as a
+    read-only layer; ``index_path`` is not used): ``--commit_sealed``.
+    """
+    meta = LayerMeta(uuid, parent_uuid, message)
+    if sealed:
+        with open_ro_layer(data_path) as ro:
+            _commit_from(
+                ro.mappings, [ro.file], ro.header, output, meta, force, zfile, tar, progress
+            )
+        return
     with open_rw_layer(data_path, index_path, readonly=True) as layer:
         # virtual size and parent come from the data file's own header
         src = HeaderTrailer.unpack(layer.data.pread(0, 4096), path=layer.data.path)
-        _commit_from(
-            layer.mappings(), [layer.data], src, output,
-            LayerMeta(uuid, parent_uuid, message), force, zfile, tar, progress,
-        )  # fmt: skip
+        _commit_from(layer.mappings(), [layer.data], src, output, meta, force, zfile, tar, progress)
 
 
-def commit_sealed(
-    sealed_path: str,
-    output: str,
-    *,
-    uuid: str | None = None,
-    parent_uuid: str | None = None,
-    message: bytes = b"",
-    force: bool = False,
-    zfile: ZFileOptions | None = None,
-    tar: bool = False,
-    progress: Progress = None,
-) -> None:
-    """Compact a file sealed in place by :func:`seal` (``--commit_sealed``)."""
-    with open_ro_layer(sealed_path) as layer:
-        _commit_from(
-            layer.mappings, [layer.file], layer.header, output,
-            LayerMeta(uuid, parent_uuid, message), force, zfile, tar, progress,
-        )  # fmt: skip
+def commit_sealed(sealed_path: str, output: str, **options: Any) -> None:
+    """Compact a file sealed in place by :func:`seal`: :func:`commit` with ``sealed``."""
+    commit(sealed_path, None, output, sealed=True, **options)
 
 
 def _commit_from(
