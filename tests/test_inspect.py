@@ -372,3 +372,24 @@ def test_map_command_is_inspect_map(tmp_path):
     assert a.code == b.code == 0
     assert json.loads(a.out) == json.loads(b.out)
     assert json.loads(a.out)["maps"][0]["extents"]
+
+
+def test_open_blob_names_kind_and_wrappers(tmp_path: Path) -> None:
+    from obd.formats.sniff import KIND_LSMT_RO, KIND_UNKNOWN, KIND_ZFILE, open_blob_path
+    from obd.image import ops
+
+    d, i = str(tmp_path / "l.data"), str(tmp_path / "l.index")
+    ops.create(d, i, 1 << 20)
+    layer = str(tmp_path / "l.lsmt")
+    ops.commit(d, i, layer, zfile=ops.ZFileOptions(), tar=True)
+    junk = tmp_path / "junk"
+    junk.write_bytes(os.urandom(8192))
+    zjunk = str(tmp_path / "junk.zf")
+    ops.zfile_compress(str(junk), zjunk, zfile=ops.ZFileOptions())
+    with open_blob_path(layer) as b:
+        assert (b.kind, b.wrappers) == (KIND_LSMT_RO, ("tar", "zfile"))
+        assert b.view is b.zfile and b.tar is not None and b.header is not None
+    with open_blob_path(zjunk) as b:
+        assert (b.kind, b.wrappers, b.tar, b.header) == (KIND_ZFILE, ("zfile",), None, None)
+    with open_blob_path(str(junk)) as b:
+        assert (b.kind, b.wrappers, b.view) == (KIND_UNKNOWN, (), b.file)
