@@ -57,6 +57,7 @@ from obd.formats.sniff import (
     RO_KINDS,
     RW_DATA_KINDS,
     lsmt_kind,
+    open_blob,
 )
 from obd.formats.zfile.validate import ZFacts, block_problems, validate_zfile
 from obd.image.inspect import chain_problems, looks_like_config, sibling_index, uuid_or_none
@@ -350,54 +351,51 @@ def check_file(
     except ObdError as e:
         rep.add(ERROR, "access", e.message)
         return rep
-    view: ReadAt = f
     base = 0
     try:
+        # the wrappers are validated on the way in (every problem, where opening stops at
+        # the first); once they hold, open_blob says what is inside
+        view: ReadAt = f
         if is_tar(f.pread(0, 512)):
             rep.wrappers.append("tar")
             tar = TarFacts()
             _report(rep, validate_tar(f, tar))
             if not tar.ok:
                 return rep
-            view = TarView(f, path=path)
-            base = view.offset
+            view, base = TarView(f, path=path), tar.offset
         if zf.is_zfile(view.pread(0, 512)):
             rep.wrappers.append("zfile")
+            rep.kind = KIND_ZFILE
             if not _check_zfile(view, rep, base=base, progress=progress, threads=nthreads):
-                rep.kind = KIND_ZFILE
                 return rep
-            try:
-                inner = zf.ZFileReader(view, cache_blocks=8, path=path)
-            except ObdError as e:
-                # structural problems already reported; the reader refuses the file
-                rep.kind = KIND_ZFILE
-                if not rep.count(CORRUPTION):
-                    rep.add(ERROR, "zfile", f"cannot open the ZFile: {e.message}")
-                return rep
-            try:
-                kind, _ = lsmt_kind(inner)
-            except ObdError as e:
-                rep.kind = KIND_ZFILE
-                rep.add(CORRUPTION, "lsmt_unreadable", f"cannot read the payload: {e.message}")
-                return rep
-            if kind == KIND_UNKNOWN:
-                rep.kind = KIND_ZFILE
-                return rep
-            rep.kind = kind
+        try:
+            blob = open_blob(f, path=path, cache_blocks=8)
+        except CorruptError as e:
+            if "zfile" not in rep.wrappers:
+                raise
+            rep.add(CORRUPTION, "lsmt_unreadable", f"cannot read the payload: {e.message}")
+            return rep
+        except ObdError as e:
+            if "zfile" not in rep.wrappers:
+                raise
+            if not rep.count(CORRUPTION):
+                rep.add(ERROR, "zfile", f"cannot open the ZFile: {e.message}")
+            return rep
+        kind, view = blob.kind, blob.view
+        rep.kind = kind
+        if blob.zfile is not None:
             if kind in RO_KINDS:
                 try:
-                    check_lsmt_ro(inner, rep, space="payload")
+                    check_lsmt_ro(view, rep, space="payload")
                 except CorruptError as e:
                     rep.add(
                         CORRUPTION,
                         "lsmt_unreadable",
                         f"cannot read the LSMT layer inside the ZFile: {e.message}",
                     )
-            else:
+            elif kind != KIND_ZFILE:
                 rep.add(ERROR, "unsupported", f"a {kind} file inside a ZFile cannot be checked")
             return rep
-        kind, _ = lsmt_kind(view)
-        rep.kind = kind
         if kind in RO_KINDS:
             check_lsmt_ro(view, rep, base=base)  # base: a tar-wrapped plain layer
         elif kind in RW_DATA_KINDS:
@@ -430,7 +428,7 @@ def check_file(
         rep.add(ERROR, "unreadable", str(e))
     finally:
         rep.finish()
-        view.close()
+        f.close()
     return rep
 
 
