@@ -631,18 +631,27 @@ class RwFacts:
     keep: int = 0  # leading records whose data reached the data file (see whole_records)
 
 
+def _header_of(
+    view: ReadAt, file: str, code: str, *, deep: bool
+) -> tuple[HeaderTrailer | None, list[Problem]]:
+    """The header of a writable layer's data or index ``file`` and what is wrong with it
+    on its own; ``None`` when it cannot be used (too small, bad magic, or, not ``deep``,
+    a problem a reader stops at)."""
+    size = view.size()
+    if size < HT_SLOT:
+        return None, [Problem(CORRUPTION, code, f"too small for an LSMT {file} file ({size} bytes)", 0)]  # fmt: skip
+    h, found = header_problems(view.pread(0, HT_SLOT), 0, "header", deep=deep)
+    return (None if found and not deep else h), found
+
+
 def data_problems(data: ReadAt, facts: RwFacts, *, deep: bool = True) -> Iterator[Problem]:
     """What is wrong with a writable layer's data file (§2.1, §2.3); ``deep=False``
     stops at what :meth:`LSMTWritable.open` refuses."""
     dsize = facts.data_size = data.size()
-    if dsize < HT_SLOT:
-        yield Problem(CORRUPTION, "lsmt_header", f"too small for an LSMT data file ({dsize} bytes)", 0)  # fmt: skip
-        return
-    h, found = header_problems(data.pread(0, HT_SLOT), 0, "header", deep=deep)
-    if h is None or (found and not deep):
-        yield from found
-        return
+    h, found = _header_of(data, "data", "lsmt_header", deep=deep)
     yield from found
+    if h is None:
+        return
     facts.header = h
     if not h.is_header or not h.is_data_file:
         yield Problem(
@@ -688,14 +697,10 @@ def index_problems(
     file. ``deep=False`` stops at what :meth:`LSMTWritable.open` refuses."""
     h = facts.header
     isize = index.size()
-    if isize < HT_SLOT:
-        yield Problem(CORRUPTION, "rw_index_header", f"too small for an LSMT index file ({isize} bytes)", 0)  # fmt: skip
-        return
-    ih, found = header_problems(index.pread(0, HT_SLOT), 0, "header", deep=deep)
-    if ih is None or (found and not deep):
-        yield from found
-        return
+    ih, found = _header_of(index, "index", "rw_index_header", deep=deep)
     yield from found
+    if ih is None:
+        return
     facts.index_header = ih
     flags_wrong = ""
     if not ih.is_header or ih.is_data_file:
