@@ -635,18 +635,17 @@ def _header_of(
     view: ReadAt, file: str, code: str, *, deep: bool
 ) -> tuple[HeaderTrailer | None, list[Problem]]:
     """The header of a writable layer's data or index ``file`` and what is wrong with it
-    on its own; ``None`` when it cannot be used (too small, bad magic, or, not ``deep``,
-    a problem a reader stops at)."""
+    on its own; ``None`` when it cannot be decoded (too small, bad magic)."""
     size = view.size()
     if size < HT_SLOT:
         return None, [Problem(CORRUPTION, code, f"too small for an LSMT {file} file ({size} bytes)", 0)]  # fmt: skip
     h, found = header_problems(view.pread(0, HT_SLOT), 0, "header", deep=deep)
-    return (None if found and not deep else h), found
+    return h, found
 
 
 def data_problems(data: ReadAt, facts: RwFacts, *, deep: bool = True) -> Iterator[Problem]:
     """What is wrong with a writable layer's data file (§2.1, §2.3); ``deep=False``
-    stops at what :meth:`LSMTWritable.open` refuses."""
+    checks what :meth:`LSMTWritable.open` refuses (it raises the first corruption)."""
     dsize = facts.data_size = data.size()
     h, found = _header_of(data, "data", "lsmt_header", deep=deep)
     yield from found
@@ -665,8 +664,6 @@ def data_problems(data: ReadAt, facts: RwFacts, *, deep: bool = True) -> Iterato
             CORRUPTION, "lsmt_header",
             f"header flags {h.flags:#x} say sealed, but the file has no trailer", HT_OFF["flags"],
         )  # fmt: skip
-        if not deep:
-            return
     if not deep:
         return
     if h.is_sparse:
@@ -694,7 +691,8 @@ def index_problems(
     """What is wrong with a log-structured layer's index file (§2.2), given its data
     file's facts (:func:`data_problems` first; without them, as for an index file given
     alone, records are not checked against the data file); offsets are in the index
-    file. ``deep=False`` stops at what :meth:`LSMTWritable.open` refuses."""
+    file. ``deep=False`` checks what :meth:`LSMTWritable.open` refuses (it raises the
+    first corruption)."""
     h = facts.header
     isize = index.size()
     ih, found = _header_of(index, "index", "rw_index_header", deep=deep)
@@ -710,16 +708,12 @@ def index_problems(
         flags_wrong = "index file header is marked sealed"
     if flags_wrong:
         yield Problem(CORRUPTION, "rw_index_header", flags_wrong, HT_OFF["flags"])
-        if not deep:
-            return
     if ih.index_offset != HT_SLOT:
         yield Problem(
             CORRUPTION, "rw_index_header",
             f"index file header has index_offset {ih.index_offset}, expected {HT_SLOT}",
             HT_OFF["index_offset"],
         )  # fmt: skip
-        if not deep:
-            return
     body = isize - HT_SLOT
     n = body // ENTRY_SIZE
     facts.torn = body % ENTRY_SIZE
@@ -747,8 +741,6 @@ def index_problems(
             f"index file belongs to layer {ih.uuid}, but data file {data_path} is layer {h.uuid}",
             HT_OFF["uuid"],
         )  # fmt: skip
-        if not deep:
-            return
     if deep:
         what = "data header and index header"
         yield from disagreements(h, ih, ("parent_uuid",), at=0, what=what)

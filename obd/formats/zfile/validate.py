@@ -58,11 +58,11 @@ def validate_zfile(
 ) -> Iterator[Problem]:
     """Every problem of the ZFile at ``src`` (offsets in ``src``).
 
-    ``deep=False`` is what :class:`ZFileReader` refuses: it stops at the first
-    corruption or unsupported feature (an ``error`` with code ``unsupported``) and does
-    not look at the trailer of a file whose header was overwritten. ``deep`` also
-    checks that trailer, header/trailer agreement, every jump-table entry and
-    unreferenced bytes (leaks), and goes on past the problems a reader stops at.
+    ``deep=False`` checks what :class:`ZFileReader` refuses (it raises the first
+    corruption or unsupported feature, an ``error`` with code ``unsupported``: see
+    :func:`raise_first_zfile`) and does not look at the trailer of a file whose header
+    was overwritten. ``deep`` also checks that trailer, header/trailer agreement and
+    unreferenced bytes (leaks), and goes on past an unsupported algorithm.
     """
     facts = facts if facts is not None else ZFacts()
     total = src.size()
@@ -77,8 +77,6 @@ def validate_zfile(
     flags_at = HT_OFF["flags"]
     if not h.is_header:
         yield Problem(CORRUPTION, "zfile_header", "ZFile header lacks the header flag", flags_at)
-        if not deep:
-            return
     if h.digest_enabled:
         want = slot_digest(head)
         if want != h.digest:
@@ -87,12 +85,8 @@ def validate_zfile(
                 f"ZFile header digest mismatch: stored {h.digest:#010x}, computed {want:#010x}",
                 HT_OFF["digest"],
             )  # fmt: skip
-            if not deep:
-                return
     if not h.is_data_file and not h.header_overwrite:
         yield Problem(CORRUPTION, "zfile_header", "ZFile header lacks the data-file flag", flags_at)
-        if not deep:
-            return
     toff = total - SLOT_SIZE
     t: HeaderTrailer | None = None
     if total >= 2 * SLOT_SIZE and (deep or not h.header_overwrite):
@@ -107,8 +101,6 @@ def validate_zfile(
                     "not header)",
                     toff + flags_at,
                 )  # fmt: skip
-                if not deep:
-                    return
             # Upstream never checks the trailer digest; we do when the trailer says it
             # has one (every writer since the digest exists fills it in correctly).
             if tt.digest_enabled and slot_digest(tail) != tt.digest:
@@ -118,8 +110,6 @@ def validate_zfile(
                     f"{slot_digest(tail):#010x}",
                     toff + HT_OFF["digest"],
                 )  # fmt: skip
-                if not deep:
-                    return
     if t is None and (deep or not h.header_overwrite):
         msg = (
             f"ZFile trailer missing (no ZFile magic in the last {SLOT_SIZE} bytes): "
@@ -177,8 +167,6 @@ def validate_zfile(
             f"{-(-size // bs)} blocks of {bs}",
             info_at + HT_OFF["index_size"],
         )  # fmt: skip
-        if not deep:
-            return
     if ioff < data_start or ioff + 4 * n > limit:
         yield Problem(
             CORRUPTION, "zfile_jump_table",
@@ -205,20 +193,16 @@ def validate_zfile(
                 f"computed {got:#010x}",
                 ioff,
             )  # fmt: skip
-            if not deep:
-                return
     lengths = _u32_table(table)
     minimum = 5 if verify else 1
     maximum = (codec.bound(bs) if codec else bs + bs // 8 + 64) + (4 if verify else 0)
     wrong = np.flatnonzero((lengths < minimum) | (lengths > maximum)).tolist()
-    for b in wrong if deep else wrong[:1]:
+    for b in wrong:
         yield Problem(
             CORRUPTION, "zfile_jump_table",
             f"ZFile jump table entry {b} has impossible stored length {int(lengths[b])}",
             ioff + 4 * b,
         )  # fmt: skip
-    if wrong and not deep:
-        return
     offsets = np.empty(n + 1, dtype=np.int64)
     offsets[0] = data_start
     np.cumsum(lengths, dtype=np.int64, out=offsets[1:])
