@@ -37,18 +37,13 @@ from obd.formats.lsmt import (
     decode_entries,
     referenced_bytes,
 )
-from obd.formats.sniff import (  # the kinds are declared there; named here for old callers
-    KIND_IMAGE,  # noqa: F401
-    KIND_LSMT_RO,  # noqa: F401
+from obd.formats.sniff import (
     KIND_LSMT_RW,
     KIND_LSMT_RW_INDEX,
-    KIND_LSMT_RW_SPARSE,  # noqa: F401
-    KIND_LSMT_SEALED,  # noqa: F401
     KIND_UNKNOWN,
     KIND_ZFILE,
     RO_KINDS,
     RW_DATA_KINDS,
-    lsmt_kind,  # noqa: F401
     open_blob_path,
 )
 from obd.image.config import ImageConfig, is_image_config, load_image_config
