@@ -121,7 +121,7 @@ def validate_zfile(
         yield Problem(CORRUPTION, "zfile_trailer", msg, toff)
     info = facts.info = h if h.header_overwrite else t
     assert info is not None
-    if t is not None:
+    if deep and t is not None:
         names = (INDEX_FIELDS if h.header_overwrite else ()) + SHAPE_FIELDS
         for name in names:
             if getattr(h, name) != getattr(t, name):
