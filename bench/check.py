@@ -23,6 +23,7 @@ import numpy as np
 
 from obd.image.layers import open_rw_layer
 from obd.image.ops import ZFileOptions, commit, create
+from obd.io.cpu import cores
 
 CHUNK = 64 << 10
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +76,7 @@ def build(folder: str, size: int) -> str:
         index,
         out,
         force=True,
-        zfile=ZFileOptions(threads=os.cpu_count() or 1, overwrite_header=True),
+        zfile=ZFileOptions(threads=cores(), overwrite_header=True),
     )
     os.unlink(data)
     os.unlink(index)
@@ -123,8 +124,7 @@ def main() -> int:
             os.unlink(raw)
         zsize = os.path.getsize(zpath)
         print(
-            f"ZFile: {zsize / 2**20:.0f} MiB stored, {plain / 2**20:.0f} MiB plain, "
-            f"{os.cpu_count()} cores"
+            f"ZFile: {zsize / 2**20:.0f} MiB stored, {plain / 2**20:.0f} MiB plain, {cores()} cores"
         )
         print(f"{'command':<14} {'seconds':>8} {'MiB/s':>8} {'exit':>5}")
         for name, dt in best.items():

@@ -29,6 +29,7 @@ import numpy as np
 
 from obd.formats.codecs import Codec, fallback_codec, get_codec, have_extension
 from obd.formats.zfile import ZFileReader, compress_file, decompress_to
+from obd.io.cpu import cores
 from obd.io.file import open_file
 
 CHUNK = 64 << 10
@@ -256,7 +257,7 @@ def codec_scaling(src: str, threads: int) -> list[tuple[str, str, str, int, floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--threads", type=int, default=cores())
     ap.add_argument("--keep", help="folder to use and keep (default: a temp folder)")
     args = ap.parse_args()
     folder = args.keep or tempfile.mkdtemp(prefix="obd-bench-")
@@ -270,7 +271,7 @@ def main() -> None:
         print(f"built {args.size_mib} MiB mixed file in {t:.1f}s", file=sys.stderr)
     mib = size / (1 << 20)
     rows: list[Row] = []
-    cpu = os.cpu_count()
+    cpu = cores()
     load0 = os.getloadavg()[0]
     try:
         with open(src, "rb") as f:  # warm the page cache
