@@ -76,3 +76,8 @@ index_option = click.option(
     help="Index file of a single writable data FILE (when not named X.index).",
 )
 paths_argument = click.argument("paths", metavar="FILE|IMAGE_CONFIG...", nargs=-1, required=True)
+
+
+def threads_option(help: str) -> Any:
+    """``--threads N`` (at least 1; default None: let the library pick), with ``help``."""
+    return click.option("--threads", type=click.IntRange(min=1), default=None, help=help)

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from commands._util import progress
+from commands._util import index_option, paths_argument, progress, threads_option
 from obd.errors import ObdError
 
 _HELP = """Verify everything verifiable in overlaybd files and images.
@@ -99,19 +99,9 @@ class CouldNotCheck(ObdError):
     short_help="Verify every checksum and index of files or images.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (keys above).")
-@click.option(
-    "--index",
-    metavar="INDEX",
-    type=click.Path(dir_okay=False),
-    help="Index file of a single writable data FILE (when not named X.index).",
-)
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Threads checking ZFile blocks (default: all cores).",
-)
-@click.argument("paths", metavar="FILE|IMAGE_CONFIG...", nargs=-1, required=True)
+@index_option
+@threads_option("Threads checking ZFile blocks (default: all cores).")
+@paths_argument
 def check(as_json: bool, index: str | None, threads: int | None, paths: tuple[str, ...]) -> None:
     from obd.image import check as chk
 

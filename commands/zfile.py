@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import click
 
-from commands._util import progress
+from commands._util import progress, threads_option
 from obd.errors import CorruptError, UsageError
 
 _BLOCK_KIB = ("4", "8", "16", "32", "64")
@@ -45,12 +45,7 @@ _STDIN_CHUNK = 4 << 20
     show_default=True,
     help="Block size in KiB.",
 )
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Threads, the one doing I/O included (default: every CPU this process may use).",
-)
+@threads_option("Threads, the one doing I/O included (default: every CPU this process may use).")
 @click.option("--verify", is_flag=True, help="Check every block CRC of SOURCE (tar auto-detected).")
 @click.argument("source")
 @click.argument("target", required=False)
