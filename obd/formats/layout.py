@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, overload
 
 FlagNames = tuple[tuple[int, str], ...]
 
@@ -49,6 +50,28 @@ class Layout:
         """One field of ``data`` (which starts at the structure's first byte)."""
         code = dict(self.fields)[name]
         return struct.unpack_from("<" + code, data, self.offsets[name])[0]
+
+
+class FlagBit:
+    """A read-only ``bool`` attribute: whether ``mask`` is set in the owner's ``flags``.
+
+    Header/trailer classes declare their flag properties with it
+    (``is_sealed = FlagBit(FLAG_SEALED)``) instead of writing each one out.
+    """
+
+    __slots__ = ("mask",)
+
+    def __init__(self, mask: int) -> None:
+        self.mask = mask
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> FlagBit: ...
+    @overload
+    def __get__(self, obj: object, owner: type | None = None) -> bool: ...
+    def __get__(self, obj: Any, owner: type | None = None) -> FlagBit | bool:
+        if obj is None:
+            return self
+        return bool(obj.flags & self.mask)
 
 
 def flag_names(value: int, table: FlagNames, bits: int) -> list[str]:

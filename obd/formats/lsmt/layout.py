@@ -14,7 +14,7 @@ import numpy as np
 
 from obd.errors import CorruptError
 from obd.formats import uuid as uuidmod
-from obd.formats.layout import FlagNames, Layout
+from obd.formats.layout import FlagBit, FlagNames, Layout
 
 SECTOR = 512
 HT_SLOT = 4096  # bytes a header or trailer occupies
@@ -87,21 +87,10 @@ class HeaderTrailer:
     user_tag: bytes = b""
     reserved: int = 0
 
-    @property
-    def is_header(self) -> bool:
-        return bool(self.flags & FLAG_HEADER)
-
-    @property
-    def is_data_file(self) -> bool:
-        return bool(self.flags & FLAG_DATA)
-
-    @property
-    def is_sealed(self) -> bool:
-        return bool(self.flags & FLAG_SEALED)
-
-    @property
-    def is_sparse(self) -> bool:
-        return bool(self.flags & FLAG_SPARSE)
+    is_header = FlagBit(FLAG_HEADER)
+    is_data_file = FlagBit(FLAG_DATA)
+    is_sealed = FlagBit(FLAG_SEALED)
+    is_sparse = FlagBit(FLAG_SPARSE)
 
     def pack(self) -> bytes:
         if len(self.user_tag) > 256:

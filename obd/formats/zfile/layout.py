@@ -11,7 +11,7 @@ import numpy as np
 
 from obd.errors import CorruptError
 from obd.formats import crc
-from obd.formats.layout import FlagNames, Layout
+from obd.formats.layout import FlagBit, FlagNames, Layout
 
 MAGIC0 = b"ZFile\x00\x01\x00"
 MAGIC1 = b"tuji.yyf@Alibaba"
@@ -137,30 +137,16 @@ class HeaderTrailer:
         struct.pack_into("<I", body, HT_OFF["digest"], slot_digest(body))
         return bytes(body)
 
-    # flag bits (0-4 only)
     @property
     def magic_ok(self) -> bool:
         return self.magic0 == MAGIC0 and self.magic1 == MAGIC1
 
-    @property
-    def is_header(self) -> bool:
-        return bool(self.flags & FLAG_HEADER)
-
-    @property
-    def is_data_file(self) -> bool:
-        return bool(self.flags & FLAG_DATA)
-
-    @property
-    def is_sealed(self) -> bool:
-        return bool(self.flags & FLAG_SEALED)
-
-    @property
-    def header_overwrite(self) -> bool:
-        return bool(self.flags & FLAG_HEADER_OVERWRITE)
-
-    @property
-    def digest_enabled(self) -> bool:
-        return bool(self.flags & FLAG_DIGEST)
+    # flag bits (0-4 only)
+    is_header = FlagBit(FLAG_HEADER)
+    is_data_file = FlagBit(FLAG_DATA)
+    is_sealed = FlagBit(FLAG_SEALED)
+    header_overwrite = FlagBit(FLAG_HEADER_OVERWRITE)
+    digest_enabled = FlagBit(FLAG_DIGEST)
 
 
 def slot_digest(slot: bytes | bytearray | memoryview) -> int:
