@@ -6,6 +6,7 @@ from array import array
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
+from typing import TypedDict, Unpack
 
 from obd.errors import UsageError
 from obd.formats import crc
@@ -201,28 +202,31 @@ class ZFileWriter:
 # ---------------------------------------------------------------------------- helpers
 
 
+class WriterOptions(TypedDict, total=False):
+    """The keywords :func:`compress_file` passes on to :class:`ZFileWriter` (its defaults)."""
+
+    algorithm: str | int
+    block_size: int
+    verify: bool
+    overwrite_header: bool
+    threads: int
+
+
 def compress_file(
     src: ReadAt,
     out: WriteAt,
     *,
-    algorithm: str | int = "lz4",
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    verify: bool = True,
-    overwrite_header: bool = False,
-    threads: int = 1,
     progress: Progress | None = None,
+    **options: Unpack[WriterOptions],
 ) -> ZFileWriter:
-    """Compress all of ``src`` into ``out`` as a ZFile; returns the closed writer."""
+    """Compress all of ``src`` into ``out`` as a ZFile; returns the closed writer.
+
+    ``options`` are :class:`ZFileWriter`'s keywords (:class:`WriterOptions`), with its
+    defaults.
+    """
     total = src.size()
-    chunk = max(8 << 20, block_size)
-    with ZFileWriter(
-        out,
-        algorithm=algorithm,
-        block_size=block_size,
-        verify=verify,
-        overwrite_header=overwrite_header,
-        threads=threads,
-    ) as w:
+    with ZFileWriter(out, **options) as w:
+        chunk = max(8 << 20, w.block_size)
         pos = 0
         while pos < total:
             data = src.pread(pos, min(chunk, total - pos))
