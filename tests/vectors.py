@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,62 @@ def sha256_of_reader(pread: Any, size: int, chunk: int = 1 << 20) -> str:
         h.update(data)
         pos += n
     return h.hexdigest()
+
+
+def reader_sha256(r: Any) -> str:
+    """sha256 of everything a layer or image reads (``r.pread`` over ``r.virtual_size``)."""
+    return sha256_of_reader(r.pread, r.virtual_size, 4 << 20)
+
+
+def vector_named(kind: str, name: str) -> dict[str, Any]:
+    """The one vector of this kind with this name (KeyError when the manifest lacks it)."""
+    return {v["name"]: v for v in vectors_of(kind)}[name]
+
+
+def commit_vector_params(*kinds: str) -> list[Any]:
+    """pytest parameters for the vectors of these kinds that ``overlaybd-commit`` made."""
+    out = []
+    for v in vectors_of(*kinds):
+        if v["commands"][-1].startswith("overlaybd-commit "):
+            out.append(pytest.param(v, id=v["name"]))
+    return out or [pytest.param(None, marks=pytest.mark.skip(reason="no vectors"))]
+
+
+def needs_exact_codec(algorithm: str) -> None:
+    """Skip unless this codec library is the version upstream's compressed vectors were made with."""
+    from obd.formats.codecs import get_codec
+
+    if not get_codec(algorithm).matches_vectors():
+        pytest.skip(
+            f"{algorithm} library version {get_codec(algorithm).version()} is not the one "
+            "upstream's vectors were made with; compressed bytes may differ"
+        )
+
+
+def commit_inputs(v: dict[str, Any], tmp_path: Path) -> tuple[list[str], Path, Path, str]:
+    """(options, data, index, output name) of the ``overlaybd-commit`` that made vector ``v``.
+
+    Skips when the data file is not shipped or (for a zfile) the codec library is not the one
+    upstream used; a sparse data file gets its holes back first.
+    """
+    d = require_vectors()
+    if "zfile" in v:
+        needs_exact_codec(v["zfile"]["algorithm"])
+    *opts, data, index, output = shlex.split(v["commands"][-1])[1:]
+    if not (d / data).exists():
+        pytest.skip(f"{data} is not shipped with the vectors")
+    src = d / data
+    if "sparse" in data:
+        src = resparsify(src, tmp_path / data, data.removesuffix(".data"))
+    return opts, src, d / index, output
+
+
+def write_broken_chain_config(path: Path) -> Path:
+    """Write an image config at ``path`` whose lowers skip layer 1 of stack A (l0 then l2)."""
+    d = require_vectors()
+    lowers = [{"file": str(d / "stack_a_l0.zfile")}, {"file": str(d / "stack_a_l2.zfile")}]
+    path.write_text(json.dumps({"lowers": lowers}))
+    return path
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
