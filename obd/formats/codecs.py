@@ -119,10 +119,12 @@ class Codec:
         return False
 
     # -- batches ---------------------------------------------------------------------
-    # One loop each for every backend without the extension; a backend gives the
-    # per-block step for a batch (``_block_encoder`` / ``_block_decoder``).
+    # A backend with the compiled extension (``_ext``) runs a batch in one call; every
+    # other one shares the loops below and gives only the per-block step
+    # (``_block_encoder`` / ``_block_decoder``).
 
     empty_frame = False  # an empty input still makes one block (zstd: an empty frame)
+    _ext: Any = None  # the compiled batch extension, when this backend has it
 
     def _block_encoder(self, data: memoryview, out: bytearray) -> Callable[..., int]:
         """``enc(pos, cap, off, n)``: compress ``data[off:off+n]`` into ``out`` at ``pos``
@@ -173,6 +175,11 @@ class Codec:
         need = nblocks * (cap + 4)
         out = scratch if scratch is not None and len(scratch) >= need else bytearray(need)
         view = memoryview(out)
+        if self._ext is not None:
+            used, ext_lengths = self._ext.compress_blocks(
+                self.algo_id, mv, block_size, crc, out, ZSTD_LEVEL
+            )
+            return view[:used], ext_lengths
         enc = self._block_encoder(mv, out)
         pack = _U32.pack_into
         lengths: list[int] = []
@@ -204,6 +211,11 @@ class Codec:
         block decodes to ``last_raw`` bytes, the others to ``block_size``. Returns the
         ``(index, problem)`` of every block that failed; their output range is undefined.
         """
+        if self._ext is not None:
+            failed = self._ext.decompress_blocks(
+                self.algo_id, stored, lengths, out, block_size, last_raw, crc
+            )
+            return [(i, _PROBLEMS[code]) for i, code in failed] if failed else failed
         src = memoryview(stored).cast("B")
         dst = memoryview(out).cast("B")
         _check_sizes(src, lengths, dst, block_size, last_raw)
@@ -313,40 +325,6 @@ class _SystemCodec(Codec):
         if problem is not None:
             raise ValueError(problem)
         return bytes(out)
-
-    def compress_blocks(
-        self,
-        data: bytes | bytearray | memoryview,
-        block_size: int,
-        crc: bool,
-        scratch: bytearray | None = None,
-    ) -> tuple[memoryview, list[int]]:
-        if self._ext is None:
-            return super().compress_blocks(data, block_size, crc, scratch)
-        mv = memoryview(data).cast("B")
-        nblocks = -(-len(mv) // block_size) if len(mv) or not self.empty_frame else 1
-        need = nblocks * (self.bound(block_size) + 4)
-        out = scratch if scratch is not None and len(scratch) >= need else bytearray(need)
-        used, lengths = self._ext.compress_blocks(
-            self.algo_id, mv, block_size, crc, out, ZSTD_LEVEL
-        )
-        return memoryview(out)[:used], lengths
-
-    def decompress_blocks(
-        self,
-        stored: bytes | bytearray | memoryview,
-        lengths: Lengths,
-        out: bytearray | memoryview,
-        block_size: int,
-        last_raw: int,
-        crc: bool,
-    ) -> list[tuple[int, str]]:
-        if self._ext is None:
-            return super().decompress_blocks(stored, lengths, out, block_size, last_raw, crc)
-        bad = self._ext.decompress_blocks(
-            self.algo_id, stored, lengths, out, block_size, last_raw, crc
-        )
-        return [(i, _PROBLEMS[code]) for i, code in bad] if bad else bad
 
 
 # ----------------------------------------------------------------------------- LZ4
