@@ -1,17 +1,18 @@
 """NBD as obd speaks it: the wire constants and byte layouts (docs/formats.md §10).
 
 Names are the protocol's (NetworkBlockDevice/nbd ``doc/proto.md``); every value and every
-layout is declared here once. Each layout is a :class:`struct.Struct` on a frozen
-dataclass with ``pack()`` / ``unpack()``; the hot paths use the ``Struct`` aliases below
-(``REQUEST.unpack_from``) to build no object per request. All integers are big-endian.
+layout is declared here once, as ``"field:code ..."`` from which :func:`_layout` makes a
+frozen dataclass with a ``STRUCT`` and ``pack()`` / ``unpack()``; the hot paths use the
+``Struct`` aliases below (``REQUEST.unpack_from``) to build no object per request. All
+integers are big-endian.
 """
 
 from __future__ import annotations
 
 import errno
 import struct
-from dataclasses import astuple, dataclass
-from typing import ClassVar, TypeVar
+from dataclasses import astuple, make_dataclass
+from typing import Any, ClassVar, TypeVar
 
 from obd.errors import ObdError, ReadOnlyError
 
@@ -149,140 +150,76 @@ class Layout:
         return cls(*cls.STRUCT.unpack_from(buf, offset))
 
 
-@dataclass(frozen=True)
-class Handshake(Layout):
-    """The server's greeting (18 bytes)."""
-
-    STRUCT = struct.Struct(">QQH")
-    magic: int  # NBDMAGIC
-    ihaveopt: int  # IHAVEOPT
-    flags: int  # handshake flags
-
-
-@dataclass(frozen=True)
-class ClientFlags(Layout):
-    """The client's answer to the greeting (4 bytes)."""
-
-    STRUCT = struct.Struct(">I")
-    flags: int
+def _layout(name: str, doc: str, fields: str) -> type[Any]:
+    """A frozen :class:`Layout` dataclass from ``"name:code ..."`` (big-endian codes)."""
+    pairs = [f.split(":") for f in fields.split()]
+    fmt = struct.Struct(">" + "".join(code for _, code in pairs))
+    namespace = {"STRUCT": fmt, "__doc__": doc, "__module__": __name__}
+    fields_ = [(n, int) for n, _ in pairs]
+    return make_dataclass(name, fields_, bases=(Layout,), frozen=True, namespace=namespace)
 
 
-@dataclass(frozen=True)
-class OptionHeader(Layout):
-    """An option request (16 bytes, then ``length`` bytes of data)."""
-
-    STRUCT = struct.Struct(">QII")
-    magic: int  # IHAVEOPT
-    option: int
-    length: int
-
-
-@dataclass(frozen=True)
-class OptionReply(Layout):
-    """An option reply (20 bytes, then ``length`` bytes of data)."""
-
-    STRUCT = struct.Struct(">QIII")
-    magic: int  # OPTION_REPLY_MAGIC
-    option: int
-    type: int  # NBD_REP_*
-    length: int
-
-
-@dataclass(frozen=True)
-class ExportNameReply(Layout):
-    """The answer to NBD_OPT_EXPORT_NAME (10 bytes, + 124 zeros without NO_ZEROES)."""
-
-    STRUCT = struct.Struct(">QH")
-    size: int
-    flags: int  # transmission flags
-
-
-@dataclass(frozen=True)
-class InfoExport(Layout):
-    """NBD_REP_INFO data of type NBD_INFO_EXPORT (12 bytes)."""
-
-    STRUCT = struct.Struct(">HQH")
-    type: int  # NBD_INFO_EXPORT
-    size: int
-    flags: int  # transmission flags
-
-
-@dataclass(frozen=True)
-class InfoBlockSize(Layout):
-    """NBD_REP_INFO data of type NBD_INFO_BLOCK_SIZE (14 bytes)."""
-
-    STRUCT = struct.Struct(">HIII")
-    type: int  # NBD_INFO_BLOCK_SIZE
-    minimum: int
-    preferred: int
-    maximum: int
-
-
-@dataclass(frozen=True)
-class Request(Layout):
-    """A transmission-phase request header (28 bytes; WRITE: then ``length`` bytes)."""
-
-    STRUCT = struct.Struct(">IHHQQI")
-    magic: int  # REQUEST_MAGIC
-    flags: int  # NBD_CMD_FLAG_*
-    type: int  # NBD_CMD_*
-    cookie: int
-    offset: int
-    length: int
-
-
-@dataclass(frozen=True)
-class SimpleReply(Layout):
-    """A simple reply (16 bytes; READ: then the data)."""
-
-    STRUCT = struct.Struct(">IIQ")
-    magic: int  # SIMPLE_REPLY_MAGIC
-    error: int  # NBD_E*
-    cookie: int
-
-
-@dataclass(frozen=True)
-class StructuredReply(Layout):
-    """A structured reply chunk header (20 bytes, then ``length`` bytes of payload)."""
-
-    STRUCT = struct.Struct(">IHHQI")
-    magic: int  # STRUCTURED_REPLY_MAGIC
-    flags: int  # NBD_REPLY_FLAG_*
-    type: int  # NBD_REPLY_TYPE_*
-    cookie: int
-    length: int
-
-
-@dataclass(frozen=True)
-class OffsetDataReply(Layout):
-    """A structured NBD_REPLY_TYPE_OFFSET_DATA header with its offset (28 bytes)."""
-
-    STRUCT = struct.Struct(">IHHQIQ")
-    magic: int
-    flags: int
-    type: int
-    cookie: int
-    length: int  # 8 + the data's length
-    offset: int
-
-
-@dataclass(frozen=True)
-class ErrorPayload(Layout):
-    """The payload of NBD_REPLY_TYPE_ERROR (6 bytes, then the message)."""
-
-    STRUCT = struct.Struct(">IH")
-    error: int
-    message_length: int
-
-
-@dataclass(frozen=True)
-class BlockDescriptor(Layout):
-    """One extent of an NBD_REPLY_TYPE_BLOCK_STATUS payload (8 bytes)."""
-
-    STRUCT = struct.Struct(">II")
-    length: int
-    flags: int  # NBD_STATE_*
-
+Handshake = _layout(
+    "Handshake",
+    "The server's greeting (18 bytes).",
+    "magic:Q ihaveopt:Q flags:H",  # NBDMAGIC, IHAVEOPT, the handshake flags
+)
+ClientFlags = _layout("ClientFlags", "The client's answer to the greeting (4 bytes).", "flags:I")
+OptionHeader = _layout(
+    "OptionHeader",
+    "An option request (16 bytes, then ``length`` bytes of data).",
+    "magic:Q option:I length:I",  # magic IHAVEOPT
+)
+OptionReply = _layout(
+    "OptionReply",
+    "An option reply (20 bytes, then ``length`` bytes of data).",
+    "magic:Q option:I type:I length:I",  # magic OPTION_REPLY_MAGIC, type NBD_REP_*
+)
+ExportNameReply = _layout(
+    "ExportNameReply",
+    "The answer to NBD_OPT_EXPORT_NAME (10 bytes, + 124 zeros without NO_ZEROES).",
+    "size:Q flags:H",  # flags: transmission flags
+)
+InfoExport = _layout(
+    "InfoExport",
+    "NBD_REP_INFO data of type NBD_INFO_EXPORT (12 bytes).",
+    "type:H size:Q flags:H",  # type NBD_INFO_EXPORT, flags transmission flags
+)
+InfoBlockSize = _layout(
+    "InfoBlockSize",
+    "NBD_REP_INFO data of type NBD_INFO_BLOCK_SIZE (14 bytes).",
+    "type:H minimum:I preferred:I maximum:I",  # type NBD_INFO_BLOCK_SIZE
+)
+Request = _layout(
+    "Request",
+    "A transmission-phase request header (28 bytes; WRITE: then ``length`` bytes).",
+    "magic:I flags:H type:H cookie:Q offset:Q length:I",  # REQUEST_MAGIC, NBD_CMD_FLAG_*, NBD_CMD_*
+)
+SimpleReply = _layout(
+    "SimpleReply",
+    "A simple reply (16 bytes; READ: then the data).",
+    "magic:I error:I cookie:Q",  # SIMPLE_REPLY_MAGIC, NBD_E*
+)
+StructuredReply = _layout(
+    "StructuredReply",
+    "A structured reply chunk header (20 bytes, then ``length`` bytes of payload).",
+    "magic:I flags:H type:H cookie:Q length:I",  # NBD_REPLY_FLAG_*, NBD_REPLY_TYPE_*
+)
+OffsetDataReply = _layout(
+    "OffsetDataReply",
+    "A structured NBD_REPLY_TYPE_OFFSET_DATA header with its offset (28 bytes).",
+    "magic:I flags:H type:H cookie:Q length:I offset:Q",  # length: 8 + the data's length
+)
+ErrorPayload = _layout(
+    "ErrorPayload",
+    "The payload of NBD_REPLY_TYPE_ERROR (6 bytes, then the message).",
+    "error:I message_length:H",
+)
+BlockDescriptor = _layout(
+    "BlockDescriptor",
+    "One extent of an NBD_REPLY_TYPE_BLOCK_STATUS payload (8 bytes).",
+    "length:I flags:I",  # flags NBD_STATE_*
+)
 
 HANDSHAKE = Handshake.STRUCT
 CLIENT_FLAGS = ClientFlags.STRUCT
