@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,3 +53,16 @@ def assert_one_line_error(r: Result, code: int, *needles: str) -> None:
 @pytest.fixture
 def obd():
     return run_obd
+
+
+@pytest.fixture
+def non_regular_files(tmp_path: Path) -> Iterator[list[tuple[Path, str]]]:
+    """A directory, a FIFO and a bound Unix socket, each with the words obd names it by."""
+    import socket
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    sock_path = tmp_path / "sock"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(sock_path))
+        yield [(tmp_path, "a directory"), (fifo, "a pipe"), (sock_path, "a socket")]

@@ -16,7 +16,7 @@ import pytest
 from obd.formats.zfile import HeaderTrailer as ZHeader
 from obd.image.check import check_file
 from tests.conftest import run_obd
-from tests.vectors import manifest, require_vectors, vectors_of
+from tests.vectors import manifest, require_vectors, vectors_of, write_broken_chain_config
 
 DOC_KEYS = {"version", "result", "exit_code", "summary", "files"}
 SUMMARY_KEYS = {
@@ -227,18 +227,7 @@ def test_zfile_index_crc_and_digest(tmp_path: Path) -> None:
 
 
 def test_broken_chain(tmp_path: Path) -> None:
-    vectors = require_vectors()
-    cfg = tmp_path / "image.json"
-    cfg.write_text(
-        json.dumps(
-            {
-                "lowers": [
-                    {"file": str(vectors / "stack_a_l0.zfile")},
-                    {"file": str(vectors / "stack_a_l2.zfile")},
-                ]
-            }
-        )
-    )
+    cfg = write_broken_chain_config(tmp_path / "image.json")
     rc, doc = check_json(cfg)
     assert rc == 2
     (hit,) = [f for f in findings(doc) if f["code"] == "chain"]
@@ -379,30 +368,15 @@ def test_usage_error_inside_the_command_exits_1(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_non_regular_files_cannot_be_checked(tmp_path: Path) -> None:
+def test_non_regular_files_cannot_be_checked(non_regular_files: list[tuple[Path, str]]) -> None:
     """A directory, a FIFO (must not hang) or a socket: exit 1, one line naming it."""
-    import socket
-
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    sock_path = tmp_path / "sock"
-    sock = socket.socket(socket.AF_UNIX)
-    try:
-        sock.bind(str(sock_path))
-        for p in (tmp_path, fifo, sock_path):
-            r = run_obd("check", p, timeout=20)
-            assert r.code == 1, (p, r.code, r.out, r.err)
-            lines = [ln for ln in r.out.splitlines() if ": error: " in ln]
-            assert len(lines) == 1 and lines[0].startswith(f"{p}: error: "), r.out
-            assert "Traceback" not in r.err
-        r = run_obd("check", fifo, timeout=20)
-        assert "not a regular file (a pipe)" in r.out
-        r = run_obd("check", tmp_path, timeout=20)
-        assert "not a regular file (a directory)" in r.out
-        r = run_obd("check", sock_path, timeout=20)
-        assert "not a regular file (a socket)" in r.out
-    finally:
-        sock.close()
+    for p, what in non_regular_files:
+        r = run_obd("check", p, timeout=20)
+        assert r.code == 1, (p, r.code, r.out, r.err)
+        lines = [ln for ln in r.out.splitlines() if ": error: " in ln]
+        assert len(lines) == 1 and lines[0].startswith(f"{p}: error: "), r.out
+        assert "Traceback" not in r.err
+        assert f"not a regular file ({what})" in r.out
 
 
 def test_entry_past_the_virtual_size_is_corruption(tmp_path: Path) -> None:

@@ -16,7 +16,13 @@ from obd.image import open_image
 from obd.image.inspect import FileInfo, inspect_file, map_path
 from obd.io.base import ExtentKind
 from tests.conftest import assert_one_line_error, run_obd
-from tests.vectors import manifest, require_vectors, vector_params, vectors_of
+from tests.vectors import (
+    manifest,
+    require_vectors,
+    vector_params,
+    vectors_of,
+    write_broken_chain_config,
+)
 
 FILE_KEYS = {
     "type",
@@ -275,18 +281,7 @@ def test_index_option_and_sibling_lookup(tmp_path: Path) -> None:
 
 
 def test_broken_chain_is_shown(tmp_path: Path) -> None:
-    vectors = require_vectors()
-    cfg = tmp_path / "bad.json"
-    cfg.write_text(
-        json.dumps(
-            {
-                "lowers": [
-                    {"file": str(vectors / "stack_a_l0.zfile")},
-                    {"file": str(vectors / "stack_a_l2.zfile")},
-                ]
-            }
-        )
-    )
+    cfg = write_broken_chain_config(tmp_path / "bad.json")
     r = run_obd("inspect", "--json", cfg)
     assert r.code == 0, r.err
     (it,) = json.loads(r.out)["items"]
@@ -311,23 +306,13 @@ def test_not_an_overlaybd_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(90)
-def test_non_regular_files_are_refused(tmp_path: Path) -> None:
+def test_non_regular_files_are_refused(non_regular_files: list[tuple[Path, str]]) -> None:
     """A directory, a FIFO (which must not block the command) or a socket: one line
     naming it, exit 3, for inspect and map."""
-    import socket
-
-    fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)
-    sock_path = tmp_path / "sock"
-    sock = socket.socket(socket.AF_UNIX)
-    try:
-        sock.bind(str(sock_path))
-        for cmd in ("inspect", "map"):
-            for p, what in ((tmp_path, "a directory"), (fifo, "a pipe"), (sock_path, "a socket")):
-                r = run_obd(cmd, p, timeout=20)
-                assert_one_line_error(r, 3, str(p), f"not a regular file ({what})")
-    finally:
-        sock.close()
+    for cmd in ("inspect", "map"):
+        for p, what in non_regular_files:
+            r = run_obd(cmd, p, timeout=20)
+            assert_one_line_error(r, 3, str(p), f"not a regular file ({what})")
 
 
 @pytest.mark.timeout(120)
