@@ -27,6 +27,13 @@ from tests.test_zfile import MemFile, zcompress
 from tests.vectors import require_vectors
 
 
+def _tar_of(payload: bytes) -> bytes:
+    """The bytes of the tar that ``wrap`` makes around ``payload``."""
+    out = MemFile()
+    wrap(MemFile(payload), out)
+    return bytes(out.buf)
+
+
 def test_vector_reproduced_byte_for_byte() -> None:
     """zfile_a_tar.tar from zfile_a_lz4_default.zfile's bytes.
 
@@ -128,9 +135,7 @@ def test_view_of_python_tars(fmt: int) -> None:
 def test_not_tar_and_corrupt() -> None:
     assert not is_tar(b"\0" * 512)
     assert not is_tar(b"short")
-    out = MemFile()
-    wrap(MemFile(b"hello" * 300), out)
-    blob = bytes(out.buf)
+    blob = _tar_of(b"hello" * 300)
     broken = bytearray(blob)
     broken[5] ^= 1  # checksum no longer matches: not a tar at all
     assert not is_tar(bytes(broken[:512]))
@@ -147,12 +152,8 @@ def test_not_tar_and_corrupt() -> None:
 def test_unwrap_all_nestings() -> None:
     plain = b"plain bytes " * 1000
     z = zcompress(plain)
-    out = MemFile()
-    wrap(MemFile(z), out)
-    tz = bytes(out.buf)
-    out2 = MemFile()
-    wrap(MemFile(plain), out2)
-    tp = bytes(out2.buf)
+    tz = _tar_of(z)
+    tp = _tar_of(plain)
     for blob, wrappers in ((plain, []), (z, ["zfile"]), (tz, ["tar", "zfile"]), (tp, ["tar"])):
         src = MemFile(blob)
         view, found = unwrap(src)
@@ -170,9 +171,7 @@ def test_unwrap_all_nestings() -> None:
 def test_peel_tar_and_open_zfile() -> None:
     plain = b"payload " * 999
     z = zcompress(plain)
-    out = MemFile()
-    wrap(MemFile(z), out)
-    tz = bytes(out.buf)
+    tz = _tar_of(z)
     assert peel_tar(MemFile(tz)).pread(0, len(z)) == z
     raw = MemFile(z)
     assert peel_tar(raw) is raw
