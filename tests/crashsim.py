@@ -91,24 +91,26 @@ class Op:
     payload: Any = None
 
     def brief(self) -> str:
-        k = self.kind
-        if k == "write":
-            return f"write(f{self.file}, {self.offset}+{len(self.data)})"
-        if k == "truncate":
-            return f"truncate(f{self.file}, {self.length})"
-        if k == "punch":
-            return f"punch(f{self.file}, {self.offset}+{self.length})"
-        if k == "fsync":
-            return f"fsync(f{self.file})"
-        if k == "fsync_dir":
-            return f"fsync_dir({self.path or '.'})"
-        if k == "create":
-            return f"create({self.path} -> f{self.file})"
-        if k in ("rename", "link"):
-            return f"{k}({self.path}, {self.path2})"
-        if k == "unlink":
-            return f"unlink({self.path})"
-        return f"mark({self.label})"
+        fmt = _BRIEF.get(self.kind, "mark({label})")
+        return fmt.format(
+            kind=self.kind, file=self.file, offset=self.offset, size=len(self.data),
+            length=self.length, path=self.path, dir=self.path or ".", path2=self.path2,
+            label=self.label,
+        )  # fmt: skip
+
+
+# How Op.brief shows each kind of operation (anything else is a mark).
+_BRIEF = {
+    "write": "write(f{file}, {offset}+{size})",
+    "truncate": "truncate(f{file}, {length})",
+    "punch": "punch(f{file}, {offset}+{length})",
+    "fsync": "fsync(f{file})",
+    "fsync_dir": "fsync_dir({dir})",
+    "create": "create({path} -> f{file})",
+    "rename": "{kind}({path}, {path2})",
+    "link": "{kind}({path}, {path2})",
+    "unlink": "unlink({path})",
+}
 
 
 class FileState:
@@ -532,9 +534,9 @@ class CrashSim:
             pending += ops[a:b]
         pending.sort()
         names_pending: dict[str, int] = {}
-        for d, ops in self.dir_names.items():
-            dur = self._covered(self.dir_syncs.get(d), point)
-            names_pending[d] = bisect.bisect_left(ops, point) - bisect.bisect_left(ops, dur)
+        for folder, ops in self.dir_names.items():
+            dur = self._covered(self.dir_syncs.get(folder), point)
+            names_pending[folder] = bisect.bisect_left(ops, point) - bisect.bisect_left(ops, dur)
         chosen: dict[int, Any] = {}
         mode = ["all", "names-not-data", "data-not-names", "none"][subset] if subset < 4 else ""
         if mode in ("all", "names-not-data"):
