@@ -1,6 +1,6 @@
 """``obd zfile``: compress a file into a ZFile, extract one, or verify its block CRCs.
 
-Upstream ``overlaybd-zfile`` semantics (FORMATS.md §5.3), with these deliberate changes:
+Upstream ``overlaybd-zfile`` semantics, with these deliberate changes:
 an unknown ``--algorithm`` or ``--bs`` is a usage error (upstream silently uses lz4);
 stdin input is cut into full blocks (upstream may write short middle blocks); the
 extracted file gets mode 0644 like the compressed one (upstream creates it 0700, which

@@ -76,7 +76,7 @@ def _data(seed: int, size: int) -> bytes:
 
 
 def test_crc_spec_vectors() -> None:
-    """FORMATS.md §0.3 test vectors, on the CPU instruction and on the table."""
+    """docs/formats.md §0.3 test vectors, on the CPU instruction and on the table."""
     ext = _ext()
     for table in (False, True):
         assert ext.crc32c(b"123456789", 0, table=table) == 0x58E3FA20

@@ -1,4 +1,4 @@
-"""Raw CRC32C (FORMATS.md §0.3)."""
+"""Raw CRC32C (docs/formats.md §0.3)."""
 
 from __future__ import annotations
 

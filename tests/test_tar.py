@@ -1,4 +1,4 @@
-"""Tar wrapper (FORMATS.md §0.5) and wrapper sniffing (§0.4)."""
+"""Tar wrapper (docs/formats.md §0.5) and wrapper sniffing (§0.4)."""
 
 from __future__ import annotations
 

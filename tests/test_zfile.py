@@ -1,4 +1,4 @@
-"""ZFile (FORMATS.md §4): vectors, byte-compatibility, round trips, corruption."""
+"""ZFile (docs/formats.md §4): vectors, byte-compatibility, round trips, corruption."""
 
 from __future__ import annotations
 

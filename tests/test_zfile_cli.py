@@ -1,4 +1,4 @@
-"""``obd zfile`` (FORMATS.md §5.3): modes, exit codes, one-line errors, atomic output."""
+"""``obd zfile`` (upstream overlaybd-zfile): modes, exit codes, one-line errors, atomic output."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ZFile block codecs by on-disk algorithm id (FORMATS.md §4.2 ``algo``, §4.5).
+"""ZFile block codecs by on-disk algorithm id (docs/formats.md §4.2 ``algo``, §4.5).
 
 =====  ==========  =========================================================
   id   name        stored form

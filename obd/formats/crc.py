@@ -1,4 +1,4 @@
-"""Raw CRC32C: Castagnoli, reflected, no initial and no final inversion (FORMATS.md §0.3).
+"""Raw CRC32C: Castagnoli, reflected, no initial and no final inversion (docs/formats.md §0.3).
 
 Standard CRC-32C (the ``crc32c`` package) inverts the register on entry and on exit;
 the raw variant is ``~S(data, ~seed)``. Seeds used by overlaybd: 0 (ZFile header and

@@ -1,4 +1,4 @@
-"""What a blob is: peel its wrappers and name its kind (docs/formats.md, FORMATS.md §0.4).
+"""What a blob is: peel its wrappers and name its kind (docs/formats.md §0.4).
 
 A blob is read as ``[optional tar wrapper] -> [optional ZFile] -> payload``; detection
 happens in that order. Anything without the tar header is not tar; anything without the

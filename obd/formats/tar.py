@@ -1,4 +1,4 @@
-"""The tar wrapper of ``-t`` outputs (FORMATS.md §0.5).
+"""The tar wrapper of ``-t`` outputs (docs/formats.md §0.5).
 
 A wrapped blob is a pax extended header ``overlaybd.pax`` (one record ``size=<n>``), a
 ustar header ``overlaybd.commit``, the payload at byte 1536, zero padding to a multiple

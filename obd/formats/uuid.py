@@ -1,4 +1,4 @@
-"""UUID text fields of overlaybd headers (FORMATS.md §0.2)."""
+"""UUID text fields of overlaybd headers (docs/formats.md §0.2)."""
 
 from __future__ import annotations
 

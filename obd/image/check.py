@@ -3,7 +3,7 @@
 Unlike the readers (which stop at the first problem, as they must), every check here
 runs to the end and reports **every** problem with the offset where it lies:
 
-* tar wrapper (FORMATS.md §0.5): header, pax record, payload bounds;
+* tar wrapper (docs/formats.md §0.5): header, pax record, payload bounds;
 * ZFile (§4): header and trailer magic, flags and digests, header/trailer agreement,
   ``index_size`` vs ``original_file_size``, jump table bounds and ``index_crc``, every
   stored length, every block's CRC and decompressed size (in parallel, in batches);

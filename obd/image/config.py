@@ -1,4 +1,4 @@
-"""Image config files: ``config.v1.json`` (FORMATS.md §6.1).
+"""Image config files: ``config.v1.json`` (docs/formats.md §6.1).
 
 Relative paths in a config are taken relative to the config file's folder (upstream
 takes them relative to the daemon's working directory; absolute paths behave the same).

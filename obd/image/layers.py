@@ -1,6 +1,6 @@
 """Opening layer files: local paths to read-only or writable layers.
 
-A read-only layer blob may be wrapped (tar, then ZFile, FORMATS.md §0.4); writable
+A read-only layer blob may be wrapped (tar, then ZFile, docs/formats.md §0.4); writable
 layers are a data file plus an index file (§2).
 """
 

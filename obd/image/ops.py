@@ -34,7 +34,7 @@ Meter = Callable[[int | None], contextlib.AbstractContextManager[Callable[[int],
 
 @dataclass(frozen=True)
 class ZFileOptions:
-    """How to compress an output as a ZFile (FORMATS.md §4)."""
+    """How to compress an output as a ZFile (docs/formats.md §4)."""
 
     algorithm: str = "lz4"
     block_size: int = 4096

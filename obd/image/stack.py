@@ -1,4 +1,4 @@
-"""The merged view of a stack of layers: an image (FORMATS.md §3).
+"""The merged view of a stack of layers: an image (docs/formats.md §3).
 
 Layer precedence, said once: lowers are listed bottom first; **the top layer wins**: a
 range mapped by an upper layer hides every layer below it, a **zeroed segment masks**

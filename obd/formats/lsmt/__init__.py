@@ -1,4 +1,4 @@
-"""LSMT layers (FORMATS.md §1, §2): byte layouts, lookups, read-only, writable, commit.
+"""LSMT layers (docs/formats.md §1, §2): byte layouts, lookups, read-only, writable, commit.
 
 * :mod:`.layout`: ``HeaderTrailer``, index entries (``Mappings``), limits and flags;
 * :mod:`.index`: runs over sorted segments, merged views (§3.2), the read dispatcher;

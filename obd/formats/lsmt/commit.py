@@ -1,4 +1,4 @@
-"""Compaction: the read-only LSMT file written by commit and merge (FORMATS.md §1.8).
+"""Compaction: the read-only LSMT file written by commit and merge (docs/formats.md §1.8).
 
 The output is streamed (header, data, index, trailer in order) into a sink with
 ``write(bytes)``, so a ZFile writer or a tar wrapper can take it unchanged.

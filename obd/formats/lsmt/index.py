@@ -1,4 +1,4 @@
-"""LSMT lookups: runs over sorted segments, merged views, the read dispatcher (FORMATS.md §1.7, §3.2)."""
+"""LSMT lookups: runs over sorted segments, merged views, the read dispatcher (docs/formats.md §1.7, §3.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LSMT byte layouts: header/trailer, index entries (SegmentMapping) (FORMATS.md §1.2-§1.5).
+"""LSMT byte layouts: header/trailer, index entries (SegmentMapping) (docs/formats.md §1.2-§1.5).
 
 Names follow overlaybd: ``HeaderTrailer``, ``SegmentMapping``, ``index_offset``,
 ``index_size`` (a count of 16-byte entries), ``virtual_size``. Mapping fields are in

@@ -1,4 +1,4 @@
-"""Read-only LSMT layers: commit outputs and sealed files (FORMATS.md §1.5, §1.6).
+"""Read-only LSMT layers: commit outputs and sealed files (docs/formats.md §1.5, §1.6).
 
 :func:`validate_ro` yields every problem of a read-only layer; :class:`LSMTReadOnly`
 raises the first corruption it finds (with ``deep=False``: the checks reads depend on),

@@ -1,4 +1,4 @@
-"""Writable LSMT layers: log-structured and sparse; sealing in place (FORMATS.md §2).
+"""Writable LSMT layers: log-structured and sparse; sealing in place (docs/formats.md §2).
 
 A log-structured layer appends every write to its data file and every mapping to its
 index file (later records win on reopen). A sparse layer writes in place at

@@ -1,4 +1,4 @@
-"""ZFile, overlaybd's seekable block compression (FORMATS.md §4, all of it).
+"""ZFile, overlaybd's seekable block compression (docs/formats.md §4, all of it).
 
 Layout: a 512-byte header slot, optional dictionary (never used; unsupported here), one
 stored record per ``block_size`` chunk of the plain file (compressed bytes, then a u32 raw

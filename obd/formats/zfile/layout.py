@@ -1,4 +1,4 @@
-"""ZFile byte layout: the header/trailer slot, flags, digests (FORMATS.md §4.2-§4.4)."""
+"""ZFile byte layout: the header/trailer slot, flags, digests (docs/formats.md §4.2-§4.4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reading ZFiles: :class:`ZFileReader`, bulk decompression, block CRC verification (FORMATS.md §4.7, §4.8)."""
+"""Reading ZFiles: :class:`ZFileReader`, bulk decompression, block CRC verification (docs/formats.md §4.7, §4.8)."""
 
 from __future__ import annotations
 

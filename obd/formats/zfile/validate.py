@@ -1,4 +1,4 @@
-"""What is wrong with a ZFile (FORMATS.md §4.2-§4.8): one validator for the reader and ``obd check``.
+"""What is wrong with a ZFile (docs/formats.md §4.2-§4.8): one validator for the reader and ``obd check``.
 
 :func:`validate_zfile` yields every problem of a ZFile's structure (header, trailer,
 jump table); :class:`~obd.formats.zfile.reader.ZFileReader` raises the first one it

@@ -1,4 +1,4 @@
-"""Writing ZFiles: the streaming :class:`ZFileWriter` and :func:`compress_file` (FORMATS.md §4.8)."""
+"""Writing ZFiles: the streaming :class:`ZFileWriter` and :func:`compress_file` (docs/formats.md §4.8)."""
 
 from __future__ import annotations
 
