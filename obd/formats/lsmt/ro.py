@@ -208,7 +208,7 @@ def validate_ro(
         yield from padding_problems(raw, m, ioff)
     valid = np.flatnonzero(m.offset != np.uint64(INVALID_OFFSET))
     facts.valid_entries = len(valid)
-    vm = m.select(valid)
+    vm = m if len(valid) == len(m) else m.select(valid)
     yield from entry_problems(vm, valid, ioff, t.virtual_size, deep=deep)
     if not deep:
         return
@@ -242,12 +242,12 @@ def entry_problems(
     def at(i: int) -> int:
         return ioff + int(pos[i]) * ENTRY_SIZE
 
-    off = vm.offset.astype(np.int64)
-    ln = vm.length.astype(np.int64)
-    mo = vm.moffset.astype(np.int64)
-    ze = vm.zeroed
+    off, ln, mo, ze = vm.offset, vm.length, vm.moffset, vm.zeroed  # uint64: no overflow here
     end = off + ln
-    if len(off) > 1:
+    # sorted and disjoint (the usual case) is one comparison; only a broken index pays for
+    # telling order from overlap
+    if len(off) > 1 and bool((end[:-1] > off[1:]).any()):
+        off, end = off.astype(np.int64), end.astype(np.int64)
         prev_end = np.maximum.accumulate(end)[:-1]
         for i in (np.flatnonzero(off[1:] < off[:-1]) + 1).tolist():
             yield Problem(
