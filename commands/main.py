@@ -24,6 +24,12 @@ SUBCOMMANDS: dict[str, str] = {
     "map": "commands.inspect:map_",
     "check": "commands.check:check",
     "serve": "commands.serve:serve",
+    "attach": "commands.attach:attach",
+    "detach": "commands.attach:detach",
+    "apply": "commands.apply:apply",
+    "convert": "commands.convert:convert",
+    "ls": "commands.fs:ls",
+    "cat": "commands.fs:cat",
 }
 
 SHORT_HELP: dict[str, str] = {
@@ -34,7 +40,13 @@ SHORT_HELP: dict[str, str] = {
     "inspect": "Show what an overlaybd file or image holds.",
     "map": "Show the extents of a layer's or image's virtual disk.",
     "check": "Verify every checksum and index of files or images.",
-    "serve": "Serve images as block devices (NBD).",
+    "serve": "Serve images as block devices (NBD, TCMU).",
+    "attach": "Attach an image as a SCSI disk through TCMU (configfs).",
+    "detach": "Detach a TCMU disk made by obd attach.",
+    "apply": "Apply an OCI layer tar to an image's ext4 filesystem.",
+    "convert": "Convert an OCI image into an overlaybd image.",
+    "ls": "List a folder inside an image's ext4 filesystem.",
+    "cat": "Print a file inside an image's ext4 filesystem.",
 }
 
 

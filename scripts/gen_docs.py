@@ -20,7 +20,7 @@ from click.shell_completion import BashComplete, FishComplete, ZshComplete
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from commands.main import SUBCOMMANDS, cli  # noqa: E402
+from commands.main import SUBCOMMANDS, _available, cli  # noqa: E402
 from obd import __version__  # noqa: E402
 from obd.errors import EXIT_CODES  # noqa: E402
 
@@ -90,7 +90,7 @@ def man_page(name: str, cmd: click.Command, parent: click.Context | None) -> str
             lines += [".TP", f"\\fB{code}\\fR", cls_name]
         lines += [".TP", "\\fB130\\fR", "interrupted"]
     lines.append(".SH SEE ALSO")
-    lines.append(", ".join(f"\\fBobd\\-{n}\\fR(1)" for n in SUBCOMMANDS if n != name) or "obd(1)")
+    lines.append(", ".join(f"\\fBobd\\-{n}\\fR(1)" for n in SUBCOMMANDS if n != name and _available(n)) or "obd(1)")
     return "\n".join(lines) + "\n"
 
 
