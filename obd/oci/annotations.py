@@ -34,3 +34,7 @@ TURBO_OCI_DIGEST = f"{_P}/turbo-oci/target-digest"
 TURBO_OCI_MEDIA_TYPE = f"{_P}/turbo-oci/target-media-type"
 # what ACI writes as the overlaybd blob version (version.OverlayBDVersionNumber)
 OVERLAYBD_VERSION = "0.1.0"
+
+# OCI image layout (image-spec image-layout.md): the tag of an index.json entry
+REF_NAME = "org.opencontainers.image.ref.name"
+OCI_LAYOUT_VERSION = "1.0.0"
