@@ -524,3 +524,62 @@ def test_missing_data_fsync_is_caught(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(LocalFile, "flush", real)
     report = sim.explore(_crash_check(CRASH_BLOBS), points=40, subsets=6, seed=3)
     assert report.violations, "the crash simulator missed a disabled data fsync"
+
+
+# -- background download ------------------------------------------------------------------
+
+
+def test_background_download_verifies_renames_and_switches(tmp_path: Path) -> None:
+    from obd.registry.download import BackgroundDownloader, DownloadSettings
+
+    data = blob_bytes(70, 40 * UNIT + 5)
+    src = Source(data)
+    lines: list[str] = []
+    stats = RegistryStats()
+    rb = RemoteBlob(src.fetch, len(data), name="test://d", stats=stats)
+    dl = BackgroundDownloader(
+        DownloadSettings(enable=True, delay=0, delayExtra=1, maxMBps=1, blockSize=8 * UNIT),
+        stats=stats, audit=lambda ev, **f: lines.append(ev),
+    )  # fmt: skip
+    layer_dir = tmp_path / "layer"
+    dl.add(rb, rb.raw_fetch, dir=str(layer_dir), digest=key_of(data), size=len(data))
+    t0 = time.monotonic()
+    dl.start()
+    reads = 0
+    while rb.local is None and time.monotonic() - t0 < 10:
+        assert rb.pread(reads * 7, 5000) == data[reads * 7 : reads * 7 + 5000]
+        reads += 1
+    took = time.monotonic() - t0
+    dl.stop()
+    assert rb.local is not None and reads > 0
+    assert took >= len(data) / (1 << 20) * 0.8  # maxMBps 1
+    assert (layer_dir / "overlaybd.commit").read_bytes() == data
+    assert not (layer_dir / ".download").exists()
+    before = len(src.calls)
+    assert rb.pread(0, len(data)) == data and len(src.calls) == before
+    assert stats.downloads[key_of(data)].state == "done"
+    assert stats.downloads[key_of(data)].done == len(data)
+    assert lines.count("bk_download") == 6
+    rb.close()
+
+
+def test_background_download_with_a_wrong_digest_retries_then_gives_up(tmp_path: Path) -> None:
+    from obd.registry.download import BackgroundDownloader, DownloadSettings
+
+    data = blob_bytes(71, 10 * UNIT)
+    src = Source(data)
+    stats = RegistryStats()
+    rb = RemoteBlob(src.fetch, len(data), name="test://d", stats=stats)
+    dl = BackgroundDownloader(
+        DownloadSettings(enable=True, delay=0, delayExtra=1, maxMBps=0, tryCnt=3), stats=stats
+    )
+    wrong = key_of(data + b"x")
+    dl.add(rb, rb.raw_fetch, dir=str(tmp_path), digest=wrong, size=len(data))
+    dl.start()
+    assert dl.thread is not None
+    dl.thread.join(10)
+    p = stats.downloads[wrong]
+    assert p.state == "failed" and p.attempts == 3
+    assert not (tmp_path / "overlaybd.commit").exists() and rb.local is None
+    assert src.fetched == 3 * len(data)  # each retry after a mismatch copies everything
+    rb.close()

@@ -1,24 +1,37 @@
-"""Opening layer files: local paths to read-only or writable layers.
+"""Opening layer files: local paths to read-only or writable layers, and remote lowers.
 
 A read-only layer blob may be wrapped (tar, then ZFile, docs/formats.md §0.4); writable
-layers are a data file plus an index file (§2).
+layers are a data file plus an index file (§2). A lower found nowhere locally (§6.1
+lookup order: ``file``, ``dir/overlaybd.commit``, ``dir/.commit``, ``dir/overlaybd.sealed``)
+is read from the registry (``repoBlobUrl`` + ``digest``, §8.1) through the
+:class:`~obd.registry.remote.RemoteContext` the server passes down.
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from obd.errors import CorruptError, FileAccessError, ObdError, UnsupportedError
 from obd.formats.lsmt import LSMTReadOnly
 from obd.formats.lsmt.rw import LSMTWritable
 from obd.formats.sniff import KIND_UNKNOWN, KIND_ZFILE, open_blob
 from obd.image.config import LayerConfig
+from obd.io.base import ReadAt
 from obd.io.file import LocalFile, open_file
+
+if TYPE_CHECKING:
+    from obd.registry.download import BackgroundDownloader
+    from obd.registry.remote import RemoteContext
 
 
 def open_ro_layer(path: str) -> LSMTReadOnly:
     """Open a read-only layer file of any nesting (tar / ZFile / plain LSMT)."""
-    f = open_file(path)
+    return open_ro_blob(open_file(path), path)
+
+
+def open_ro_blob(f: ReadAt, path: str) -> LSMTReadOnly:
+    """A read-only layer of any nesting over the open blob ``f`` (closed on failure)."""
     try:
         blob = open_blob(f, path=path)
         if blob.kind in (KIND_UNKNOWN, KIND_ZFILE):  # no LSMT header inside the wrappers
@@ -64,14 +77,21 @@ def local_layer_path(layer: LayerConfig) -> str | None:
     return None
 
 
-def open_lower(layer: LayerConfig, index: int, *, config_path: str) -> LSMTReadOnly:
+def open_lower(
+    layer: LayerConfig,
+    index: int,
+    *,
+    config_path: str,
+    repo_blob_url: str = "",
+    remote: RemoteContext | None = None,
+    downloader: BackgroundDownloader | None = None,
+) -> LSMTReadOnly:
+    """Open lower ``index``: locally when §6.1's lookup finds it, else from the registry
+    (``remote``), queueing a background download into ``layer.dir`` on ``downloader``."""
     path = local_layer_path(layer)
     if path is None:
         if layer.digest:
-            raise UnsupportedError(
-                f"layer {index} ({layer.digest}) is remote; registry layers are not supported yet",
-                path=config_path,
-            )
+            return _open_remote(layer, index, config_path, repo_blob_url, remote, downloader)
         if layer.dir:
             raise FileAccessError(
                 f"layer {index}: no overlaybd.commit, .commit or overlaybd.sealed in {layer.dir}",
@@ -81,3 +101,27 @@ def open_lower(layer: LayerConfig, index: int, *, config_path: str) -> LSMTReadO
     if not os.path.exists(path):
         raise FileAccessError(f"layer {index}: no such file", path=path)
     return open_ro_layer(path)
+
+
+def _open_remote(
+    layer: LayerConfig,
+    index: int,
+    config_path: str,
+    repo_blob_url: str,
+    remote: RemoteContext | None,
+    downloader: BackgroundDownloader | None,
+) -> LSMTReadOnly:
+    if remote is None:
+        raise UnsupportedError(
+            f"layer {index} ({layer.digest}) is remote; only obd serve reads registry layers",
+            path=config_path,
+        )
+    if not repo_blob_url:
+        raise FileAccessError(
+            f"layer {index} ({layer.digest}) is remote and repoBlobUrl is empty", path=config_path
+        )
+    blob = remote.open_blob(repo_blob_url, layer.digest, layer.size)
+    lsmt = open_ro_blob(blob, blob.path)
+    if downloader is not None and layer.dir:
+        downloader.add(blob, blob.raw_fetch, dir=layer.dir, digest=layer.digest, size=blob.size())
+    return lsmt

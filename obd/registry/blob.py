@@ -141,6 +141,11 @@ class RemoteBlob:
             )
         return data
 
+    @property
+    def raw_fetch(self) -> Fetch:
+        """The source itself: no cache, no counting (the background download reads it)."""
+        return self._raw_fetch
+
     def evict(self, offset: int, length: int) -> None:
         """Forget the cached copy of a range (it failed a check); the next read fetches it."""
         cached = self._cached
@@ -158,6 +163,9 @@ class RemoteBlob:
 
     def switch_to(self, local: ReadAt) -> None:
         """Serve every later read from ``local`` (the verified downloaded blob)."""
+        if self._closed:
+            local.close()
+            raise RemoteError("the layer was closed before its download finished", path=self.path)
         if local.size() != self._size:
             raise RemoteError(
                 f"local copy has {local.size()} bytes, expected {self._size}", path=self.path
