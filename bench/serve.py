@@ -177,10 +177,12 @@ class Server:
                 self.proc.wait(5)
 
 
-def obd_server(label: str, work: Path, config: str, workers: int = 0) -> Server:
+def obd_server(label: str, work: Path, config: str, workers: int = 0, exports: int = 1) -> Server:
+    """``obd serve`` of ``config`` as export ``disk`` (and ``disk2``... when ``exports`` > 1)."""
     port = free_port()
+    names = [f"{config}=disk"] + [f"{config}=disk{i}" for i in range(2, exports + 1)]
     cmd = [sys.executable, "-m", "commands.main", "serve", "--nbd", "--listen",
-           f"127.0.0.1:{port}", "--workers", str(workers), f"{config}=disk"]  # fmt: skip
+           f"127.0.0.1:{port}", "--workers", str(workers), *names]  # fmt: skip
     return Server(label, cmd, port, "disk", cwd=work)
 
 
@@ -209,6 +211,50 @@ def copy_rate(uri: str, size: int, extra: list[str], repeat: int) -> float:
     return best
 
 
+def parallel_rate(uris: list[str], size: int, extra: list[str], repeat: int) -> float:
+    """Best aggregate MiB/s of one ``nbdcopy`` per URI run at the same time."""
+    best = 0.0
+    for i in range(repeat + 1):
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen(["nbdcopy", *extra, u, "null:"]) for u in uris]
+        if any(p.wait() for p in procs):
+            sys.exit(f"nbdcopy of {uris} failed")
+        dt = time.perf_counter() - t0
+        if i:
+            best = max(best, len(uris) * size / MiB / dt)
+    return best
+
+
+def scaling(work: Path, size: int, repeat: int, workers: int) -> None:
+    """1, 2 and 4 connections to one compressed export, and 2 exports read at once."""
+    rows: list[tuple[str, list[float]]] = []
+    conns = [1, 2, 4]
+    srv = obd_server("obd", work, "stack.json", workers, exports=2)
+    try:
+        one = [copy_rate(srv.uri, size, [f"--connections={c}"], repeat) for c in conns]
+        two = parallel_rate([srv.uri, srv.uri + "2"], size, ["--connections=1"], repeat)
+    finally:
+        srv.stop()
+    rows.append(("obd 3 x ZFile(lz4) stack", [*one, two]))
+    q1 = qemu_server("qcow2", work / "q2.qcow2", "qcow2")
+    q2 = qemu_server("qcow2", work / "q2.qcow2", "qcow2")
+    try:
+        one = [copy_rate(q1.uri, size, [f"--connections={c}"], repeat) for c in conns]
+        two = parallel_rate([q1.uri, q2.uri], size, ["--connections=1"], repeat)
+    finally:
+        q1.stop()
+        q2.stop()
+    rows.append(("qemu-nbd qcow2 -c chain", [*one, two]))
+    print(f"\nscaling: nbdcopy of {size // MiB} MiB, MiB/s (x = to 1 connection), same run\n")
+    print(f"{'server':<28} {'1 conn':>8} {'2 conns':>14} {'4 conns':>14} {'2 exports':>14}")
+    for label, r in rows:
+        cells = [f"{r[0]:8.0f}"] + [f"{v:8.0f} {v / r[0]:4.2f}x" for v in r[1:]]
+        print(f"{label:<28} " + " ".join(f"{c:>14}" if i else c for i, c in enumerate(cells)))
+    o, q = rows[0][1], rows[1][1]
+    print("obd / qemu-nbd:             " + " ".join(f"{a / b:14.2f}" if i else f"{a / b:8.2f}"
+                                                    for i, (a, b) in enumerate(zip(o, q, strict=True))))  # fmt: skip
+
+
 def sha256_of_export(uri: str) -> str:
     p = subprocess.Popen(["nbdcopy", uri, "-"], stdout=subprocess.PIPE)
     h = hashlib.sha256()
@@ -230,9 +276,12 @@ def main() -> None:
     ap.add_argument("--size", default="1G")
     ap.add_argument("--workdir", help="where to build (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--reuse", action="store_true", help="reuse the files of a kept --workdir")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--workers", type=int, default=0, help="obd serve --workers")
     ap.add_argument("--verify", action="store_true", help="check every export's sha256")
+    ap.add_argument("--scaling", action="store_true", help="also 1/2/4 connections, 2 exports")
+    ap.add_argument("--only-scaling", action="store_true", help="only the scaling table")
     args = ap.parse_args()
     for tool in ("nbdcopy", "qemu-nbd", "qemu-img", "nbdkit"):
         if shutil.which(tool) is None:
@@ -241,7 +290,11 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="obd-bench-serve-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        raw = build(work, size)
+        names = ("base", "diff1", "diff2", "mid", "merged")
+        if args.reuse and (work / "q2.qcow2").exists():
+            raw = {n: work / f"{n}.raw" for n in names}
+        else:
+            raw = build(work, size)
         for p in work.iterdir():  # warm the page cache
             if p.is_file():
                 with open(p, "rb") as f:
@@ -255,6 +308,10 @@ def main() -> None:
             ("b", "qemu-nbd qcow2 -c chain", lambda: qemu_server("qcow2", work / "q2.qcow2", "qcow2")),
             ("b", "qemu-nbd raw (merged)", lambda: qemu_server("raw", raw["merged"], "raw")),
         ]  # fmt: skip
+        if args.scaling or args.only_scaling:
+            scaling(work, size, args.repeat, args.workers)
+        if args.only_scaling:
+            return
         rows = []
         for case, label, start in plan:
             srv = start()

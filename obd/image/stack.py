@@ -28,7 +28,7 @@ from obd.formats.lsmt import (
     read_view,
 )
 from obd.formats.lsmt.rw import LSMTWritable
-from obd.io.base import Extent, ExtentKind, ReadAt, merge_extents
+from obd.io.base import Extent, ExtentKind, FileRange, ReadAt, merge_extents
 from obd.io.file import LocalFile
 
 
@@ -140,6 +140,30 @@ class Stack:
 
     def pread(self, offset: int, length: int) -> bytes:
         return self._pread(offset, length)
+
+    def read_plan(self, offset: int, length: int) -> list[bytes | FileRange] | None:
+        """``[offset, offset+length)`` as parts to send in order: zeros as ``bytes`` and
+        data as :class:`FileRange` of the local layer files holding it, or ``None`` when
+        some of it is not a plain local file (compressed, remote) or the stack has an
+        upper (whose data may move under a concurrent write): then use :meth:`pread`.
+        Whole sectors inside the disk only."""
+        if self.upper is not None or (offset | length) & (SECTOR - 1):
+            return None
+        if offset < 0 or length <= 0 or offset + length > self._vsize:
+            return None
+        files = self.lower_files
+        parts: list[bytes | FileRange] = []
+        for kind, _sec, cnt, moff, tag in self.lower_index.runs(
+            offset >> 9, (offset + length) >> 9
+        ):
+            if kind == RUN_DATA:
+                f = files[tag]
+                if not isinstance(f, LocalFile):
+                    return None
+                parts.append(FileRange(f.fd, moff << 9, cnt << 9))
+            else:
+                parts.append(bytes(cnt << 9))
+        return parts
 
     def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         """Extents of ``[offset, offset+length)``, adjacent equal ones merged."""

@@ -86,6 +86,16 @@ def merge_extents(extents: Iterator[Extent] | list[Extent]) -> Iterator[Extent]:
         yield cur
 
 
+@dataclass(frozen=True, slots=True)
+class FileRange:
+    """``length`` bytes at ``offset`` of the open file ``fd``: a part of a read that a
+    server can send straight from the file (``os.sendfile``) instead of copying it."""
+
+    fd: int
+    offset: int
+    length: int
+
+
 class BlockDevice(WriteAt, Protocol):
     """A virtual disk that can be served: an image (stack) or a single layer.
 

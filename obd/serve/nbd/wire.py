@@ -7,9 +7,13 @@ requests are waiting in it, replies are gathered and go out together, in one
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import threading
 from collections.abc import Sequence
+
+from obd.io.base import FileRange
 
 Buffer = bytes | bytearray | memoryview
 
@@ -110,10 +114,10 @@ class Wire:
             self._pending, self._pending_bytes = [], 0
         self.sendmsg(parts)
 
-    def sendmsg(self, parts: Sequence[Buffer]) -> None:
+    def sendmsg(self, parts: Sequence[Buffer], flags: int = 0) -> None:
         """Send every byte of ``parts`` (one ``sendmsg``, then ``sendall`` for a rest)."""
         total = sum(len(p) for p in parts)
-        sent = self.sock.sendmsg(parts)
+        sent = self.sock.sendmsg(parts, (), flags)
         if sent == total:
             return
         # Partial send: finish with sendall over what is left.
@@ -121,5 +125,34 @@ class Wire:
             if sent >= len(p):
                 sent -= len(p)
                 continue
-            self.sock.sendall(memoryview(p)[sent:])
+            self.sock.sendall(memoryview(p)[sent:], flags)
             sent = 0
+
+    def send_with_files(self, head: Buffer, parts: Sequence[Buffer | FileRange]) -> None:
+        """Send ``head`` and then ``parts``, file ranges straight from their files with
+        ``os.sendfile`` (callers hold ``send_lock``; gathered replies go first).
+
+        A file range that ends early cannot be answered with an error any more (its reply
+        header is on the wire): that raises ``OSError``, which ends the connection.
+        """
+        if self._pending:
+            pending, self._pending, self._pending_bytes = self._pending, [], 0
+            self.sendmsg(pending)
+        out = self.sock.fileno()
+        more = getattr(socket, "MSG_MORE", 0)
+        buf: list[Buffer] = [head]
+        for p in parts:
+            if not isinstance(p, FileRange):
+                buf.append(p)
+                continue
+            self.sendmsg(buf, more)
+            buf = []
+            off, left = p.offset, p.length
+            while left:
+                n = os.sendfile(out, p.fd, off, left)
+                if n == 0:
+                    raise OSError(errno.EIO, f"file ended at {off} inside a range to send")
+                off += n
+                left -= n
+        if buf:
+            self.sendmsg(buf)
