@@ -1,0 +1,125 @@
+"""The kernel tests: ONE VM boot (tests/vm) runs every test of tests/vm_tests against a real
+Linux kernel (TCMU + tcm_loop, nbd); each in-VM test is reported here as its own result.
+
+Tests that check on the host what the VM left behind (a commit of what was written through
+a TCMU disk) run after the VM is gone, from the shared scratch folder.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.vm import NO_STATUS, run_vm, skip_reason
+
+REPO = Path(__file__).resolve().parent.parent
+IN_VM_DIR = REPO / "tests" / "vm_tests"
+MODULES = [
+    "target_core_user",
+    "tcm_loop",
+    "target_core_file",
+    "nbd",
+    "loop",
+    "sd_mod",
+    "sg",
+    "crc32c_generic",
+    "ext4",
+]
+VM_TIMEOUT = 220.0
+
+
+def in_vm_tests() -> list[str]:
+    """``file::test`` of each test function in tests/vm_tests/test_in_vm_*.py."""
+    out = []
+    for f in sorted(IN_VM_DIR.glob("test_in_vm_*.py")):
+        for node in ast.parse(f.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
+                out.append(f"{f.stem}::{node.name}")
+    return out
+
+
+@dataclass
+class VmRun:
+    rc: int
+    output: str
+    seconds: float
+    scratch: Path
+    results: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    """``file::test`` -> (outcome, message) per case (several for a parametrized test)."""
+    error: str = ""
+
+
+def _parse_junit(path: Path) -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list[tuple[str, str]]] = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        stem = case.get("classname", "").rsplit(".", 1)[-1]
+        name = case.get("name", "").split("[", 1)[0]
+        outcome, msg = "passed", ""
+        for kind in ("failure", "error", "skipped"):
+            el = case.find(kind)
+            if el is not None:
+                outcome = "skipped" if kind == "skipped" else "failed"
+                msg = (el.get("message") or "") + "\n" + (el.text or "")
+                break
+        out.setdefault(f"{stem}::{name}", []).append((outcome, msg.strip()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def vm_run(tmp_path_factory: pytest.TempPathFactory) -> VmRun:
+    why = skip_reason()
+    if why:
+        pytest.skip(f"no kernel VM here: {why}")
+    scratch = tmp_path_factory.mktemp("vmscratch", numbered=True)
+    env = {
+        "OBD_IN_VM": "1",
+        "OBD_VM_SCRATCH": str(scratch),
+        "PYTHONPATH": str(REPO),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    if os.environ.get("OBD_VECTORS"):
+        env["OBD_VECTORS"] = os.environ["OBD_VECTORS"]
+    cmd = (
+        f"cd {REPO} && {sys.executable} -m pytest -q -p no:cacheprovider -o addopts= "
+        f"-o testpaths=tests/vm_tests --timeout=150 -rfEs --durations=0 "
+        f"--junitxml=/run/vm/ctl/junit.xml tests/vm_tests"
+    )
+    res = run_vm(cmd, rw=[REPO, scratch], mods=MODULES, timeout=VM_TIMEOUT, env=env)
+    run = VmRun(res.rc, res.output, res.seconds, scratch)
+    junit = res.ctl / "junit.xml"
+    try:
+        if junit.exists():
+            run.results = _parse_junit(junit)
+        (scratch / "vm-console.txt").write_text(res.output)
+        (scratch / "vm-dmesg.txt").write_text(res.dmesg)
+        if res.rc == NO_STATUS:
+            run.error = f"the VM gave no exit status after {res.seconds:.0f} s (panic or timeout)"
+        elif not run.results:
+            run.error = f"the in-VM pytest wrote no results (exit {res.rc})"
+    finally:
+        res.cleanup()
+    print(f"\nkernel VM: {res.seconds:.1f} s, in-VM pytest exit {res.rc}", file=sys.stderr)
+    return run
+
+
+def _tail(text: str, n: int = 60) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+@pytest.mark.parametrize("name", in_vm_tests())
+def test_in_vm(vm_run: VmRun, name: str) -> None:
+    cases = vm_run.results.get(name)
+    if not cases:
+        pytest.fail(f"{name}: no result from the VM. {vm_run.error}\n{_tail(vm_run.output)}")
+    failed = [m for o, m in cases if o == "failed"]
+    if failed:
+        pytest.fail(f"{name} failed in the VM:\n" + "\n\n".join(failed), pytrace=False)
+    if all(o == "skipped" for o, _ in cases):
+        pytest.skip(f"skipped in the VM: {cases[0][1]}")
