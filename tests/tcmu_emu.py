@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import random
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from obd.errors import ReadOnlyError
+from obd.io.base import Extent, ExtentKind
 from obd.serve.tcmu import uapi
 
 MAILBOX_SIZE = uapi.Mailbox.STRUCT.size
@@ -315,6 +317,11 @@ class MemDisk:
     def write_zeroes(self, offset: int, length: int) -> None:
         self._check_write()
         self.buf[offset : offset + length] = bytes(length)
+
+    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        end = len(self.buf) if length is None else min(len(self.buf), offset + length)
+        if end > offset:
+            yield Extent(offset, end - offset, ExtentKind.DATA, 0)
 
     def close(self) -> None:
         pass
