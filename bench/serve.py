@@ -199,15 +199,31 @@ def nbdkit_server(label: str, path: Path) -> Server:
     return Server(label, cmd, port)
 
 
-def copy_rate(uri: str, size: int, extra: list[str], repeat: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# the server CPU seconds per GiB of the last copy_rate (the least of its timed runs):
+# steadier than MiB/s on a busy machine, where other work takes the cores
+LAST_CPU: list[float] = [0.0]
+
+
+def copy_rate(uri: str, size: int, extra: list[str], repeat: int, pid: int = 0) -> float:
     """Best MiB/s of ``repeat`` timed ``nbdcopy`` runs after one warm-up."""
     best = 0.0
+    cpu = float("inf")
     for i in range(repeat + 1):
+        c0 = cpu_seconds(pid) if pid else 0.0
         t0 = time.perf_counter()
         sh("nbdcopy", *extra, uri, "null:")
         dt = time.perf_counter() - t0
         if i:
             best = max(best, size / MiB / dt)
+            if pid:
+                cpu = min(cpu, (cpu_seconds(pid) - c0) / (size / (1 << 30)))
+    LAST_CPU[0] = cpu if pid else 0.0
     return best
 
 
@@ -321,20 +337,25 @@ def main() -> None:
                     got = sha256_of_export(srv.uri)
                     if got != want:
                         sys.exit(f"{label}: content differs ({got} != {want})")
-                big = copy_rate(srv.uri, size, [], args.repeat)
-                small = copy_rate(srv.uri, size, ["--request-size=4096"], args.repeat)
+                pid = srv.proc.pid
+                big = copy_rate(srv.uri, size, [], args.repeat, pid)
+                big_cpu = LAST_CPU[0]
+                small = copy_rate(srv.uri, size, ["--request-size=4096"], args.repeat, pid)
+                small_cpu = LAST_CPU[0]
             finally:
                 srv.stop()
-            rows.append((case, label, big, small))
+            rows.append((case, label, big, small, big_cpu, small_cpu))
             print(f"{label}: {big:.0f} MiB/s, 4 KiB: {small:.0f} MiB/s", file=sys.stderr)
         ref = {c: next(r for r in rows if r[0] == c and "qemu-nbd" in r[1]) for c in ("a", "b")}
         print(f"\nnbdcopy of {size // MiB} MiB to null:, warm cache, best of {args.repeat}\n")
-        print(f"{'case':<4} {'server':<28} {'MiB/s':>8} {'ratio':>6} {'4K MiB/s':>9} {'4K req/s':>9} {'ratio':>6}")  # fmt: skip
-        for case, label, big, small in rows:
+        print(f"{'case':<4} {'server':<28} {'MiB/s':>8} {'ratio':>6} {'4K MiB/s':>9} {'4K req/s':>9} {'ratio':>6}"
+              f" {'CPU s/GiB':>10} {'4K CPU s/GiB':>13}")  # fmt: skip
+        for case, label, big, small, big_cpu, small_cpu in rows:
             r = ref[case]
             print(f"{case:<4} {label:<28} {big:8.0f} {big / max(r[2], 1e-9):6.2f} {small:9.0f} "
-                  f"{small * 256:9.0f} {small / max(r[3], 1e-9):6.2f}")  # fmt: skip
-        print("\nratios: (a) to qemu-nbd raw, (b) to the qemu-nbd qcow2 -c chain")
+                  f"{small * 256:9.0f} {small / max(r[3], 1e-9):6.2f} {big_cpu:10.2f} {small_cpu:13.2f}")  # fmt: skip
+        print("\nratios: (a) to qemu-nbd raw, (b) to the qemu-nbd qcow2 -c chain; CPU s/GiB: the")
+        print("server's own CPU time per GiB served (steadier than MiB/s on a busy machine)")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
