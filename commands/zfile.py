@@ -69,12 +69,14 @@ def zfile(
     ZFile, bad blocks), 5 TARGET exists (use -f), 6 unsupported (e.g. --verify of a
     ZFile without block CRCs), 130 interrupted.
     """
-    from obd.image import ops
+    # obd.formats.zfile.files, not obd.image.ops: compressing then never loads numpy or
+    # the LSMT/image code (the start-up of a short run is a large part of its time)
+    from obd.formats.zfile import files
 
     if verify:
         if target is not None:
             raise UsageError("--verify takes only SOURCE")
-        problems = ops.zfile_verify(source)
+        problems = files.verify_path(source)
         for block, offset, problem in problems:
             click.echo(f"obd: {source}: block {block} at offset {offset}: {problem}", err=True)
         if problems:
@@ -83,7 +85,7 @@ def zfile(
     elif extract:
         if target is None:
             raise UsageError("-x needs SOURCE and TARGET (stdin is not allowed)")
-        ops.zfile_extract(
+        files.extract_path(
             source,
             target,
             tar=tar,
@@ -93,12 +95,17 @@ def zfile(
         )
     else:
         src_path, dst_path = (None, source) if target is None else (source, target)
-        opts = ops.ZFileOptions(
-            algorithm=algorithm.lower(), block_size=int(bs) * 1024, threads=threads
-        )
         with progress(_size(src_path), "compress") as bar:
-            ops.zfile_compress(
-                src_path, dst_path, zfile=opts, tar=tar, force=force, chunks=_stdin(), progress=bar
+            files.compress_path(
+                src_path,
+                dst_path,
+                algorithm=algorithm.lower(),
+                block_size=int(bs) * 1024,
+                threads=threads,
+                tar=tar,
+                force=force,
+                chunks=_stdin(),
+                progress=bar,
             )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from commands.main import main
-from obd.formats.codecs import get_codec
+from obd.formats.codecs import get_codec, have_extension
 from obd.formats.zfile import HeaderTrailer
 from tests.vectors import REPO, fill_mixed, require_vectors
 
@@ -279,3 +279,45 @@ def test_damaged_files_one_line(capsys: pytest.CaptureFixture[str], src: Path, d
         one_line_error(err)
         assert code == expected and stdout == ""
     assert not out.exists() and leftovers(src.parent) == []
+
+
+# Modules a short command must not load before it needs them (issue 10: start-up).
+_HEAVY = ("numpy", "zstandard", "lz4", "httpx", "obd.image", "obd.formats.lsmt")
+_PROBE = """
+import sys
+sys.argv = ["obd"] + sys.argv[1:]
+from commands.main import main
+try:
+    main()
+finally:
+    heavy = {heavy!r}
+    sys.stderr.write("HEAVY " + ",".join(h for h in heavy if h in sys.modules) + "\\n")
+"""
+
+
+def _heavy_loaded(*args: str) -> list[str]:
+    p = subprocess.run(
+        [sys.executable, "-c", _PROBE.format(heavy=_HEAVY), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("HEAVY ")]
+    assert lines, p.stderr
+    return [m for m in lines[-1][6:].split(",") if m]
+
+
+def test_short_commands_load_no_heavy_module(src: Path, tmp_path: Path) -> None:
+    """``obd --help`` and compressing with ``obd zfile`` load neither numpy nor the
+    image/LSMT code nor HTTP; extracting needs numpy (the jump table) but not the rest."""
+    assert _heavy_loaded("--help") == []
+    assert _heavy_loaded("--version") == []
+    assert _heavy_loaded("zfile", "--help") == []
+    if not have_extension():
+        pytest.skip("the batch codec extension is not built (the ctypes path uses numpy)")
+    z = tmp_path / "p.zfile"
+    assert _heavy_loaded("zfile", str(src), str(z)) == []
+    assert _heavy_loaded("zfile", "--algorithm", "zstd", "-f", str(src), str(z)) == []
+    assert _heavy_loaded("zfile", "-x", str(z), str(tmp_path / "back")) == ["numpy"]
+    assert (tmp_path / "back").read_bytes() == src.read_bytes()

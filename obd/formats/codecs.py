@@ -33,9 +33,7 @@ import os
 import struct
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from obd.errors import UnsupportedError
 from obd.formats.crc import block_crc
@@ -53,8 +51,13 @@ ZSTD_VECTOR_VERSION = 10504
 
 _U32 = struct.Struct("<I")
 
-# Jump-table entries: a list or a numpy integer array.
-Lengths = Sequence[int] | np.ndarray
+if TYPE_CHECKING:
+    # numpy is imported by the functions that need it: the extension's batch path (what
+    # ``obd zfile`` runs) does not, and its import costs a CLI run ~60 ms.
+    import numpy as np
+
+# Jump-table entries: a list, an array('I') or a numpy integer array.
+Lengths: TypeAlias = "Sequence[int] | np.ndarray"
 
 # Problem strings reported per block by decompress_blocks().
 PROBLEM_CRC = "checksum mismatch"
@@ -68,6 +71,8 @@ def _address(buf: Any) -> int:
     """Address of a buffer's first byte (bytes, bytearray, memoryview; no copy)."""
     if len(buf) == 0:
         return 0
+    import numpy as np
+
     return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
 
 
@@ -125,6 +130,12 @@ class Codec:
 
     empty_frame = False  # an empty input still makes one block (zstd: an empty frame)
     _ext: Any = None  # the compiled batch extension, when this backend has it
+
+    @property
+    def releases_gil(self) -> bool:
+        """True when a batch is one C call with the GIL released for all of it (the
+        extension): then every core can code batches while another thread does I/O."""
+        return self._ext is not None
 
     def _block_encoder(self, data: memoryview, out: bytearray) -> Callable[..., int]:
         """``enc(pos, cap, off, n)``: compress ``data[off:off+n]`` into ``out`` at ``pos``
@@ -241,6 +252,8 @@ def _check_sizes(
     """Refuse buffers too small for a batch (C code must never run past them)."""
     if not len(lengths):
         return
+    import numpy as np
+
     if int(np.sum(np.asarray(lengths, dtype=np.int64))) > len(src):
         raise ValueError("stored buffer shorter than the records it should hold")
     if (len(lengths) - 1) * block_size + last_raw > len(out) or last_raw > block_size:
@@ -252,6 +265,8 @@ def _plan(
 ) -> tuple[list[int], list[int], list[int] | None]:
     """Record starts, body lengths and (with ``crc``) the stored CRC of each body,
     decoded in bulk with numpy instead of block by block."""
+    import numpy as np
+
     lens = np.asarray(lengths, dtype=np.int64)
     starts = np.zeros(len(lens), dtype=np.int64)
     if len(lens) > 1:
@@ -285,6 +300,8 @@ def _bad_crcs_python(stored: bytes | bytearray | memoryview, lengths: Lengths) -
     src = memoryview(stored).cast("B")
     if not len(lengths):
         return []
+    import numpy as np
+
     if int(np.sum(np.asarray(lengths, dtype=np.int64))) > len(src):
         raise ValueError("stored buffer shorter than the records it should hold")
     starts, bodies, expect = _plan(src, lengths, True)

@@ -13,19 +13,19 @@ layer itself is the reader's business.)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from obd.errors import CorruptError
-from obd.formats.lsmt.layout import (
-    FLAG_DATA,
-    FLAG_HEADER,
-    FLAG_SEALED,
-    FLAG_SPARSE,
-    HT_SLOT,
-    HeaderTrailer,
-)
 from obd.formats.tar import TarView, is_tar
-from obd.formats.zfile import ZFileReader, is_zfile
+from obd.formats.zfile.layout import is_zfile
 from obd.io.base import ReadAt
+
+if TYPE_CHECKING:
+    from obd.formats.lsmt.layout import HeaderTrailer
+    from obd.formats.zfile.reader import ZFileReader
+
+# The LSMT package (numpy) and the ZFile reader are imported where they are used, so
+# that commands which only peel a wrapper (``obd zfile``) start fast.
 
 # kinds (the innermost content; wrappers are listed separately, outermost first)
 KIND_LSMT_RO = "lsmt_ro"  # committed read-only layer (header flags 0x07)
@@ -68,6 +68,15 @@ class Blob:
 
 def lsmt_kind(view: ReadAt) -> tuple[str, HeaderTrailer | None]:
     """Which LSMT file ``view`` is, by its header flags and trailer (see module doc)."""
+    from obd.formats.lsmt.layout import (
+        FLAG_DATA,
+        FLAG_HEADER,
+        FLAG_SEALED,
+        FLAG_SPARSE,
+        HT_SLOT,
+        HeaderTrailer,
+    )
+
     hdr = HeaderTrailer.unpack_or_none(view.pread(0, HT_SLOT))
     if hdr is None:
         return KIND_UNKNOWN, None
@@ -89,6 +98,8 @@ def _peel(
     file: ReadAt, *, path: str | None, cache_blocks: int
 ) -> tuple[ReadAt, TarView | None, ZFileReader | None]:
     """The wrappers of ``file``, outermost first: (innermost view, tar, zfile)."""
+    from obd.formats.zfile.reader import ZFileReader
+
     tar = zfile = None
     view: ReadAt = file
     if is_tar(view.pread(0, 512)):
@@ -154,6 +165,8 @@ def open_zfile(
     view = peel_tar(file, required=tar_required, path=path)
     if not is_zfile(view.pread(0, 512)):
         raise CorruptError("not a ZFile (no ZFile magic)", path=path)
+    from obd.formats.zfile.reader import ZFileReader
+
     return ZFileReader(view, cache_blocks=cache_blocks, path=path)
 
 

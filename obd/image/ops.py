@@ -19,8 +19,7 @@ from obd.formats import uuid as uuidmod
 from obd.formats.lsmt import SECTOR, HeaderTrailer, Mappings
 from obd.formats.lsmt.commit import FileSink, commit_header, compact
 from obd.formats.lsmt.rw import LSMTWritable
-from obd.formats.sniff import open_zfile, peel_tar
-from obd.formats.zfile import decompress_to, verify_blocks
+from obd.formats.zfile import files as zfiles
 from obd.image.layers import open_ro_layer, open_rw_layer
 from obd.image.stack import Stack
 from obd.io.base import ExtentKind, ReadAt
@@ -29,7 +28,7 @@ from obd.io.file import AtomicOutput, LocalFile, open_file
 
 Progress = Callable[[int], None] | None
 #: given the number of bytes to go, a context giving the progress callback (a bar)
-Meter = Callable[[int | None], contextlib.AbstractContextManager[Callable[[int], None]]]
+Meter = zfiles.Meter
 
 
 @dataclass(frozen=True)
@@ -91,30 +90,18 @@ def zfile_compress(
 ) -> None:
     """Compress the file ``source`` (or, when it is None, the byte ``chunks``) into the
     ZFile ``target`` (mode 0644), tar-wrapped with ``tar`` (``obd zfile``, §4.8)."""
-    src = open_file(source) if source is not None else None
-    try:
-        with (
-            AtomicOutput(target, force=force, mode=0o644) as out,
-            output_sink(out, zfile=zfile, tar=tar) as sink,
-        ):
-            for data in _file_chunks(src, 8 << 20) if src is not None else chunks:
-                sink.write(data)
-                if progress is not None:
-                    progress(len(data))
-    finally:
-        if src is not None:
-            src.close()
-
-
-def _file_chunks(src: ReadAt, chunk: int) -> Iterator[bytes]:
-    total = src.size()
-    pos = 0
-    while pos < total:
-        data = src.pread(pos, min(chunk, total - pos))
-        if not data:
-            break
-        yield data
-        pos += len(data)
+    zfiles.compress_path(
+        source,
+        target,
+        algorithm=zfile.algorithm,
+        block_size=zfile.block_size,
+        threads=zfile.threads,
+        overwrite_header=zfile.overwrite_header,
+        tar=tar,
+        force=force,
+        chunks=chunks,
+        progress=progress,
+    )
 
 
 def zfile_extract(
@@ -130,19 +117,12 @@ def zfile_extract(
 
     A tar wrapper is peeled when there is one; with ``tar`` it must be there.
     """
-    with open_file(source) as f:
-        reader = open_zfile(f, tar_required=tar, path=source)
-        with (
-            AtomicOutput(target, force=force, mode=0o644) as out,
-            meter(reader.size()) if meter is not None else contextlib.nullcontext(None) as bar,
-        ):
-            decompress_to(reader, out, bar, threads=threads or cores())
+    zfiles.extract_path(source, target, tar=tar, force=force, threads=threads, meter=meter)
 
 
 def zfile_verify(source: str) -> list[tuple[int, int, str]]:
     """Every bad block of the ZFile ``source`` (tar peeled): ``(block, offset, problem)``."""
-    with open_file(source) as f:
-        return verify_blocks(peel_tar(f, path=source), path=source)
+    return zfiles.verify_path(source)
 
 
 @dataclass(frozen=True)

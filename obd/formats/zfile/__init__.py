@@ -24,6 +24,9 @@ the other bits, ``digest`` and the slot tail still open.
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from obd.formats.zfile.layout import (
     _HT,
     DEFAULT_BLOCK_SIZE,
@@ -50,19 +53,34 @@ from obd.formats.zfile.layout import (
     SLOT_SIZE,
     WRITER_BLOCK_SIZES,
     HeaderTrailer,
+    Progress,
     is_zfile,
     slot_digest,
 )
-from obd.formats.zfile.reader import (
-    ZFileReader,
-    decompress_to,
-    verify_blocks,
-)
-from obd.formats.zfile.writer import (
-    Progress,
-    ZFileWriter,
-    compress_file,
-)
+
+if TYPE_CHECKING:
+    from obd.formats.zfile.reader import ZFileReader, decompress_to, verify_blocks
+    from obd.formats.zfile.writer import ZFileWriter, compress_file
+
+# The reader (numpy, the validator) and the writer load on first use: ``obd zfile``
+# compressing never needs the reader, and commands that only sniff a file need neither.
+_LAZY = {
+    "ZFileReader": "reader",
+    "decompress_to": "reader",
+    "verify_blocks": "reader",
+    "ZFileWriter": "writer",
+    "compress_file": "writer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",

@@ -5,13 +5,19 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from obd.errors import CorruptError
 from obd.formats import crc
 from obd.formats.layout import FlagBit, FlagNames, Layout
+
+if TYPE_CHECKING:
+    import numpy as np
+
+#: a progress callback, given the plain bytes done since its last call
+Progress = Callable[[int], Any]
 
 MAGIC0 = b"ZFile\x00\x01\x00"
 MAGIC1 = b"tuji.yyf@Alibaba"
@@ -173,6 +179,8 @@ def is_zfile(head: bytes | bytearray | memoryview) -> bool:
 
 
 def _u32_table(data: bytes | bytearray | memoryview) -> np.ndarray:
+    import numpy as np  # only readers need it (writers start faster without)
+
     return np.frombuffer(data, dtype="<u4")
 
 

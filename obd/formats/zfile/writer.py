@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from array import array
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import TypedDict, Unpack
@@ -13,6 +15,7 @@ from obd.formats import crc
 from obd.formats.codecs import (
     get_codec,
 )
+from obd.formats.zfile.bufio import read_into
 from obd.formats.zfile.layout import (
     DEFAULT_BLOCK_SIZE,
     FLAGS_INITIAL_HEADER,
@@ -21,10 +24,13 @@ from obd.formats.zfile.layout import (
     SLOT_SIZE,
     WRITER_BLOCK_SIZES,
     HeaderTrailer,
+    Progress,
     _table_bytes,
 )
-from obd.formats.zfile.reader import Progress
 from obd.io.base import ReadAt, WriteAt
+
+#: called by :meth:`ZFileWriter.feed` once it no longer needs a buffer (None: nothing)
+Release = Callable[[], None] | None
 
 # ----------------------------------------------------------------------------- writer
 
@@ -37,12 +43,13 @@ class ZFileWriter:
     (flags 0x16) and, with ``overwrite_header``, rewrites the header (0x1B). The streamed
     header has flags 0x13. Positions start at 0 of ``out``; the writer tracks them itself.
 
-    ``threads`` counts the caller: with ``threads > 1``, ``threads - 1`` pool workers
-    compress batches of blocks while the calling thread feeds them and writes results
-    (measured on 2 cores: one worker plus the caller beats two workers, whose GIL
-    hand-offs at every 4 KiB block cost more than they gain). At most ``2 * threads``
-    batches are in flight and results are written in order, so the file is
-    byte-identical to a single-threaded one.
+    ``threads`` counts the caller: with ``threads > 1``, pool workers compress batches
+    of blocks while the calling thread feeds them and writes results. With the compiled
+    batch path (:attr:`Codec.releases_gil`) there are ``threads`` workers, since the
+    caller mostly waits in I/O; without it ``threads - 1`` (measured on 2 cores: one
+    worker plus the caller beats two workers, whose GIL hand-offs at every 4 KiB block
+    cost more than they gain). A bounded number of batches is in flight and results are
+    written in order, so the file is byte-identical to a single-threaded one.
 
     ``bytes_in`` counts plain bytes written, ``bytes_out`` the ZFile bytes so far.
     ``close`` does not close ``out``.
@@ -72,12 +79,13 @@ class ZFileWriter:
         self._stage = bytearray(self._batch)  # plain bytes waiting for a full batch
         self._fill = 0
         self._index: array = array("I")
-        self._pending: deque[Future[tuple[memoryview, list[int]]]] = deque()
+        # in flight: a batch's result and what to call once it is written (see feed)
+        self._pending: deque[tuple[Future[tuple[memoryview, list[int]]], Release]] = deque()
+        self._inflight = 4 * self.threads + 4
         self._free: deque[bytearray] = deque()
+        workers = self.threads if self.codec.releases_gil else self.threads - 1
         self._pool: ThreadPoolExecutor | None = (
-            ThreadPoolExecutor(self.threads - 1, thread_name_prefix="zfile")
-            if self.threads > 1
-            else None
+            ThreadPoolExecutor(workers, thread_name_prefix="zfile") if self.threads > 1 else None
         )
         self._closed = False
         self.bytes_in = 0
@@ -122,6 +130,24 @@ class ZFileWriter:
         self._fill = fill
         return n
 
+    def feed(self, data: memoryview, release: Release) -> None:
+        """:meth:`write` without copying: the writer owns ``data`` (which must not change)
+        until it calls ``release()``, once every batch cut from it is compressed and
+        written (at once with one thread; a bulk reader recycles its buffers so)."""
+        n = len(data)
+        whole = n // self._batch * self._batch if not self._fill else 0
+        if self._closed or not whole:
+            self.write(data)
+            if release is not None:
+                release()
+            return
+        self.bytes_in += whole
+        batch = self._batch
+        for off in range(0, whole, batch):
+            self._submit(data[off : off + batch], release if off + batch == whole else None)
+        if whole < n:
+            self.write(data[whole:])
+
     def _submit_stage(self, fill: int) -> None:
         view = memoryview(self._stage)[:fill]
         # One thread compresses the staging buffer in place; workers get a copy.
@@ -134,13 +160,22 @@ class ZFileWriter:
             scratch = None
         return self.codec.compress_blocks(chunk, self.block_size, self.verify, scratch)
 
-    def _submit(self, chunk: bytes | memoryview) -> None:
+    def _submit(self, chunk: bytes | memoryview, release: Release = None) -> None:
         if self._pool is None:
             self._emit(self._compress(chunk))
+            if release is not None:
+                release()
             return
-        self._pending.append(self._pool.submit(self._compress, chunk))
-        while len(self._pending) > 2 * self.threads:
-            self._emit(self._pending.popleft().result())
+        self._pending.append((self._pool.submit(self._compress, chunk), release))
+        while len(self._pending) > self._inflight:
+            self._emit_next()
+
+    def _emit_next(self) -> None:
+        """Wait for the oldest batch in flight and write it."""
+        fut, release = self._pending.popleft()
+        self._emit(fut.result())
+        if release is not None:
+            release()
 
     def _emit(self, result: tuple[memoryview, list[int]]) -> None:
         stored, lengths = result
@@ -159,7 +194,7 @@ class ZFileWriter:
                 self._submit_stage(self._fill)
                 self._fill = 0
             while self._pending:
-                self._emit(self._pending.popleft().result())
+                self._emit_next()
         finally:
             self._closed = True
             if self._pool is not None:
@@ -226,14 +261,28 @@ def compress_file(
     """
     total = src.size()
     with ZFileWriter(out, **options) as w:
-        chunk = max(8 << 20, w.block_size)
+        chunk = max(_READ_CHUNK, w.block_size)
+        # Input buffers are recycled (no fresh, page-faulting 4 MiB per read) and handed
+        # to the writer without a copy; it gives each back once compressed and written.
+        free: deque[bytearray] = deque()
+        made = 0
         pos = 0
         while pos < total:
-            data = src.pread(pos, min(chunk, total - pos))
-            if not data:
+            while not free and made >= _READ_BUFFERS and w._pending:
+                w._emit_next()
+            if free:
+                buf = free.pop()
+            else:
+                buf, made = bytearray(chunk), made + 1
+            n = read_into(src, pos, memoryview(buf)[: min(chunk, total - pos)])
+            if not n:
                 break
-            w.write(data)
-            pos += len(data)
+            w.feed(memoryview(buf)[:n], functools.partial(free.append, buf))
+            pos += n
             if progress is not None:
-                progress(len(data))
+                progress(n)
     return w
+
+
+_READ_CHUNK = 4 << 20
+_READ_BUFFERS = 4
