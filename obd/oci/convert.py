@@ -28,6 +28,8 @@ import hashlib
 import io
 import json
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -363,6 +365,48 @@ def image_documents(
     )
 
 
+class _Uploads:
+    """Blobs written to the destination by one background thread, in order, while the
+    next layer converts (a registry upload takes about as long as a conversion). The
+    thread is a daemon: an interrupted convert exits at once, leaving at most some blobs
+    and never a manifest."""
+
+    def __init__(self, dest: Destination, say: Log) -> None:
+        self.dest = dest
+        self.say = say
+        self.queue: queue.Queue[tuple[str, str, int, str] | None] = queue.Queue()
+        self.written = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="obd-upload", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (job := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            path, digest, size, label = job
+            try:
+                if self.dest.put_file(path, digest, size):
+                    self.written += 1
+                    self.say(f"{label}: {digest[:19]} written to {self.dest.where}")
+                else:
+                    self.say(f"{label}: {digest[:19]} already at {self.dest.where}")
+            except BaseException as e:
+                self.error = e
+
+    def put(self, path: str, digest: str, size: int, label: str) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((path, digest, size, label))
+
+    def finish(self) -> int:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.written
+
+
 def convert(
     img: SourceImage,
     dest: Destination,
@@ -372,7 +416,8 @@ def convert(
     bars: Bars | None = None,
     log: Log | None = None,
 ) -> ConvertResult:
-    """Convert ``img`` into ``dest`` (blobs, config, then the manifest)."""
+    """Convert ``img`` into ``dest``: each layer's blob is written as soon as it is
+    converted (in the background), then the config, then the manifest."""
     bars = bars or _no_bar
     say = log or (lambda _msg: None)
     n = len(img.layers)
@@ -381,6 +426,7 @@ def convert(
     result = ConvertResult()
     below: list[StoredLayer] = []
     dest.prepare()
+    uploads = _Uploads(dest, say)
     for group in groups:
         first, top = group[0], group[-1]
         key = layer_key(img, chain, top, first, opts)
@@ -393,15 +439,13 @@ def convert(
             LayerResult(tuple(group), hit.digest, hit.size, hit.path, reused, chain[top])
         )
         label = f"layers {first + 1}-{top + 1}" if len(group) > 1 else f"layer {top + 1}"
-        with bars(hit.size, f"{label}/{n} upload") as bar:
-            pushed = dest.put_file(hit.path, hit.digest, hit.size, bar)
-        result.pushed += pushed
         say(
             f"{label}/{n} {img.diff_ids[top][:19]}: "
             + ("reused from the store" if reused else "converted")
             + f" -> {hit.digest[:19]} ({hit.size} bytes)"
-            + ("" if pushed else ", already at the destination")
         )
+        uploads.put(hit.path, hit.digest, hit.size, f"{label}/{n}")
+    result.pushed = uploads.finish()
     config_bytes, manifest_bytes, desc = image_documents(img, result.layers, opts.flatten)
     dest.put_bytes(config_bytes, "sha256:" + hashlib.sha256(config_bytes).hexdigest())
     dest.put_manifest(manifest_bytes, desc)
