@@ -64,13 +64,36 @@ def _size(n: int | None) -> str:
     return str(n)  # pragma: no cover
 
 
+_HELP += """
+\b
+An image reference (HOST[:PORT]/REPO[:TAG] or ...@sha256:...) in place of the files
+shows the image's overlaybd layers as its registry lists them (credentials and
+certificates from the global config). JSON: {"version": 1, "images": [{reference,
+digest, mediaType, platform, repoBlobUrl, layers [{digest, size, fsType,
+acceleration}]}]}
+"""
+
+
 @click.command("inspect", help=_HELP, short_help="Show what an overlaybd file or image holds.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (keys above).")
 @click.option("--map", "as_map", is_flag=True, help="Print the extents of the virtual disk.")
+@click.option("--plain-http", is_flag=True, help="Plain HTTP to an image reference's registry.")
+@click.option("--platform", metavar="OS/ARCH[/VARIANT]", help="Platform picked from an index.")
 @index_option
 @paths_argument
-def inspect(as_json: bool, as_map: bool, index: str | None, paths: tuple[str, ...]) -> None:
+def inspect(
+    as_json: bool,
+    as_map: bool,
+    plain_http: bool,
+    platform: str | None,
+    index: str | None,
+    paths: tuple[str, ...],
+) -> None:
     from obd.image import inspect as ins
+
+    if _references(paths):
+        _inspect_references(paths, as_json, plain_http, platform)
+        return
 
     if as_map:
         maps = ins.map_paths(list(paths), index=index)
@@ -92,6 +115,52 @@ def inspect(as_json: bool, as_map: bool, index: str | None, paths: tuple[str, ..
         from obd.errors import CorruptError
 
         sys.exit(CorruptError.exit_code)
+
+
+def _references(paths: tuple[str, ...]) -> bool:
+    import os
+
+    from obd.errors import UsageError
+    from obd.oci.reference import is_reference
+
+    refs = [p for p in paths if not os.path.exists(p) and is_reference(p)]
+    if refs and len(refs) != len(paths):
+        raise UsageError("give image references or files, not both")
+    return bool(refs)
+
+
+def _inspect_references(
+    refs: tuple[str, ...], as_json: bool, plain_http: bool, platform: str | None
+) -> None:
+    from obd.oci.manifest import describe, resolve_image
+    from obd.registry.auth import CredentialSource
+    from obd.registry.client import RegistryClient
+    from obd.serve.config import load_global_config
+
+    g = load_global_config()
+    creds = CredentialSource.from_config(g.credentialConfig, g.credentialFilePath)
+    cert = (g.certConfig.certFile, g.certConfig.keyFile) if g.certConfig.certFile else None
+    with RegistryClient(
+        credentials=creds, plain_http=plain_http or None, cert=cert, user_agent=g.userAgent
+    ) as client:
+        images = [describe(resolve_image(client, r, platform=platform)) for r in refs]
+    if as_json:
+        click.echo(json.dumps({"version": 1, "images": images}, indent=2))
+        return
+    from rich.table import Table
+
+    con = _console()
+    for im in images:
+        t = Table(title=f"{im['reference']} ({im['digest']})", title_justify="left")
+        for col in ("#", "digest", "size", "fs"):
+            t.add_column(col, justify="right" if col in ("#", "size") else "left")
+        for i, layer in enumerate(im["layers"]):
+            fs = (layer["fsType"] or "") + (" (acceleration)" if layer["acceleration"] else "")
+            t.add_row(str(i), layer["digest"], _size(layer["size"]), fs)
+        con.print(t)
+        con.print(f"repoBlobUrl: {im['repoBlobUrl']}")
+        if im["platform"]:
+            con.print(f"platform: {im['platform']}")
 
 
 def _console() -> Any:
@@ -234,4 +303,12 @@ def _render_maps(maps: list[Any]) -> None:
 @paths_argument
 @click.pass_context
 def map_(ctx: click.Context, as_json: bool, index: str | None, paths: tuple[str, ...]) -> None:
-    ctx.invoke(inspect, as_json=as_json, as_map=True, index=index, paths=paths)
+    ctx.invoke(
+        inspect,
+        as_json=as_json,
+        as_map=True,
+        plain_http=False,
+        platform=None,
+        index=index,
+        paths=paths,
+    )

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from obd.errors import ObdError, UsageError
 from obd.io.base import BlockDevice
@@ -29,10 +30,18 @@ from obd.serve.result import (
     write_success,
 )
 
+if TYPE_CHECKING:
+    from obd.image.config import ImageConfig
+    from obd.registry.remote import RemoteContext
+
 log = logging.getLogger("obd.serve")
 
 Opener = Callable[[str], BlockDevice]
 """Opens the image an image config path names (default: :func:`obd.image.open_image`)."""
+RemoteFactory = Callable[[Callable[..., None] | None], "RemoteContext"]
+"""Builds the registry side (client, cache) given the audit writer; called on first need."""
+Resolver = Callable[[str, "RemoteContext"], "ImageConfig"]
+"""Turns an image reference into the image config that serves it."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,7 @@ class ImageSpec:
 
     config_path: str
     name: str
+    reference: bool = False  # config_path is an image reference (host/repo:tag)
 
     @classmethod
     def parse(cls, arg: str) -> ImageSpec:
@@ -69,12 +79,6 @@ class ExportStatus:
     result_file: str = ""
 
 
-def _default_opener(path: str) -> BlockDevice:
-    from obd.image import open_image
-
-    return open_image(path)
-
-
 class NbdService:
     """One ``obd serve --nbd`` run. ``start()`` then ``stop()`` (or use as a context)."""
 
@@ -89,6 +93,8 @@ class NbdService:
         workers: int = 0,
         metrics_host: str = "127.0.0.1",
         opener: Opener | None = None,
+        remote: RemoteFactory | None = None,
+        resolve: Resolver | None = None,
     ) -> None:
         if not images:
             raise UsageError("no image config to serve")
@@ -101,7 +107,10 @@ class NbdService:
         self.unix = unix
         self.workers = workers
         self.metrics_host = metrics_host
-        self.opener = opener or _default_opener
+        self.opener = opener
+        self.remote_factory = remote
+        self.resolve = resolve
+        self.remote: RemoteContext | None = None
         self.statuses: list[ExportStatus] = []
         self.exports: list[Export] = []
         self.server: NbdServer | None = None
@@ -143,6 +152,34 @@ class NbdService:
             self.stop()
             raise
 
+    def _remote(self) -> RemoteContext:
+        """The registry side, built on first need (a local-only run never creates the
+        cache folder)."""
+        if self.remote is None:
+            if self.remote_factory is None:
+                from obd.registry.remote import RemoteContext
+
+                audit = self.logs.audit if self.logs is not None else None
+                self.remote = RemoteContext.from_config(
+                    self.config, audit=audit.event if audit is not None else None
+                )
+            else:
+                self.remote = self.remote_factory(
+                    self.logs.audit.event if self.logs and self.logs.audit else None
+                )
+        return self.remote
+
+    def _open(self, spec: ImageSpec, cfg: ImageConfig) -> BlockDevice:
+        if self.opener is not None:
+            return self.opener(spec.config_path)
+        from obd.image.layers import local_layer_path
+        from obd.image.open import open_config
+
+        remote = None
+        if any(local_layer_path(lc) is None and lc.digest for lc in cfg.stacked_lowers):
+            remote = self._remote()
+        return open_config(cfg, remote=remote)
+
     def _open_images(self) -> None:
         from obd.image.config import load_image_config
 
@@ -154,14 +191,19 @@ class NbdService:
             upper_files: list[str] = []
             repo = None
             try:
-                cfg = load_image_config(spec.config_path)
+                if spec.reference:
+                    if self.resolve is None:
+                        raise UsageError(f"{spec.config_path}: image references need a resolver")
+                    cfg = self.resolve(spec.config_path, self._remote())
+                else:
+                    cfg = load_image_config(spec.config_path)
                 st.result_file = cfg.resultFile
                 layer_files = [lc.file or lc.dir for lc in cfg.lowers]
                 upper_files = [cfg.upper.data, cfg.upper.index]
                 repo = cfg.repoBlobUrl
             except ObdError as e:
                 st.error = e
-                st.reason = REASON_CREATE
+                st.reason = failure_reason(e) if spec.reference else REASON_CREATE
                 log.error("export %r: %s", spec.name, e)
                 continue
             if spec.name in names:
@@ -173,7 +215,7 @@ class NbdService:
             names.add(spec.name)
             t0 = time.monotonic()
             try:
-                device = self.opener(spec.config_path)
+                device = self._open(spec, cfg)
             except (ObdError, OSError) as e:
                 st.error = e
                 st.reason = failure_reason(e, layer_files, upper_files, repo)
@@ -218,6 +260,9 @@ class NbdService:
             from obd.serve.metrics import Exporter, Metrics
 
             metrics = Metrics()
+            if self.remote is not None:
+                metrics.registry = self.remote.stats
+                self.remote.stats.on_fetch = lambda n, ns: metrics.record("download", n, ns)
             self.exporter = Exporter(
                 metrics, port=ec.port, uri_prefix=ec.uriPrefix, host=self.metrics_host
             )
@@ -277,6 +322,12 @@ class NbdService:
             except Exception as exc:
                 failures.append((e.name, exc))
         self.exports = []
+        if self.remote is not None:
+            try:
+                self.remote.close()
+            except Exception as exc:
+                log.error("registry: close failed: %s", exc)
+            self.remote = None
         for name, err in failures:
             log.error("export %r: flush/close failed: %s", name, err)
         if self.exporter is not None:

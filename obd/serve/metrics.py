@@ -7,6 +7,16 @@ from a registry, none here) ``OverlayBD_Read_Throughtput`` (sic, bytes/s),
 bytes), with upstream's label placement: the tag sits in ``node``, ``type`` and ``mode``
 are empty. Rates and the maximum latency cover the time since the previous scrape.
 
+With registry layers, obd adds its own families (not upstream's) from the registry
+side's :class:`~obd.registry.blob.RegistryStats`: ``obd_registry_fetched_bytes``,
+``obd_registry_requests``, ``obd_registry_errors``, ``obd_registry_cache_hit_bytes``,
+``obd_registry_cache_miss_bytes``, ``obd_registry_cache_usage_bytes``,
+``obd_registry_cache_capacity_bytes``, ``obd_registry_cache_evictions``,
+``obd_registry_cache_evicted_bytes``, and per background download (label ``digest``)
+``obd_registry_download_done_bytes``, ``obd_registry_download_size_bytes`` and
+``obd_registry_download_state`` (0 waiting, 1 running, 2 done, 3 failed); the ``download``
+tag of the upstream families counts the registry fetches.
+
 The HTTP server answers ``uriPrefix`` only (404 elsewhere) on ``exporterConfig.port``.
 """
 
@@ -43,6 +53,7 @@ class Metrics:
     def __init__(self) -> None:
         self.sources = {tag: _Source() for tag in TAGS}
         self.hostname = socket.gethostname()
+        self.registry: Any = None  # obd.registry.blob.RegistryStats, when images are remote
 
     def record(self, tag: str, nbytes: int, latency_ns: int) -> None:
         s = self.sources[tag]
@@ -97,6 +108,48 @@ class OverlayBDCollector:
             families[2].add_metric([tag, "", ""], maxlat)
             families[3].add_metric([tag, ""], count)
         yield from families
+        if self.metrics.registry is not None:
+            yield from _registry_families(self.metrics.registry)
+
+
+_DOWNLOAD_STATES = {"waiting": 0, "running": 1, "done": 2, "failed": 3}
+
+
+def _registry_families(r: Any) -> Iterator[Any]:
+    from prometheus_client.core import GaugeMetricFamily
+
+    caches = list(r.caches)
+
+    def total(attr: str) -> float:
+        return float(sum(getattr(c.stats, attr) for c in caches))
+
+    plain = [
+        ("obd_registry_fetched_bytes", "Bytes read from registries", float(r.fetched)),
+        ("obd_registry_requests", "Ranged requests to registries", float(r.requests)),
+        ("obd_registry_errors", "Registry reads that failed", float(r.errors)),
+        ("obd_registry_cache_hit_bytes", "Bytes read from the cache", total("hits")),
+        ("obd_registry_cache_miss_bytes", "Bytes fetched for reads", total("misses")),
+        ("obd_registry_cache_usage_bytes", "Cache usage", float(sum(c.usage for c in caches))),
+        ("obd_registry_cache_capacity_bytes", "Cache capacity", float(sum(c.capacity for c in caches))),
+        ("obd_registry_cache_evictions", "Eviction passes", total("evictions")),
+        ("obd_registry_cache_evicted_bytes", "Bytes evicted", total("evicted")),
+    ]  # fmt: skip
+    for name, doc, value in plain:
+        g = GaugeMetricFamily(name, doc)
+        g.add_metric([], value)
+        yield g
+    with r.lock:
+        downloads = list(r.downloads.values())
+    fams = [
+        GaugeMetricFamily("obd_registry_download_done_bytes", "Bytes downloaded", labels=["digest"]),
+        GaugeMetricFamily("obd_registry_download_size_bytes", "Blob size", labels=["digest"]),
+        GaugeMetricFamily("obd_registry_download_state", "0 waiting 1 running 2 done 3 failed", labels=["digest"]),
+    ]  # fmt: skip
+    for d in downloads:
+        fams[0].add_metric([d.digest], float(d.done))
+        fams[1].add_metric([d.digest], float(d.size))
+        fams[2].add_metric([d.digest], float(_DOWNLOAD_STATES.get(d.state, 0)))
+    yield from fams
 
 
 class _QuietHandler(WSGIRequestHandler):

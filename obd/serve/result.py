@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from obd.errors import CorruptError, FileAccessError, ObdError, UnsupportedError
+from obd.errors import CorruptError, FileAccessError, ObdError, RemoteError, UnsupportedError
 from obd.io.file import AtomicOutput
 
 SUCCESS = "success"
@@ -28,6 +28,10 @@ def reason_open_layer(index: int) -> str:
 
 def reason_local_file(path: str) -> str:
     return f"failed to open local file {path}"
+
+
+def reason_remote(url: str, msg: str) -> str:
+    return f"failed to open remote file {url}: {msg}"
 
 
 def reason_duplicated(dev_id: str) -> str:
@@ -69,6 +73,8 @@ def failure_reason(
     unreadable local file is ``failed to open local file <path>``.
     """
     path = getattr(err, "path", None)
+    if isinstance(err, RemoteError):  # the registry client's errors name the blob URL
+        return reason_remote(path or "", getattr(err, "reason", "") or err.message)
     norm = os.path.normpath(path) if path else None
     index = None
     if norm is not None:
