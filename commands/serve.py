@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Any
 
 import click
 
@@ -53,7 +54,17 @@ def _parse_listen(text: str) -> tuple[str, int]:
     metavar="HOST",
     help="Address of the Prometheus exporter (port and path from exporterConfig).",
 )
-@click.argument("images", nargs=-1, required=True, metavar="IMAGE_CONFIG[=NAME]...")
+@click.option(
+    "--plain-http",
+    is_flag=True,
+    help="Speak plain HTTP to the registry of an image reference (always so for localhost).",
+)
+@click.option(
+    "--platform",
+    metavar="OS/ARCH[/VARIANT]",
+    help="Platform picked from an image index (default linux/amd64).",
+)
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE[=NAME]...")
 def serve(
     nbd: bool,
     listen: str | None,
@@ -62,9 +73,17 @@ def serve(
     pid_file: str | None,
     workers: int,
     metrics_listen: str,
+    plain_http: bool,
+    platform: str | None,
     images: tuple[str, ...],
 ) -> None:
-    """Serve each IMAGE_CONFIG as an NBD export named NAME (default: the file's stem).
+    """Serve each IMAGE as an NBD export named NAME.
+
+    IMAGE is an image config file (NAME defaults to the file's stem) or an image
+    reference, HOST[:PORT]/REPO[:TAG] or HOST[:PORT]/REPO@sha256:..., whose overlaybd
+    layers are read from the registry (NAME defaults to the last part of REPO). Layers
+    that live only in a registry are read on demand through the cache of the global
+    config (cacheConfig), with its credentials, certificates and P2P proxy.
 
     An image that cannot be opened fails its own export (its resultFile says why); the
     others are served. SIGTERM or SIGINT answers requests in flight, flushes writable
@@ -73,13 +92,13 @@ def serve(
     Exit codes: 0 stopped cleanly, 1 a flush failed at exit, 2 usage, 3 cannot listen or
     no image file, 4 corrupt image, 7 bad config.
     """
-    from obd.serve import ImageSpec, NbdService
+    from obd.serve import NbdService
     from obd.serve.config import DEFAULT_PATH, load_global_config
 
     tcp = _parse_listen(listen) if listen else None
     gcfg = load_global_config(config_path)
     use_files = config_path is not None or os.path.exists(DEFAULT_PATH)
-    specs = [ImageSpec.parse(a) for a in images]
+    specs = [_spec(a) for a in images]
     # stderr stays at its level even when the log file wants INFO.
     root = logging.getLogger()
     for h in root.handlers:
@@ -95,6 +114,8 @@ def serve(
         unix=socket_path,
         workers=workers,
         metrics_host=metrics_listen,
+        remote=_remote_factory(gcfg, plain_http),
+        resolve=_resolver(platform),
     )
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     hup = threading.Event()
@@ -134,6 +155,37 @@ def serve(
                 os.unlink(pid_file)
             except OSError:
                 pass
+
+
+def _spec(arg: str) -> Any:
+    """An image config path, or an image reference (``REF`` or ``REF=NAME``)."""
+    from obd.oci.reference import is_reference
+    from obd.serve import ImageSpec
+
+    ref, _, name = arg.partition("=") if "=" in arg else (arg, "", "")
+    if not os.path.exists(arg) and is_reference(ref):
+        if not name:
+            name = ref.split("@", 1)[0].rsplit("/", 1)[-1].split(":", 1)[0]
+        return ImageSpec(ref, name, reference=True)
+    return ImageSpec.parse(arg)
+
+
+def _remote_factory(gcfg: Any, plain_http: bool) -> Any:
+    def build(audit: Any) -> Any:
+        from obd.registry.remote import RemoteContext
+
+        return RemoteContext.from_config(gcfg, audit=audit, plain_http=plain_http or None)
+
+    return build
+
+
+def _resolver(platform: str | None) -> Any:
+    def resolve(ref: str, remote: Any) -> Any:
+        from obd.oci.manifest import resolve_image
+
+        return resolve_image(remote.client, ref, platform=platform).config
+
+    return resolve
 
 
 def _write_pid(path: str) -> None:
