@@ -45,6 +45,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import ssl
 import struct
 import subprocess
 import threading
@@ -173,6 +174,7 @@ class TokenServer:
         self.jwt_lifetime: int | None = None
         self.requests: list[dict[str, Any]] = []
         self.fail_next = 0  # answer this many requests with 500
+        self.bad_next = 0  # issue this many tokens already expired (the registry refuses them)
         self.cert = folder / "token-cert.pem"
         self.key = folder / "token-key.pem"
         subprocess.run(
@@ -220,6 +222,10 @@ class TokenServer:
     def issue(self, scope: str, user: str | None) -> str:
         now = int(time.time())
         lifetime = self.expires_in if self.jwt_lifetime is None else self.jwt_lifetime
+        with self._lock:
+            if self.bad_next > 0:
+                self.bad_next -= 1
+                lifetime = -600  # past the registry's 60 s leeway
         claims = {
             "iss": ISSUER,
             "sub": user or "",
@@ -340,7 +346,13 @@ class CredentialServer:
     ``{"traceId", "success", "data": {"auths": {...}}}``. ``auths`` is what it answers
     with; ``success`` may be set False; ``requests`` records the remote_url values."""
 
-    def __init__(self, auths: dict[str, Any], *, socket_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        auths: dict[str, Any],
+        *,
+        socket_path: Path | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.auths = auths
         self.success = True
         self.requests: list[str] = []
@@ -357,7 +369,12 @@ class CredentialServer:
             self.url = "http://localhost/auth"
         else:
             self._server = _ThreadingServer(("127.0.0.1", 0), Handler)
-            self.url = f"http://127.0.0.1:{self._server.server_address[1]}/auth"  # type: ignore[attr-defined]
+            port = self._server.server_address[1]  # type: ignore[attr-defined]
+            self.url = f"http://127.0.0.1:{port}/auth"
+            if ssl_context is not None:
+                srv = self._server
+                srv.socket = ssl_context.wrap_socket(srv.socket, server_side=True)  # type: ignore[attr-defined]
+                self.url = f"https://127.0.0.1:{port}/auth"
 
     def _handle(self, h: _QuietHandler) -> None:
         query = urllib.parse.urlsplit(h.path).query
@@ -370,6 +387,54 @@ class CredentialServer:
     def running(self) -> Iterator[CredentialServer]:
         with _serving(self._server):
             yield self
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    def server_context(self, *, require_client_cert: bool = False) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(self.server_cert, self.server_key)
+        if require_client_cert:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(self.ca)
+        return ctx
+
+
+def make_tls(folder: Path) -> TlsFiles:
+    """A test CA, a server certificate for 127.0.0.1 / localhost and a client
+    certificate, made with ``openssl``."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    folder.mkdir(parents=True, exist_ok=True)
+    f = TlsFiles(
+        *(folder / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key"))
+    )
+    ca_key = folder / "ca.key"
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(f.ca), "-days", "2",
+        "-subj", "/CN=obd-test-ca")  # fmt: skip
+    for cert, key, cn, ext in (
+        (f.server_cert, f.server_key, "127.0.0.1",
+         "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
+        (f.client_cert, f.client_key, "obd-test-client", "extendedKeyUsage=clientAuth"),
+    ):  # fmt: skip
+        csr = folder / (cert.name + ".csr")
+        extf = folder / (cert.name + ".ext")
+        extf.write_text(ext + "\n")
+        run("req", "-new", *ec, "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={cn}")
+        run("x509", "-req", "-in", str(csr), "-CA", str(f.ca), "-CAkey", str(ca_key),
+            "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(extf))  # fmt: skip
+    return f
 
 
 # -- the fault proxy ------------------------------------------------------------------
@@ -404,7 +469,9 @@ class FaultProxy:
     - ``stall``: read the request, say nothing for ``seconds`` (default 30), then close;
     - ``truncate``: forward the reply's head and only ``keep`` body bytes (default half),
       then close;
-    - ``status``: reply ``code`` (default 503) with ``headers`` (e.g. Retry-After).
+    - ``status``: reply ``code`` (default 503) with ``headers`` (e.g. Retry-After);
+    - ``strip_range``: forward the request without its Range header (the registry then
+      answers 200 with the whole blob).
 
     ``requests`` records every request (method, path, headers, status, fault, body bytes
     sent); ``bytes_served`` counts the body bytes forwarded from the registry.
@@ -425,11 +492,12 @@ class FaultProxy:
         self.host = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.host}"
         self._conns: set[socket.socket] = set()
+        self.connections = 0  # client connections accepted
         self._thread: threading.Thread | None = None
 
     # -- control
     def add(self, pattern: str, action: str, times: int = 1, **params: Any) -> FaultRule:
-        assert action in ("drop", "reset", "stall", "truncate", "status"), action
+        assert action in ("drop", "reset", "stall", "truncate", "status", "strip_range"), action
         rule = FaultRule(re.compile(pattern), action, times, params)
         with self._lock:
             self.rules.append(rule)
@@ -487,6 +555,7 @@ class FaultProxy:
                 return
             with self._lock:
                 self._conns.add(conn)
+                self.connections += 1
             threading.Thread(target=self._serve_conn, args=(conn,), daemon=True).start()
 
     def _serve_conn(self, client: socket.socket) -> None:
@@ -532,6 +601,8 @@ class FaultProxy:
                         + msg
                     )
                     return
+                if rule is not None and rule.action == "strip_range":
+                    raw_head = re.sub(rb"(?im)^range:[^\r\n]*\r?\n", b"", raw_head)
                 if up is None:
                     up = socket.create_connection(self.upstream, timeout=30)
                     upr = up.makefile("rb")
@@ -660,6 +731,7 @@ class Registry:
         self.registry_host = f"127.0.0.1:{port}"
         self.host = self.registry_host
         self.url = f"http://{self.host}"
+        self.scheme = "http"
         self.auth = auth
         self.users = users
         self.token_server = token_server
@@ -669,7 +741,7 @@ class Registry:
         self._auth_header: dict[str, str] = {}
 
     def blob_url(self, repo: str, host: str | None = None) -> str:
-        return f"http://{host or self.host}/v2/{repo}/blobs"
+        return f"{self.scheme}://{host or self.host}/v2/{repo}/blobs"
 
     # -- an admin session with the registry's own auth (push and pull) --------------------
     def _authorize(self, resp: httpx.Response) -> None:
@@ -699,7 +771,7 @@ class Registry:
         """One request to the registry itself with the admin's credentials (retried once
         after a 401 challenge). ``url`` may be a path."""
         if url.startswith("/"):
-            url = f"http://{self.registry_host}{url}"
+            url = f"{self.scheme}://{self.registry_host}{url}"
         content = kw.pop("content", None)
         for _ in range(3):
             headers = {**kw.get("headers", {}), **self._auth_header}
@@ -732,7 +804,7 @@ class Registry:
             return digest
         r = self.request("POST", f"/v2/{repo}/blobs/uploads/")
         assert r.status_code == 202, (r.status_code, r.text)
-        loc = urllib.parse.urljoin(f"http://{self.registry_host}/", r.headers["Location"])
+        loc = urllib.parse.urljoin(f"{self.scheme}://{self.registry_host}/", r.headers["Location"])
         sep = "&" if "?" in loc else "?"
         r = self.request(
             "PUT",
@@ -859,12 +931,14 @@ def start_registry(
     redirect: bool = False,
     anonymous_pull: bool = False,
     token_expires_in: int = 300,
+    tls: TlsFiles | None = None,
 ) -> Iterator[Registry]:
     """Start ``docker-registry`` on 127.0.0.1:<free port> with filesystem storage under
     ``folder/storage`` and ``auth`` none, htpasswd (bcrypt) or token (with a
     :class:`TokenServer` of ours); ``redirect=True`` adds the ``redirect`` storage
     middleware pointing at a :class:`StaticServer` over the storage folder, so blob GETs
-    answer 307. Stopped by its pid on exit."""
+    answer 307; ``tls`` serves HTTPS with that server certificate (then ``reg.url`` is
+    https). Stopped by its pid on exit."""
     require_registry()
     if auth == "htpasswd" and shutil.which("htpasswd") is None:
         pytest.skip("htpasswd not installed (apt-get install apache2-utils)")
@@ -908,6 +982,11 @@ def start_registry(
             "  delete:\n    enabled: true\n"
             "  maintenance:\n    uploadpurging:\n      enabled: false\n"
             f"http:\n  addr: 127.0.0.1:{port}\n  secret: {secrets.token_hex(16)}\n"
+            + (
+                f"  tls:\n    certificate: {tls.server_cert}\n    key: {tls.server_key}\n"
+                if tls
+                else ""
+            )
             + auth_yaml
             + mw_yaml
         )
@@ -922,6 +1001,11 @@ def start_registry(
             )
         reg = Registry(folder, proc, port, auth=auth, users=users, token_server=token_server,
                        blob_store=blob_store, log=log)  # fmt: skip
+        if tls is not None:
+            reg.url = f"https://{reg.host}"
+            reg.scheme = "https"
+            ctx = ssl.create_default_context(cafile=str(tls.ca))
+            reg._http = httpx.Client(timeout=30, follow_redirects=False, verify=ctx)
         try:
             _wait_port(port, 20, proc)
             yield reg
@@ -933,7 +1017,7 @@ def start_registry(
 def via(reg: Registry, proxy: FaultProxy) -> Iterator[Registry]:
     """Point ``reg.host``/``reg.url`` (what clients use) at ``proxy`` for the block."""
     old = reg.host, reg.url
-    reg.host, reg.url = proxy.host, proxy.url
+    reg.host, reg.url = proxy.host, f"{reg.scheme}://{proxy.host}"
     try:
         yield reg
     finally:

@@ -150,15 +150,21 @@ class CredentialSource:
     def lookup(self, url: str) -> Credential | None:
         """The credential for ``url`` or None (a missing file, an unreachable service or a
         ``success: false`` reply are logged without secrets and give None, as upstream)."""
+        cred, problem = self.explain(url)
+        if problem:
+            log.warning("%s: %s", self.describe(), problem)
+        return cred
+
+    def explain(self, url: str) -> tuple[Credential | None, str]:
+        """(the credential or None, why there is none: "" when the source has no entry)."""
         try:
             if self.mode == "file":
-                return self._from_file(url)
+                return self._from_file(url), ""
             if self.mode in ("http", "https", "uds"):
-                return self._from_service(url)
-            log.warning("credentialConfig: unknown mode %r", self.mode)
+                return self._from_service(url), ""
+            return None, f"unknown mode {self.mode!r}"
         except _LookupProblem as e:
-            log.warning("%s: %s", self.describe(), e)
-        return None
+            return None, str(e)
 
     def _from_file(self, url: str) -> Credential | None:
         try:
@@ -318,13 +324,24 @@ class Authenticator:
                 self._basic.pop((host, repo), None)
             h = self._basic_for(host, repo, url)
             if not h:
-                raise AuthError("authentication required and no credentials found" + self._where())
+                raise AuthError("authentication required" + self.hint(url))
             return h
         raise AuthError(f"unsupported authentication challenge {scheme!r}")
 
-    def _where(self) -> str:
+    def hint(self, url: str) -> str:
+        """Why a request to ``url`` went without credentials, for an auth error ("" when
+        a credential was found)."""
         src = self.credentials
-        return f" ({src.describe()})" if isinstance(src, CredentialSource) else ""
+        if src is None:
+            return " (no credentials configured)"
+        if isinstance(src, CredentialSource):
+            cred, problem = src.explain(url)
+            if cred is None:
+                return f" (no credentials for this URL in {src.describe()}" + (
+                    f": {problem})" if problem else ")"
+                )
+            return ""
+        return "" if src.lookup(url) is not None else " (no credentials for this URL)"
 
     def _basic_for(self, host: str, repo: str, url: str) -> dict[str, str]:
         cred = self._lookup(url)
@@ -380,7 +397,7 @@ class Authenticator:
         if r.status_code != 200:
             raise AuthError(
                 f"authentication failed: token server {where} answered HTTP {r.status_code}"
-                + ("" if cred else " (no credentials found" + self._where() + ")"),
+                + ("" if cred else self.hint(url)),
                 retryable=r.status_code >= 500 or r.status_code == 429,
             )
         try:

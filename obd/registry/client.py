@@ -368,6 +368,10 @@ class RegistryClient:
             return
         err = _status_error(resp, url, what)
         resp.close()
+        if resp.status_code in (401, 403):
+            err = BlobError(
+                err.message + self.auth.hint(url), url=url, kind="auth", status=resp.status_code
+            )
         if resp.status_code in _RETRY_STATUS:
             raise _Retry(err, _retry_after(resp))
         raise err
@@ -496,6 +500,8 @@ class RegistryClient:
         def attempt() -> int:
             resp = self._open_blob(loc, "bytes=0-0", p2p=not direct)
             try:
+                if resp.status_code in (206, 416):
+                    resp.read()  # a byte or none: read, so the connection is kept
                 if resp.status_code == 416:
                     m = _UNSATISFIED.match(resp.headers.get("Content-Range", ""))
                     if m:
@@ -534,18 +540,35 @@ class RegistryClient:
             resp = self._open_blob(loc, f"bytes={offset}-{end}", p2p=True)
             url = str(resp.request.url)
             try:
+                if resp.status_code == 416 and size is None:
+                    m = _UNSATISFIED.match(resp.headers.get("Content-Range", ""))
+                    if m and offset >= int(m[1]):  # past the end of a blob of unknown size
+                        self._learn_size(loc, int(m[1]))
+                        return bytearray()
                 self._check(resp, url)
                 if resp.status_code == 206:
                     m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-                    if not m or int(m[1]) != offset or int(m[2]) != end:
-                        raise BlobError(
-                            f"asked for bytes {offset}-{end}, got Content-Range "
-                            f"{resp.headers.get('Content-Range')!r}",
-                            url=url,
-                            kind="unexpected",
-                        )
+                    total = int(m[3]) if m and m[3] != "*" else None
+                    if total is not None:
+                        self._learn_size(loc, total)
+                    # the server clips a range that runs past the end of the blob
+                    want = end if total is None else min(end, total - 1)
+                    if m and int(m[1]) == offset and int(m[2]) == want:
+                        return self._body(resp, url, 0, want - offset + 1)
+                    raise BlobError(
+                        f"asked for bytes {offset}-{end}, got Content-Range "
+                        f"{resp.headers.get('Content-Range')!r}",
+                        url=url,
+                        kind="unexpected",
+                    )
                     return self._body(resp, url, 0, length)
                 if resp.status_code == 200:  # the server ignored Range: skip to offset
+                    n = resp.headers.get("Content-Length")
+                    if n is not None and n.isdigit():
+                        self._learn_size(loc, int(n))
+                        if offset >= int(n):
+                            return bytearray()
+                        return self._body(resp, url, offset, min(length, int(n) - offset))
                     return self._body(resp, url, offset, length)
                 raise BlobError(
                     f"HTTP {resp.status_code} to a range request", url=url, kind="unexpected"
@@ -555,9 +578,14 @@ class RegistryClient:
 
         return bytes(self._attempts(attempt, loc.url))
 
+    def _learn_size(self, loc: BlobLocation, size: int) -> None:
+        with self._lock:
+            self._sizes.setdefault(loc, size)
+
     def _body(self, resp: httpx.Response, url: str, skip: int, length: int) -> bytearray:
         """``length`` bytes after ``skip`` of the body; a short body is a retried fault."""
         buf = bytearray()
+        whole = skip == 0  # a 206: read its body to the end, so the connection is kept
         try:
             for chunk in resp.iter_raw():
                 if skip:
@@ -567,7 +595,7 @@ class RegistryClient:
                     chunk = chunk[skip:]
                     skip = 0
                 buf += chunk
-                if len(buf) >= length:
+                if len(buf) >= length and not whole:
                     break
         except httpx.TransportError as e:
             self.stats.add(bytes_fetched=len(buf))
@@ -579,6 +607,8 @@ class RegistryClient:
                     f"body ended after {len(buf)} of {length} bytes", url=url, kind="unexpected"
                 )
             )
+        if whole and len(buf) > length:
+            raise BlobError(f"body has {len(buf)} bytes, not {length}", url=url, kind="unexpected")
         del buf[length:]
         return buf
 
