@@ -367,9 +367,10 @@ class ScsiDisk:
         length = blocks * BLOCK_SIZE
         if length == 0:
             return GOOD
-        if cmd.data_length < length:
+        data = cmd.data_out(length) if cmd.data_length >= length else b""
+        if len(data) != length:
             return _bad_field()  # the initiator sends less than the CDB says
-        err = self._do_write(lambda: self.device.pwrite(lba * BLOCK_SIZE, cmd.data_out(length)))
+        err = self._do_write(functools.partial(self.device.pwrite, lba * BLOCK_SIZE, data))
         if err is None and f.get("flags", 0) & _FUA and self.write_cache:
             err = self._do_write(self.device.flush)
         return err or GOOD
@@ -576,7 +577,7 @@ class ScsiDisk:
         unmap_blocks = self.max_unmap_blocks if self.can_unmap else 0
         unmap_descs = self.max_unmap_descriptors if self.can_unmap else 0
         return struct.pack(
-            ">BBHIIIIIIIQ16x",
+            ">BBHIIIIIIIQ20x",
             0x01,  # WSNZ: WRITE SAME of 0 blocks is refused
             0,  # maximum COMPARE AND WRITE length: not supported
             8,  # optimal transfer length granularity: 4 KiB
