@@ -264,6 +264,7 @@ class MemDisk:
         self._readonly = readonly
         self.flushes = 0
         self.discards: list[tuple[int, int]] = []
+        self.zeroes: list[tuple[int, int]] = []
         self.fail_reads = 0
         self.fail_writes = 0
         self.fail_flush = 0
@@ -316,6 +317,7 @@ class MemDisk:
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self._check_write()
+        self.zeroes.append((offset, length))
         self.buf[offset : offset + length] = bytes(length)
 
     def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:

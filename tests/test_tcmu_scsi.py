@@ -9,19 +9,22 @@ ASC and ASCQ of fixed-format sense data. The device is ``tests.tcmu_emu.MemDisk`
 from __future__ import annotations
 
 import errno
+import json
 import random
 import shutil
 import struct
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from obd.errors import CorruptError, ReadOnlyError, RemoteError
-from obd.serve.tcmu import scsi
+from obd.serve.tcmu import scsi, uapi
+from obd.serve.tcmu.ring import CommandRing
 from obd.serve.tcmu.scsi import OPS, ReadRetry, Response, ScsiDisk
-from tests.tcmu_emu import MemDisk
+from tests.tcmu_emu import Completion, KernelEmu, MemDisk
 
 BLOCKS = 2048  # 1 MiB disk
 BS = 512
@@ -244,7 +247,7 @@ def test_vpd_pages_parsed_back(disk: ScsiDisk) -> None:
     assert len(b1) == 64 and int.from_bytes(b1[4:6], "big") == 1  # non-rotating
     b2 = vpd(disk, 0xB2)
     assert b2[5] & 0x80 and b2[5] & 0x40 and b2[5] & 0x20  # LBPU, LBPWS, LBPWS10
-    assert b2[5] & 0x04 and b2[6] & 0x07 == 2  # LBPRZ, thin provisioned
+    assert not b2[5] & 0x04 and b2[6] & 0x07 == 2  # not LBPRZ (sparse uppers); thin
 
 
 def test_vpd_of_a_read_only_image(ro_disk: ScsiDisk) -> None:
@@ -281,7 +284,7 @@ def test_vpd_pages_decoded_by_sg3_utils(disk: ScsiDisk, tmp_path: Path) -> None:
     assert "Maximum transfer length: 128 blocks" in out
     assert "Maximum unmap LBA count: 4194304" in out
     out = decode("sg_vpd", vpd(disk, 0xB2))
-    assert "(LBPU): 1" in out and "(LBPWS): 1" in out and "(LBPRZ): 1" in out
+    assert "(LBPU): 1" in out and "(LBPWS): 1" in out and "(LBPRZ): 0" in out
     assert "Non-rotating medium" in decode("sg_vpd", vpd(disk, 0xB1))
 
 
@@ -319,8 +322,8 @@ def test_read_capacity16(disk: ScsiDisk, ro_disk: ScsiDisk) -> None:
     data = good(run(disk, sai_rc16(), 32))
     assert len(data) == 32
     last, bs, prot, exp, lbp = struct.unpack_from(">QIBBH", data)
-    assert (last, bs, prot, exp & 0x0F) == (BLOCKS - 1, 512, 0, 0)
-    assert lbp & 0x8000 and lbp & 0x4000  # LBPME, LBPRZ: UNMAP works, unmapped reads zeros
+    assert (last, bs, prot, exp & 0x0F) == (BLOCKS - 1, 512, 0, 3)  # 4 KiB physical blocks
+    assert lbp & 0x8000 and not lbp & 0x4000  # LBPME: UNMAP works; not LBPRZ
     ro = good(run(ro_disk, sai_rc16(), 32))
     assert struct.unpack_from(">H", ro, 14)[0] & 0xC000 == 0
     assert good(run(disk, sai_rc16(alloc=12), 12)) == data[:12]
@@ -558,16 +561,18 @@ def test_write_same(dev: MemDisk, disk: ScsiDisk, op: int) -> None:
         if op == 0x41
         else (lambda lba, n, f=0: rw16(op, lba, n, f))
     )
-    # UNMAP bit with a zero block: a discard
+    # UNMAP bit with a zero block: write_zeroes (a zeroed segment on an LSMT upper), never
+    # a discard, which may let lower layers show through
     assert good(run(disk, cdb(8, 16, 0x08), out=bytes(BS))) == b""
-    assert dev.discards == [(8 * BS, 16 * BS)] and dev.buf[8 * BS : 24 * BS] == bytes(16 * BS)
+    assert dev.zeroes == [(8 * BS, 16 * BS)] and dev.buf[8 * BS : 24 * BS] == bytes(16 * BS)
     # a pattern is written to every block, even with the UNMAP bit
     pattern = bytes(range(256)) * 2
     assert good(run(disk, cdb(30, 5, 0x08), out=pattern)) == b""
-    assert dev.buf[30 * BS : 35 * BS] == pattern * 5 and len(dev.discards) == 1
-    # zeros without the UNMAP bit: written as zeros (write_zeroes), not discarded
+    assert dev.buf[30 * BS : 35 * BS] == pattern * 5 and len(dev.zeroes) == 1
+    # zeros without the UNMAP bit: the same
     assert good(run(disk, cdb(40, 3), out=bytes(BS))) == b""
-    assert dev.buf[40 * BS : 43 * BS] == bytes(3 * BS) and len(dev.discards) == 1
+    assert dev.buf[40 * BS : 43 * BS] == bytes(3 * BS) and len(dev.zeroes) == 2
+    assert dev.discards == []
     assert sense_of(run(disk, cdb(0, 0), out=bytes(BS))) == INVALID_FIELD_CDB  # WSNZ
     assert sense_of(run(disk, cdb(0, 1, 0x10), out=bytes(BS))) == INVALID_FIELD_CDB  # ANCHOR
     r = run(disk, cdb(BLOCKS - 1, 2), out=bytes(BS))
@@ -577,8 +582,9 @@ def test_write_same(dev: MemDisk, disk: ScsiDisk, op: int) -> None:
 
 def test_write_same16_ndob_and_limits(dev: MemDisk) -> None:
     disk = ScsiDisk(dev, serial="w", max_write_same_blocks=8)
+    dev.buf[: 4 * BS] = b"\xff" * (4 * BS)
     assert good(run(disk, rw16(0x93, 0, 4, 0x01 | 0x08))) == b""  # NDOB + UNMAP
-    assert dev.discards == [(0, 4 * BS)]
+    assert dev.zeroes == [(0, 4 * BS)] and dev.buf[: 4 * BS] == bytes(4 * BS)
     assert sense_of(run(disk, rw16(0x93, 0, 9), out=bytes(BS))) == INVALID_FIELD_CDB
 
 
@@ -672,3 +678,109 @@ def test_report_luns(disk: ScsiDisk) -> None:
     assert struct.unpack(">I4xQ", data) == (8, 0)  # one LUN: 0
     assert sense_of(run(disk, cdb(8))) == INVALID_FIELD_CDB
     assert sense_of(run(disk, cdb(64, 3))) == INVALID_FIELD_CDB
+
+
+def test_write_same_of_zeros_without_write_zeroes(dev: MemDisk) -> None:
+    dev.write_zeroes = None  # type: ignore[assignment,method-assign]
+    disk = ScsiDisk(dev, serial="w")
+    assert good(run(disk, rw16(0x93, 0, BLOCKS, 0x08), out=bytes(BS))) == b""
+    assert dev.buf == bytes(BLOCKS * BS) and dev.discards == []
+
+
+# --- real obd images, through the ring emulator -------------------------------------------
+class RingServer:
+    """A ring on the kernel emulator answering each command with a ScsiDisk."""
+
+    def __init__(self) -> None:
+        self.emu = KernelEmu(cmdr_size=8192, data_blocks=256, flags=uapi.TCMU_MAILBOX_FLAG_CAP_OOOC)
+        self.ring = CommandRing(self.emu.mapping)
+
+    def __call__(self, disk: ScsiDisk, cdb: bytes, out: bytes = b"", length: int = 0) -> Completion:
+        self.emu.queue(cdb, out, length or len(out))
+        assert self.ring.process(disk)
+        (c,) = self.emu.reap()
+        return c
+
+
+@pytest.fixture
+def serve() -> Iterator[RingServer]:
+    server = RingServer()
+    yield server
+    server.ring.close()
+
+
+def _image(tmp_path: Path, writable: bool, sparse_upper: bool = False) -> tuple[Path, bytes]:
+    from obd.image import ops
+    from tests.nbd_helpers import image_of_raw
+
+    rng = random.Random(9)
+    raw = bytearray(rng.randbytes(4 << 20))
+    raw[1 << 20 : 2 << 20] = bytes(1 << 20)
+    (tmp_path / "disk.raw").write_bytes(raw)
+    cfg = image_of_raw(tmp_path, "img", tmp_path / "disk.raw", writable=writable)
+    if sparse_upper:
+        doc = json.loads(cfg.read_text())
+        ud, ui = str(tmp_path / "sparse-u.data"), str(tmp_path / "sparse-u.index")
+        ops.create(ud, ui, len(raw), sparse=True)
+        doc["upper"] = {"data": ud, "index": ui}
+        cfg.write_text(json.dumps(doc))
+    return cfg, bytes(raw)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["log-structured", "sparse"])
+def test_a_writable_obd_image_through_the_ring(
+    tmp_path: Path, serve: RingServer, sparse: bool
+) -> None:
+    from obd.image import open_image
+
+    cfg, raw = _image(tmp_path, writable=True, sparse_upper=sparse)
+    model = bytearray(raw)
+    stack = open_image(str(cfg))
+    disk = ScsiDisk(stack, serial="img")
+    c = serve(disk, sai_rc16(), length=32)
+    assert struct.unpack_from(">QI", c.data_in) == (len(raw) // BS - 1, BS)
+    assert c.data_in[14] & 0x80  # LBPME: UNMAP works on an image with an upper
+    c = serve(disk, rw16(0x88, 2040, 16), length=16 * BS)
+    assert c.status == 0 and c.data_in == raw[2040 * BS : 2056 * BS]
+    # 4 KiB-aligned, as the physical block size says: a sparse upper rebuilds its index
+    # from the data file's extents, at the file system's block granularity
+    data = random.Random(10).randbytes(64 * BS)
+    assert serve(disk, rw10(0x2A, 96, 64), data).status == 0
+    model[96 * BS : 160 * BS] = data
+    # zeros over data of the lower layer, with the UNMAP bit: they must read as zeros,
+    # now and after a reopen (a sparse upper's discard would show the lower layer)
+    assert serve(disk, rw16(0x93, 4000, 64, 0x08), bytes(BS)).status == 0
+    model[4000 * BS : 4064 * BS] = bytes(64 * BS)
+    param = unmap_param((200, 8))
+    assert serve(disk, unmap_cdb(len(param)), param).status == 0
+    assert serve(disk, rw10(0x35, 0, 0)).status == 0  # SYNCHRONIZE CACHE -> flush
+    c = serve(disk, rw16(0x88, 3990, 80), length=80 * BS)
+    assert c.data_in == model[3990 * BS : 4070 * BS]
+    stack.close()
+    again = open_image(str(cfg))
+    try:
+        got = again.pread(0, len(raw))
+        unmapped = slice(200 * BS, 208 * BS)  # UNMAP'd: undefined content (LBPRZ clear)
+        assert got[: unmapped.start] == model[: unmapped.start]
+        assert got[unmapped.stop :] == model[unmapped.stop :]
+    finally:
+        again.close()
+
+
+def test_a_read_only_obd_image_through_the_ring(tmp_path: Path, serve: RingServer) -> None:
+    from obd.image import open_image
+
+    cfg, raw = _image(tmp_path, writable=False)
+    stack = open_image(str(cfg))
+    try:
+        disk = ScsiDisk(stack, serial="ro")
+        c = serve(disk, mode_sense6(0x3F), length=255)
+        assert c.status == 0 and c.data_in[2] & 0x80  # WP
+        c = serve(disk, rw10(0x2A, 0, 1), bytes(BS))
+        assert (c.status, c.sense[2], c.sense[12], c.sense[13]) == (2, 0x7, 0x27, 0x00)
+        c = serve(disk, rw10(0x28, 0, 128), length=128 * BS)
+        assert c.data_in == raw[: 128 * BS]
+        c = serve(disk, sai_rc16(), length=32)
+        assert not c.data_in[14] & 0x80
+    finally:
+        stack.close()

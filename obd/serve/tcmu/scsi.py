@@ -127,7 +127,6 @@ LIO_OUI = 0x001405  # the IEEE company id LIO puts in its NAA designators
 # CDB control and flag bits
 _RWPROTECT = 0xE0  # RDPROTECT / WRPROTECT: protection information, not supported
 _FUA = 0x08
-_WS_UNMAP = 0x08
 _WS_ANCHOR = 0x10
 _WS_NDOB = 0x01
 _DP_WP = 0x80  # mode parameter header: write protected
@@ -410,12 +409,12 @@ class ScsiDisk:
                 return _bad_field()
             block = cmd.data_out(BLOCK_SIZE)
         offset, length = lba * BLOCK_SIZE, blocks * BLOCK_SIZE
-        zero = block.count(0) == BLOCK_SIZE
         dev = self.device
-        if zero and flags & _WS_UNMAP and self.can_unmap:
-            # unmapped blocks read as zeros (LBPRZ), so unmapping writes the same bytes
-            return self._do_write(functools.partial(dev.discard, offset, length)) or GOOD
-        if zero and callable(getattr(dev, "write_zeroes", None)):
+        # Zeros go to write_zeroes with or without the UNMAP bit (a hint, SBC-3 5.42): on a
+        # log-structured upper that is a zeroed segment, unmapped and storing nothing;
+        # a discard would not do, since on a sparse upper it lets the layers below show
+        # through where the initiator asked for zeros.
+        if block.count(0) == BLOCK_SIZE and callable(getattr(dev, "write_zeroes", None)):
             return self._do_write(functools.partial(dev.write_zeroes, offset, length)) or GOOD
         pattern = block * (_WS_CHUNK // BLOCK_SIZE)
 
@@ -501,8 +500,10 @@ class ScsiDisk:
     def service_action_in(self, cmd: ScsiCommand, f: dict[str, int]) -> Response:
         if f["sa"] != _SAI_READ_CAPACITY_16:
             return _bad_field()
-        lbp = (0x8000 | 0x4000) if self.can_unmap else 0  # LBPME, LBPRZ
-        data = struct.pack(">QIBBH16x", max(self.num_lbas - 1, 0), BLOCK_SIZE, 0, 0, lbp)
+        lbp = 0x8000 if self.can_unmap else 0  # LBPME (LBPRZ clear: see _vpd_provisioning)
+        data = struct.pack(
+            ">QIBBH16x", max(self.num_lbas - 1, 0), BLOCK_SIZE, 0, _PHYSICAL_EXPONENT, lbp
+        )
         return _alloc(data, f["alloc"])
 
     def report_luns(self, cmd: ScsiCommand, f: dict[str, int]) -> Response:
@@ -595,10 +596,11 @@ class ScsiDisk:
         return struct.pack(">HBB56x", 1, 0, 0)  # non-rotating medium
 
     def _vpd_provisioning(self) -> bytes:
+        """LBPU, LBPWS, LBPWS10 and thin provisioning when UNMAP works. LBPRZ stays clear:
+        after a discard a sparse upper shows the layers below, not zeros."""
         if not self.can_unmap:
             return bytes(4)
-        # LBPU | LBPWS | LBPWS10 | LBPRZ; provisioning type 2: thin
-        return struct.pack(">BBBB", 0, 0x80 | 0x40 | 0x20 | 0x04, 0x02, 0)
+        return struct.pack(">BBBB", 0, 0x80 | 0x40 | 0x20, 0x02, 0)
 
     # --- MODE SENSE / MODE SELECT -------------------------------------------------------
     def mode_pages(self, pc: int) -> dict[int, bytes]:
@@ -690,6 +692,10 @@ class ScsiDisk:
 
 
 _SAI_READ_CAPACITY_16 = 0x10
+# 2**3 logical blocks per physical block: initiators align to 4 KiB, which a sparse upper
+# needs (it rebuilds its index from the data file's extents, file system blocks) and
+# every upper prefers (fewer, larger index entries)
+_PHYSICAL_EXPONENT = 3
 ASC_CAPACITY_DATA_HAS_CHANGED = (0x2A, 0x09)
 _NO_UNIT_ATTENTION = frozenset({0x12, 0xA0, 0x03})  # INQUIRY, REPORT LUNS, REQUEST SENSE
 
