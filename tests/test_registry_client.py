@@ -435,15 +435,15 @@ def test_fault_is_retried_to_the_right_bytes(
     with fault_proxy(reg) as proxy, client(timeout=0.5) as c:
         loc = loc_of(reg, digest)
         assert c.blob_size(loc) == len(BLOB)
-        proxy.add("GET /v2/.*/blobs/", action, times=2 if action != "strip_range" else 1, **params)
+        times = 1 if action in ("strip_range", "stall") or params.get("code") == 429 else 2
+        proxy.add("GET /v2/.*/blobs/", action, times=times, **params)
         t = time.monotonic()
         assert c.read_range(loc, 300_000, 70_000) == BLOB[300_000:370_000]
         took = time.monotonic() - t
         if action == "status" and params["code"] == 429:
-            assert took >= 2.0  # Retry-After: 1, twice
+            assert took >= 1.0  # Retry-After: 1
         assert proxy.rules[0].hits == proxy.rules[0].times
-        if action != "strip_range":
-            assert c.stats.retries == 2
+        assert c.stats.retries == (0 if action == "strip_range" else times)
         proxy.add("GET /v2/.*/blobs/", action, times=1, **params)
         assert b"".join(c.stream(loc, 1000)) == BLOB[1000:]
 
@@ -492,9 +492,9 @@ def test_eight_threads_share_one_client(shared_registry: tuple[Registry, str]) -
         def worker(seed: int) -> None:
             rnd = random.Random(seed)
             try:
-                for _ in range(40):
+                for _ in range(25):
                     off = rnd.randrange(len(BLOB))
-                    n = rnd.randrange(1, 200_000)
+                    n = rnd.randrange(1, 100_000)
                     assert c.read_range(loc, off, n) == BLOB[off : off + n]
             except BaseException as e:
                 errors.append(e)
@@ -505,18 +505,24 @@ def test_eight_threads_share_one_client(shared_registry: tuple[Registry, str]) -
         for t in threads:
             t.join(30)
         assert not errors, errors[0]
-        assert proxy.count("GET") >= 320
+        assert proxy.count("GET") >= 200
         assert proxy.connections <= 16  # keep-alive: connections are reused
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
-@given(st.lists(st.tuples(st.integers(0, len(BLOB) + 10), st.integers(0, 300_000)), min_size=1, max_size=8))  # fmt: skip
-def test_read_range_model(shared_registry: tuple[Registry, str], reads: list[tuple[int, int]]) -> None:  # fmt: skip
-    reg, digest = shared_registry
+@pytest.fixture(scope="module")
+def shared_client() -> Iterator[RegistryClient]:
     with client() as c:
-        loc = loc_of(reg, digest)
-        for off, n in reads:
-            assert c.read_range(loc, off, n) == BLOB[off : off + n]
+        yield c
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(st.lists(st.tuples(st.integers(0, len(BLOB) + 10), st.integers(0, 100_000)), min_size=1, max_size=8))  # fmt: skip
+def test_read_range_model(shared_registry: tuple[Registry, str], shared_client: RegistryClient, reads: list[tuple[int, int]]) -> None:  # fmt: skip
+    """read_range against the bytes model, offsets and lengths anywhere (past the end too)."""
+    reg, digest = shared_registry
+    loc = loc_of(reg, digest)
+    for off, n in reads:
+        assert shared_client.read_range(loc, off, n) == BLOB[off : off + n]
 
 
 # P2P
@@ -627,6 +633,13 @@ def test_push_side_against_the_registry(registry_token: Registry, tmp_path: Path
         it = sha256_digest(b"abc" * 1000)
         assert c.push_blob(host, "ns/a", lambda: iter([b"abc"] * 1000), it, 3000)
         assert c.read_range(BlobLocation.of(host, "ns/a", it), 0, 6) == b"abcabc"
+        with open(f, "rb") as fo:
+            fo.seek(100)
+            d100 = sha256_digest(BLOB[100:])
+            assert c.push_blob(host, "ns/f", fo, d100, len(BLOB) - 100) == d100
+        assert c.fetch_blob(BlobLocation.of(host, "ns/f", d100)) == BLOB[100:]
+        with pytest.raises(BlobError):
+            c.fetch_blob(BlobLocation.of(host, "ns/f", d100), max_size=10)
         assert c.mount_blob(host, "ns/b", digest, "ns/a")
         assert c.blob_exists(host, "ns/b", digest)
         assert not c.mount_blob(host, "ns/c", "sha256:" + "1" * 64, "ns/a")

@@ -37,7 +37,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -682,6 +682,21 @@ class RegistryClient:
         time.sleep(delay)
         return failures + 1
 
+    def fetch_blob(self, loc: BlobLocation, *, max_size: int = 64 << 20) -> bytes:
+        """A whole (small) blob, e.g. an image's config, checked against its sha256
+        digest; a :class:`BlobError` when larger than ``max_size`` or the digest differs."""
+        size = self.blob_size(loc)
+        if size > max_size:
+            raise BlobError(
+                f"blob of {size} bytes is larger than {max_size}", url=loc.url, kind="unexpected"
+            )
+        data = self.read_range(loc, 0, size) if size else b""
+        if loc.digest.startswith("sha256:"):
+            got = "sha256:" + hashlib.sha256(data).hexdigest()
+            if got != loc.digest:
+                raise BlobError(f"blob content hashes to {got}", url=loc.url, kind="unexpected")
+        return data
+
     # -- manifests ----------------------------------------------------------------------
     def get_manifest(
         self,
@@ -764,7 +779,7 @@ class RegistryClient:
         self,
         host: str,
         repo: str,
-        data: bytes | str | os.PathLike[str] | Callable[[], Iterable[bytes]],
+        data: bytes | str | os.PathLike[str] | BinaryIO | Callable[[], Iterable[bytes]],
         digest: str,
         size: int,
         *,
@@ -772,21 +787,28 @@ class RegistryClient:
     ) -> str:
         """Upload a blob (skipped when the registry has it): POST, then one PUT with the
         whole body, or PATCHes of ``chunk_size`` bytes and a closing PUT. ``data``: bytes,
-        a file path, or a callable returning a fresh iterable of bytes (called again for a
-        retry). Returns the digest; the registry must confirm it."""
+        a file path, a seekable binary file (read from its current position; rewound there
+        for a retry), or a callable returning a fresh iterable of bytes (called again for
+        a retry). Returns the digest; the registry must confirm it."""
         if self.blob_exists(host, repo, digest):
             return digest
         start_url = f"{self.scheme(host)}://{host}/v2/{repo}/blobs/uploads/"
 
+        start = 0 if isinstance(data, bytes | str | os.PathLike) or callable(data) else data.tell()
+
         def pieces() -> Iterator[bytes]:
             if isinstance(data, bytes):
                 yield data
-            elif callable(data):
-                yield from data()
-            else:
+            elif isinstance(data, str | os.PathLike):
                 with open(data, "rb") as f:
                     while piece := f.read(1 << 20):
                         yield piece
+            elif callable(data):
+                yield from data()
+            else:
+                data.seek(start)
+                while piece := data.read(1 << 20):
+                    yield piece
 
         def attempt() -> str:
             resp = self._send("POST", start_url, host=host, repo=repo, push=True)
