@@ -183,3 +183,48 @@ def test_named_fields_round_trip() -> None:
     assert uapi.Mailbox.unpack(buf) == mb
     assert uapi.TCMU_CMD_NAMES[uapi.TCMU_CMD_SET_FEATURES] == "SET_FEATURES"
     assert uapi.TCMU_ATTR_NAMES[uapi.TCMU_ATTR_DEV_SIZE] == "DEV_SIZE"
+
+
+# --- docs/tcmu.md against the code ---------------------------------------------------
+DOC = Path(__file__).resolve().parent.parent / "docs" / "tcmu.md"
+
+
+def _doc_tables(marker: str) -> dict[str, list[list[str]]]:
+    out: dict[str, list[list[str]]] = {}
+    lines = DOC.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.startswith(f"<!-- {marker}"):
+            continue
+        key = line.removeprefix(f"<!-- {marker}").removesuffix("-->").strip(": ")
+        rows = []
+        for row in lines[i + 3 :]:
+            if not row.startswith("|"):
+                break
+            rows.append([c.strip() for c in row.strip().strip("|").split("|")])
+        out[key] = rows
+    return out
+
+
+def test_doc_layout_tables_match_the_code() -> None:
+    tables = _doc_tables("tcmu-layout")
+    assert set(tables) == {"Mailbox", "CmdEntryHdr", "CmdEntryReq", "CmdEntryRsp", "TmrEntry"}
+    for key, rows in tables.items():
+        layout = getattr(uapi, key).LAYOUT
+        for offset, size, name in rows:
+            if name == "(header)":
+                assert (int(offset), int(size)) == (0, uapi.CmdEntryHdr.LAYOUT.size), key
+                continue
+            field = name.split()[0]
+            if field == "iov[]":
+                assert int(offset) == uapi.IOV_OFF and size == f"{uapi.IOVEC.size} each"
+                continue
+            assert layout.offset(field) == int(offset), (key, field)
+            code = dict(layout.fields)[field]
+            assert uapi.struct.calcsize("<" + code) == int(size), (key, field)
+
+
+def test_doc_scsi_table_lists_exactly_the_cdb_table() -> None:
+    from obd.serve.tcmu.scsi import OPS
+
+    (rows,) = _doc_tables("tcmu-scsi").values()
+    assert {int(op, 16): name for op, name, _ in rows} == {k: v.name for k, v in OPS.items()}
