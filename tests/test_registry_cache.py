@@ -212,6 +212,30 @@ def test_missing_units_of_one_read_are_fetched_concurrently(tmp_path: Path) -> N
     cache.close()
 
 
+def test_sequential_misses_read_ahead_random_ones_do_not(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = blob_bytes(11, 400 * UNIT)
+    cache = FileCache(str(tmp_path), capacity=GiB, refill_size=UNIT, interval=None)
+    with ThreadPoolExecutor(4) as pool:
+        blob = cache.open(key_of(data), len(data))
+        src = Source(data)
+        for off in range(0, 200 * UNIT, UNIT):  # one unit at a time, front to back
+            assert blob.read(off, UNIT, src.fetch, pool) == data[off : off + UNIT]
+        assert len(src.calls) < 40, len(src.calls)  # the window grew: few, larger requests
+        assert max(n for _, n in src.calls) > 8 * UNIT
+        rnd = Source(data)
+        rng = random.Random(1)
+        for _ in range(20):
+            off = rng.randrange(200, 400) * UNIT
+            assert blob.read(off + 7, 100, rnd.fetch, pool) == data[off + 7 : off + 107]
+        pool.shutdown(wait=True)
+        assert rnd.fetched <= 20 * 2 * UNIT  # at most a unit ahead of a lucky neighbour
+        blob.close()
+    cache.close()
+    assert check_on_disk(tmp_path, {key_of(data): data}) > 200
+
+
 def test_fetch_error_caches_nothing_and_the_next_read_succeeds(tmp_path: Path) -> None:
     data = blob_bytes(9, 10 * UNIT)
     src = Source(data)

@@ -22,7 +22,11 @@ readable in this process as soon as its bytes are written (the page cache holds 
 it becomes durable, and visible to a later run, when the committer thread has fsynced
 the data file and appended its record (group commit: one data fsync and one journal
 fsync cover every fill since the previous round). Concurrent readers of one missing unit
-fetch it once. A write that fails (ENOSPC...) still returns the data, uncached.
+fetch it once. A write that fails (ENOSPC...) still returns the data, uncached. A miss
+that continues the units just before it (cached or being fetched) is sequential: it also
+starts fetching the next units in the background, a window that doubles with each
+sequential miss up to 32 units and drops to none on a miss elsewhere (registries answer
+a range in milliseconds whatever its size: one large request beats many small ones).
 
 Capacity (bytes; ``cacheSizeGB`` GiB from the config): watermark = max(0.9 C, C - 50 GiB),
 risk mark = max(C - 5 GiB, (watermark + C) / 2). A timer pass every 10 s evicts
@@ -64,6 +68,7 @@ DROP = 1 << 31
 JOURNAL_SUFFIX = ".units"
 PAGE = 4096
 MAX_SPAN_UNITS = 16  # units per fetch request (4 MiB with the default refill size)
+READAHEAD_UNITS = 32  # the most a run of sequential misses fetches ahead (8 MiB)
 _KEY = re.compile(r"^[A-Za-z0-9_+.-]+:[A-Za-z0-9=_-]+$")
 
 Fetch = Callable[[int, int], bytes]
@@ -396,6 +401,7 @@ class CachedBlob:
         self.present = bytearray(self.nunits)
         self.pending: list[tuple[int, int]] = []  # (first unit, count) written, not journaled
         self.inflight: dict[int, _Fill] = {}
+        self.ra_window = 0  # units fetched ahead of a sequential miss
         self.gen = 0  # bumped by every drop: a read that saw another gen retries
         self.epoch = 0  # bumped by a whole reset: fills of an older epoch are not kept
         self.jlock = threading.Lock()  # journal writers (commit, drop, reset)
@@ -500,6 +506,10 @@ class CachedBlob:
                 for u in claim:
                     self.inflight[u] = _Fill()
                 waits = [self.inflight[u] for u in absent if u not in claim]
+                ahead = self._readahead(claim, u1) if claim and pool is not None else []
+            if ahead:
+                assert pool is not None
+                self._prefetch(ahead, fetch, pool)
             got: set[int] = set()
             if have:
                 got |= self._read_present(have, offset, end, out, gen)
@@ -578,6 +588,44 @@ class CachedBlob:
                 self._store(first, count, data, epoch)
         finally:
             self._release(units)
+
+    def _readahead(self, claim: list[int], end: int) -> list[int]:
+        """Under the lock: units to fetch ahead of a miss (claimed here), see the module doc."""
+        first = claim[0]
+        if first > 0 and (self.present[first - 1] or first - 1 in self.inflight):
+            self.ra_window = min(max(1, self.ra_window * 2), READAHEAD_UNITS)
+        else:
+            self.ra_window = 0
+            return []
+        ahead = []
+        for u in range(end, min(end + self.ra_window, self.nunits)):
+            if not self.present[u] and u not in self.inflight:
+                self.inflight[u] = _Fill()
+                ahead.append(u)
+        return ahead
+
+    def _prefetch(self, units: list[int], fetch: Fetch, pool: Executor) -> None:
+        """Fetch and keep ``units`` on ``pool``, nobody waiting but later readers."""
+
+        def run(first: int, count: int, epoch: int) -> None:
+            try:
+                self._store(first, count, self._fetch(fetch, first, count), epoch)
+            except Exception as exc:  # a reader that needs these units fetches them itself
+                log.debug("cache %s: readahead failed: %s", self.key, exc)
+            finally:
+                self._release(range(first, first + count))
+
+        with self.cache.lock:
+            epoch = self.epoch
+        for first, count in _runs(units):
+            while count:
+                n = min(count, MAX_SPAN_UNITS)
+                try:
+                    pool.submit(run, first, n, epoch)
+                except RuntimeError:  # the pool is shut down: the server is stopping
+                    self._release(range(first, first + n))
+                first += n
+                count -= n
 
     def _fetch(self, fetch: Fetch, first: int, count: int) -> bytes:
         lo = first * self.unit
