@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from obd.errors import CorruptError, FileAccessError, UnsupportedError, UsageError
+from obd.image.inspect import inspect_file
 from obd.oci import annotations as A
 from obd.oci.convert import chain_ids, chain_uuid, open_source
 from obd.oci.layout import (
@@ -22,8 +29,14 @@ from obd.oci.layout import (
     verified_chunks,
 )
 from obd.oci.manifest import Descriptor
+from tests.conftest import REPO, assert_one_line_error, run_obd
+from tests.nbd_helpers import ServeProcess
 from tests.oci_helpers import (
+    assert_same_tree,
     build_image,
+    ext4_tree,
+    model,
+    push_image,
     sha256,
     write_docker_archive,
     write_oci_layout,
@@ -156,7 +169,7 @@ def test_bad_sources(tmp_path: Path) -> None:
     # a missing config blob
     lay = write_oci_layout(img, tmp_path / "missing")
     _blob(lay, img.manifest["config"]["digest"]).unlink()
-    with pytest.raises(FileAccessError, match="missing"), open_source(f"oci:{lay}"):
+    with pytest.raises(FileAccessError, match="missing blob"), open_source(f"oci:{lay}"):
         pass
     # a config whose bytes do not match its digest
     lay = write_oci_layout(img, tmp_path / "wrong")
@@ -199,3 +212,243 @@ def test_oci_layout_source_refuses_path_tricks(tmp_path: Path) -> None:
     lay = _layout(tmp_path)
     with OciLayoutSource(str(lay)) as src, pytest.raises(CorruptError, match="bad digest"):
         src.blob_bytes(Descriptor(A.MT_OCI_CONFIG, "sha256:../../etc/passwd", 1))
+
+
+# --- end to end: convert, read back through the core readers, compare with the model ------
+
+needs_debugfs = pytest.mark.skipif(shutil.which("debugfs") is None, reason="debugfs not installed")
+VSIZE = "256M"
+
+
+def convert_cli(tmp_path: Path, src: str, dst: str, *extra: str, store: str = "store") -> dict[str, Any]:  # fmt: skip
+    r = run_obd("convert", "--json", "--vsize", VSIZE, "--store", tmp_path / store, *extra, src, dst, timeout=120)  # fmt: skip
+    assert r.code == 0, r.err
+    return dict(json.loads(r.out))
+
+
+def layer_files(result: dict[str, Any]) -> list[str]:
+    return [la["file"] for la in result["layers"]]
+
+
+def tree_of(tmp_path: Path, files: list[str], name: str) -> dict[str, Any]:
+    """The ext4 tree of the image stacked from ``files`` (the core readers make the disk,
+    debugfs reads its filesystem)."""
+    from obd.image import open_layers
+    from obd.image.ops import flatten_raw
+
+    raw = tmp_path / f"{name}.raw"
+    with open_layers(files) as stack:
+        flatten_raw(stack, str(raw))
+    fsck = subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True, text=True, timeout=60)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    return ext4_tree(raw, tmp_path / f"{name}.tree")
+
+
+def debugfs(raw: Path, cmd: str) -> str:
+    return subprocess.run(["debugfs", "-R", cmd, str(raw)], capture_output=True, text=True, timeout=30).stdout  # fmt: skip
+
+
+def check_aci_shape(manifest: dict[str, Any], config: dict[str, Any], blobs: dict[str, bytes], src_config: dict[str, Any], *, oci: bool) -> None:  # fmt: skip
+    """The manifest and config are what ACI's converter writes (field by field)."""
+    assert manifest["schemaVersion"] == 2
+    assert manifest["mediaType"] == (A.MT_OCI_MANIFEST if oci else A.MT_DOCKER_MANIFEST)
+    assert manifest["config"]["mediaType"] == (A.MT_OCI_CONFIG if oci else A.MT_DOCKER_CONFIG)
+    assert set(manifest) <= {"schemaVersion", "mediaType", "config", "layers", "annotations"}
+    for desc in manifest["layers"]:
+        assert set(desc) == {"mediaType", "digest", "size", "annotations"}
+        assert desc["mediaType"] == (A.MT_OCI_LAYER if oci else A.MT_DOCKER_LAYER)
+        assert desc["annotations"] == {
+            A.VERSION: A.OVERLAYBD_VERSION,
+            A.BLOB_DIGEST: desc["digest"],
+            A.BLOB_SIZE: str(desc["size"]),
+        }
+        blob = blobs[desc["digest"]]
+        assert len(blob) == desc["size"] and sha256(blob) == desc["digest"]
+    assert config["rootfs"] == {"type": "layers", "diff_ids": [d["digest"] for d in manifest["layers"]]}  # fmt: skip
+    for key in ("architecture", "os", "config", "created"):
+        assert config[key] == src_config[key]
+
+
+def read_layout(lay: Path, tag: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, bytes]]:
+    index = json.loads((lay / "index.json").read_text())
+    [entry] = [e for e in index["manifests"] if e["annotations"][A.REF_NAME] == tag]
+    blobs = {f"sha256:{p.name}": p.read_bytes() for p in (lay / "blobs" / "sha256").iterdir()}
+    manifest = json.loads(blobs[entry["digest"]])
+    assert sha256(blobs[entry["digest"]]) == entry["digest"] and entry["size"] == len(blobs[entry["digest"]])  # fmt: skip
+    return manifest, json.loads(blobs[manifest["config"]["digest"]]), blobs
+
+
+@needs_debugfs
+def test_convert_layout_to_layout(tmp_path: Path) -> None:
+    img = build_image(LAYERS, gzip_layers=[True, False, True])
+    src = write_oci_layout(img, tmp_path / "src", tag="v1")
+    res = convert_cli(tmp_path, f"oci:{src}:v1", f"oci:{tmp_path / 'dst'}:obd", "--config-out", tmp_path / "cfg.json")  # fmt: skip
+    assert [la["reused"] for la in res["layers"]] == [False] * 3
+    manifest, config, blobs = read_layout(tmp_path / "dst", "obd")
+    check_aci_shape(manifest, config, blobs, img.config, oci=True)
+    assert config["history"] == img.config["history"]
+    assert sha256(blobs[res["digest"]]) == res["digest"]
+    files = [str(tmp_path / "dst" / "blobs" / "sha256" / d["digest"].split(":")[1]) for d in manifest["layers"]]  # fmt: skip
+    # each layer: a tar-wrapped lz4 ZFile of an LSMT layer (commit -z -t) with ACI's
+    # uuids (the chain ID's first 128 bits; the parent's, the layer below's)
+    chains = chain_ids(img.config["rootfs"]["diff_ids"])
+    for i, f in enumerate(files):
+        info = inspect_file(f)
+        assert info.wrappers == ["tar", "zfile"], info.wrappers
+        assert info.zfile is not None and info.zfile.algorithm == "lz4"
+        assert info.lsmt is not None and info.lsmt.virtual_size == 256 << 20
+        assert (info.lsmt.uuid or "").lower() == chain_uuid(chains[i])
+        assert (info.lsmt.parent_uuid or "").lower() == (chain_uuid(chains[i - 1]) if i else "")
+        assert res["layers"][i]["chainID"] == chains[i]
+    # the converted layers, read through the core readers, hold the model's tree
+    got = tree_of(tmp_path, files, "img")
+    assert_same_tree(got, model(LAYERS))
+    # --config-out names the same files
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert [lo["file"] for lo in cfg["lowers"]] == files
+
+
+@needs_debugfs
+def test_store_reuse_flatten_and_docker_archive(tmp_path: Path) -> None:
+    """A second convert converts nothing (every layer from the store, same blobs); other
+    options convert again; --flatten makes one layer of the same tree; a docker archive
+    gives the same layers as the OCI layout of the same image."""
+    img = build_image(LAYERS)
+    src = write_oci_layout(img, tmp_path / "src")
+    first = convert_cli(tmp_path, f"oci:{src}", f"oci:{tmp_path / 'a'}")
+    again = convert_cli(tmp_path, f"oci:{src}", f"oci:{tmp_path / 'b'}")
+    assert [la["reused"] for la in again["layers"]] == [True, True, True]
+    assert [la["digest"] for la in again["layers"]] == [la["digest"] for la in first["layers"]]
+    assert again["digest"] == first["digest"]
+    # a legacy docker save archive of the same image: the same chain, so the same layers,
+    # Docker media types around them
+    archive = write_docker_archive(img, tmp_path / "img.tar")
+    dock = convert_cli(tmp_path, f"docker-archive:{archive}", f"oci:{tmp_path / 'c'}:d")
+    assert [la["reused"] for la in dock["layers"]] == [True, True, True]
+    manifest, config, blobs = read_layout(tmp_path / "c", "d")
+    check_aci_shape(manifest, config, blobs, img.config, oci=False)
+    # another algorithm is another conversion
+    zstd = convert_cli(tmp_path, f"oci:{src}", f"oci:{tmp_path / 'z'}", "--algorithm", "zstd", "--bs", "16")  # fmt: skip
+    assert [la["reused"] for la in zstd["layers"]] == [False, False, False]
+    info = inspect_file(zstd["layers"][0]["file"])
+    assert info.zfile is not None and info.zfile.algorithm == "zstd" and info.zfile.block_size == 16384  # fmt: skip
+    # --flatten: one layer, the same tree; history says so
+    flat = convert_cli(tmp_path, f"oci:{src}", f"oci:{tmp_path / 'f'}:flat", "--flatten")
+    assert len(flat["layers"]) == 1 and flat["layers"][0]["sources"] == [0, 1, 2]
+    manifest, config, blobs = read_layout(tmp_path / "f", "flat")
+    check_aci_shape(manifest, config, blobs, img.config, oci=True)
+    assert [h.get("empty_layer", False) for h in config["history"]] == [True, True, True, False]
+    assert_same_tree(tree_of(tmp_path, layer_files(flat), "flat"), model(LAYERS))
+
+
+def test_bad_input_cli(tmp_path: Path) -> None:
+    img = build_image(LAYERS[:2], gzip_layers=True)
+    dst = f"oci:{tmp_path / 'dst'}"
+    # a layer blob that is missing
+    lay = write_oci_layout(img, tmp_path / "missing")
+    _blob(lay, img.manifest["layers"][1]["digest"]).unlink()
+    r = run_obd("convert", "--vsize", VSIZE, "--store", tmp_path / "s", f"oci:{lay}", dst)
+    assert_one_line_error(r, 3, "missing blob", img.manifest["layers"][1]["digest"].split(":")[1])
+    # a layer blob whose bytes are not its digest's (a gzip of other content)
+    lay = write_oci_layout(img, tmp_path / "wrong")
+    other = __import__("gzip").compress(img.layer_tars[0], mtime=1)
+    _blob(lay, img.manifest["layers"][1]["digest"]).write_bytes(other)
+    r = run_obd("convert", "--vsize", VSIZE, "--store", tmp_path / "s", f"oci:{lay}", dst)
+    assert r.code == 4, r.err
+    assert_one_line_error(r, 4)
+    assert not (tmp_path / "dst" / "index.json").exists()  # no manifest for a failed convert
+    # not an image
+    (tmp_path / "plain").mkdir()
+    r = run_obd("convert", "--store", tmp_path / "s", f"oci:{tmp_path / 'plain'}", dst)
+    assert_one_line_error(r, 4, "no index.json")
+    r = run_obd("convert", "--store", tmp_path / "s", f"oci:{tmp_path / 'nowhere'}", dst)
+    assert_one_line_error(r, 3, "nowhere")
+    r = run_obd("convert", "--store", tmp_path / "s", "not a reference", dst)
+    assert_one_line_error(r, 2)
+
+
+# --- registries ----------------------------------------------------------------------------
+
+
+def _manifest_status(reg: Any, repo: str, tag: str) -> int:
+    accept = ", ".join([A.MT_OCI_MANIFEST, A.MT_DOCKER_MANIFEST])
+    return int(reg.get(f"/v2/{repo}/manifests/{tag}", headers={"Accept": accept}).status_code)
+
+
+@needs_debugfs
+def test_registry_to_registry(tmp_path: Path) -> None:
+    """A plain OCI image pushed to a real registry is converted into another repository;
+    the pushed image is ACI's shape and its layers, fetched back, hold the model's tree;
+    a convert into a third repository mounts the blobs instead of uploading them."""
+    from tests.registry_helpers import start_registry
+
+    if shutil.which("nbdcopy") is None:
+        pytest.skip("nbdcopy not installed (libnbd-bin)")
+    img = build_image(LAYERS, gzip_layers=True)
+    with start_registry(tmp_path / "reg") as reg:
+        push_image(reg, "library/app", "v1", img)
+        src = f"{reg.host}/library/app:v1"
+        res = convert_cli(tmp_path, src, f"{reg.host}/obd/app:v1-obd")
+        r = reg.get("/v2/obd/app/manifests/v1-obd", headers={"Accept": A.MT_OCI_MANIFEST})
+        assert r.status_code == 200 and sha256(r.content) == res["digest"]
+        manifest = json.loads(r.content)
+        blobs = {
+            d["digest"]: reg.get(f"/v2/obd/app/blobs/{d['digest']}").content
+            for d in [manifest["config"], *manifest["layers"]]
+        }
+        config = json.loads(blobs[manifest["config"]["digest"]])
+        check_aci_shape(manifest, config, blobs, img.config, oci=True)
+        # obd serve REF: the converted image served over NBD from the registry, read
+        # whole with nbdcopy, holds the model's tree
+        gcfg = tmp_path / "overlaybd.json"
+        gcfg.write_text(json.dumps({
+            "logConfig": {"logPath": str(tmp_path / "obd.log"), "logLevel": 1},
+            "cacheConfig": {"cacheType": "file", "cacheDir": str(tmp_path / "cache"), "cacheSizeGB": 1},
+            "credentialConfig": {"mode": "file", "path": str(tmp_path / "no-creds.json")},
+        }))  # fmt: skip
+        ref = f"{reg.host}/obd/app:v1-obd"
+        with ServeProcess(["--listen", "127.0.0.1:0", "--config", str(gcfg), f"{ref}=conv"]) as sp:
+            raw = tmp_path / "served.raw"
+            subprocess.run(["nbdcopy", sp.uri("conv"), str(raw)], check=True, timeout=60)
+        fsck = subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert fsck.returncode == 0, fsck.stdout
+        assert_same_tree(ext4_tree(raw, tmp_path / "served"), model(LAYERS))
+        # another repository: nothing converted, nothing uploaded (mounted from obd/app)
+        again = convert_cli(tmp_path, src, f"{reg.host}/other/app:x")
+        assert all(la["reused"] for la in again["layers"])
+        assert _manifest_status(reg, "other/app", "x") == 200
+
+
+def test_interrupted_convert_pushes_no_manifest_and_resumes(tmp_path: Path) -> None:
+    """kill -9 in the middle of a convert to a registry: no manifest is there; the next
+    convert takes the finished layers from the store and completes the image."""
+    from tests.registry_helpers import start_registry
+
+    layers = [[("file", f"f{i}/{k}", os.urandom(64 << 10)) for k in range(24)] for i in range(4)]
+    img = build_image(layers)
+    store = tmp_path / "store"
+    with start_registry(tmp_path / "reg") as reg:
+        push_image(reg, "src/app", "v1", img)
+        args = ["convert", "--json", "--vsize", VSIZE, "--store", str(store),
+                f"{reg.host}/src/app:v1", f"{reg.host}/dst/app:v1"]  # fmt: skip
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        p = subprocess.Popen([sys.executable, "-m", "commands.main", *args], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        try:
+            # wait for the first layer to be in the store, then kill the convert
+            deadline = time.monotonic() + 60
+            while not list((store / "layers").glob("*.json")) and time.monotonic() < deadline:
+                assert p.poll() is None, p.stderr.read() if p.stderr else ""
+                time.sleep(0.005)
+        finally:
+            p.send_signal(signal.SIGKILL)
+            p.wait(10)
+        done = len(list((store / "layers").glob("*.json")))
+        assert 1 <= done < 4, "the convert finished before it could be killed"
+        assert _manifest_status(reg, "dst/app", "v1") == 404
+        r = run_obd(*args, timeout=120)
+        assert r.code == 0, r.err
+        res = json.loads(r.out)
+        assert sum(la["reused"] for la in res["layers"]) == done
+        assert _manifest_status(reg, "dst/app", "v1") == 200
+        assert not list((store / "tmp").iterdir())  # the killed run's scratch is gone

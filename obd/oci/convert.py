@@ -32,7 +32,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol, cast
 
 from obd.errors import CorruptError, UnsupportedError
 from obd.io.file import AtomicOutput
@@ -246,8 +246,8 @@ def _apply(
 
     desc = img.layers[i]
     chunks = verified_chunks(img.source.blob_chunks(desc), desc.digest, desc.size, img.source.where)
-    with io.BufferedReader(ChunkReader(chunks, bar), 1 << 20) as stream:
-        apply_layer(stream, config_path, mkfs=mkfs, checksum=img.diff_ids[i])
+    stream = cast(BinaryIO, ChunkReader(chunks, bar))
+    apply_layer(stream, config_path, mkfs=mkfs, checksum=img.diff_ids[i])
 
 
 def convert_layer(

@@ -203,9 +203,7 @@ class OciLayoutSource(_RangeSource):
             try:
                 f = open_file(p)
             except FileAccessError as e:
-                raise FileAccessError(
-                    f"blob {desc.digest} is missing ({e.message})", path=p
-                ) from None
+                raise FileAccessError(f"missing blob of the layout ({e.message})", path=p) from None
             self._open[hexd] = f
         return f, 0, f.size()
 
@@ -271,7 +269,7 @@ class DockerArchiveSource(_RangeSource):
             hexd = digest_hex(digest, self.where)
             loc = self.members.get(f"blobs/sha256/{hexd}")
         if loc is None:
-            raise FileAccessError(f"blob {digest} is missing from the archive", path=self.path)
+            raise FileAccessError(f"missing blob {digest} in the archive", path=self.path)
         return self.file, loc[0], loc[1]
 
     def close(self) -> None:

@@ -50,8 +50,7 @@ class RegistrySource:
         return BlobLocation.of(self.ref.host, self.ref.repo, desc.digest, plain_http=self.plain_http or None)  # fmt: skip
 
     def blob_bytes(self, desc: Descriptor) -> bytes:
-        data = b"".join(self.client.stream(self._loc(desc)))
-        return check_blob(data, desc, self.where)
+        return check_blob(self.client.fetch_blob(self._loc(desc)), desc, self.where)
 
     def blob_chunks(self, desc: Descriptor) -> Iterator[bytes]:
         return self.client.stream(self._loc(desc))
