@@ -280,3 +280,15 @@ def test_inspect_and_serve_reference_errors_are_one_line(tmp_path: Path) -> None
     r = obd("inspect", f"127.0.0.1:{dead}/nothing/here:v1", "--json", check=False)
     assert r.returncode == 8 and "Traceback" not in r.stderr
     assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, r.stderr
+
+
+def test_remote_layer_without_repo_blob_url_says_so(tmp_path: Path) -> None:
+    cfgp = tmp_path / "img.json"
+    cfgp.write_text(json.dumps({
+        "lowers": [{"digest": "sha256:" + "cd" * 32, "size": 10, "dir": str(tmp_path / "d")}],
+        "resultFile": str(tmp_path / "img.result"),
+    }))  # fmt: skip
+    r = obd("serve", "--listen", "127.0.0.1:0", "--config", str(global_config(tmp_path)), str(cfgp), check=False)  # fmt: skip
+    assert r.returncode == 3 and "Traceback" not in r.stderr
+    assert (tmp_path / "img.result").read_text() == "failed:empty repoBlobUrl"
+    assert not (tmp_path / "cache").exists()  # no registry side was built

@@ -111,14 +111,14 @@ def _open_remote(
     remote: RemoteContext | None,
     downloader: BackgroundDownloader | None,
 ) -> LSMTReadOnly:
+    if not repo_blob_url:
+        raise FileAccessError(
+            f"layer {index} ({layer.digest}) is remote and repoBlobUrl is empty", path=config_path
+        )
     if remote is None:
         raise UnsupportedError(
             f"layer {index} ({layer.digest}) is remote; only obd serve reads registry layers",
             path=config_path,
-        )
-    if not repo_blob_url:
-        raise FileAccessError(
-            f"layer {index} ({layer.digest}) is remote and repoBlobUrl is empty", path=config_path
         )
     blob = remote.open_blob(repo_blob_url, layer.digest, layer.size)
     lsmt = open_ro_blob(blob, blob.path)

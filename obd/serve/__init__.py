@@ -176,7 +176,9 @@ class NbdService:
         from obd.image.open import open_config
 
         remote = None
-        if any(local_layer_path(lc) is None and lc.digest for lc in cfg.stacked_lowers):
+        if cfg.repoBlobUrl and any(
+            local_layer_path(lc) is None and lc.digest for lc in cfg.stacked_lowers
+        ):
             remote = self._remote()
         return open_config(cfg, remote=remote)
 
@@ -198,7 +200,10 @@ class NbdService:
                 else:
                     cfg = load_image_config(spec.config_path)
                 st.result_file = cfg.resultFile
-                layer_files = [lc.file or lc.dir for lc in cfg.lowers]
+                from obd.image.layers import local_layer_path
+
+                # "" for a layer read from the registry (§6.5's empty repoBlobUrl case)
+                layer_files = [local_layer_path(lc) or "" for lc in cfg.lowers]
                 upper_files = [cfg.upper.data, cfg.upper.index]
                 repo = cfg.repoBlobUrl
             except ObdError as e:
