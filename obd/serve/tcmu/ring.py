@@ -259,19 +259,19 @@ class CommandRing:
             self._mv, base
         )
         problem = ""
-        iovecs: list[tuple[int, int]] = []
+        iovecs: tuple[tuple[int, int], ...] = ()
         if uapi.IOV_OFF + (iov_cnt + bidi + dif) * uapi.IOVEC.size > length:
             problem = f"{iov_cnt}+{bidi}+{dif} iovecs do not fit in its {length} bytes"
-        else:
+        elif iov_cnt:
+            # struct iovec is two u64s: read all of them at once
+            raw = struct.unpack_from(f"<{2 * iov_cnt}Q", self._mv, base + uapi.IOV_OFF)
+            iovecs = tuple(zip(raw[0::2], raw[1::2], strict=True))
             end = len(self._mv)
-            for i in range(iov_cnt):
-                iov_base, iov_len = uapi.IOVEC.unpack_from(
-                    self._mv, base + uapi.IOV_OFF + i * uapi.IOVEC.size
-                )
+            for i, (iov_base, iov_len) in enumerate(iovecs):
                 if iov_base < self.data_off or iov_base + iov_len > end:
                     problem = f"iovec {i} ({iov_base}+{iov_len}) is outside the data area"
+                    iovecs = ()
                     break
-                iovecs.append((iov_base, iov_len))
         cdb = b""
         if not problem:
             if not self.cmdr_off <= cdb_off < len(self._mv):
@@ -285,7 +285,7 @@ class CommandRing:
                     problem = f"the {n}-byte CDB at {cdb_off} runs past the mapping"
         if problem:
             log.error("%s: command %d at ring offset %d: %s", self.name, cmd_id, off, problem)
-        return Command(self, off, cmd_id, cdb, tuple(iovecs), problem)
+        return Command(self, off, cmd_id, cdb, iovecs, problem)
 
     def _parse_tmr(self, off: int, base: int, length: int) -> Tmr:
         entry = uapi.TmrEntry.unpack(self._mv, base)
