@@ -235,6 +235,7 @@ def test_basic_auth(registry_basic: Registry) -> None:
     with client(credentials=bad) as c, pytest.raises(BlobError) as e:
         c.read_range(loc, 0, 10)
     assert e.value.kind == "auth" and e.value.status == 401
+    assert "the registry refused the credentials" in str(e.value)
 
 
 # Bearer
@@ -698,4 +699,84 @@ def test_credentials_never_leak(registry_token: Registry, registry_basic: Regist
     blob = "\n".join(texts)
     assert "127.0.0.1" in blob  # the texts are real
     for secret in (PASSWORD, b64):
+        assert secret not in blob
+
+
+def _serve_debug(cfg: Path, ref: str, timeout: float = 20) -> tuple[int, str, str]:
+    """``obd --debug serve`` of ``ref`` until it listens (or exits), then SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    args = ["--debug", "serve", "--nbd", "--listen", "127.0.0.1:0", "--config", str(cfg), ref]
+    proc = subprocess.Popen([sys.executable, "-m", "commands.main", *args], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    err: list[str] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        err.extend(proc.stderr)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(ln.startswith("listening on ") for ln in err):
+            time.sleep(0.3)
+            break
+        time.sleep(0.05)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    out = proc.stdout.read() if proc.stdout else ""
+    reader.join(5)
+    return proc.returncode, out, "".join(err)
+
+
+def test_credentials_never_leak_from_obd_serve(registry_basic: Registry, tmp_path: Path) -> None:
+    """``obd --debug serve REF`` with credentials from credentialConfig, DEBUG logs and the
+    audit log on: the password shows nowhere, neither when it works nor when it is wrong."""
+    from obd.image import ops
+
+    raw = tmp_path / "raw"
+    raw.write_bytes(os.urandom(1 << 20))
+    d, i, layer = (str(tmp_path / n) for n in ("l.data", "l.index", "l.layer"))
+    ops.create(d, i, None, from_raw=str(raw))
+    ops.commit(d, i, layer, zfile=ops.ZFileOptions())
+    img = registry_basic.push_overlaybd_image("ns/leak", "v1", [layer])
+    b64 = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    texts = []
+    for name, password in (("good", PASSWORD), ("bad", PASSWORD + "-wrong")):
+        folder = tmp_path / name
+        folder.mkdir()
+        cred = folder / "cred.json"
+        cred.write_text(json.dumps({"auths": {registry_basic.host: {"username": USER, "password": password}}}))  # fmt: skip
+        cfg = folder / "overlaybd.json"
+        cfg.write_text(json.dumps({
+            "logConfig": {"logPath": str(folder / "obd.log"), "logLevel": 0},
+            "enableAudit": True, "auditPath": str(folder / "audit.log"),
+            "credentialConfig": {"mode": "file", "path": str(cred)},
+            "cacheConfig": {"cacheType": "file", "cacheDir": str(folder / "cache")},
+        }))  # fmt: skip
+        _, out, err = _serve_debug(cfg, img.ref)
+        texts += [out, err]
+        for f in folder.rglob("*"):
+            if f.is_file() and f != cred and f.stat().st_size < 10 << 20:
+                texts.append(f.read_bytes().decode(errors="replace"))
+        if name == "good":
+            assert "listening on" in err, err
+    blob = "\n".join(texts)
+    if os.environ.get("OBD_SHOW_LEAK_TEXTS"):
+        print(blob)
+    assert "ns/leak" in blob  # the outputs are real
+    assert "401 Unauthorized" in blob and "refused the credentials" in blob  # the bad run
+    for secret in (PASSWORD, b64, base64.b64encode(f"{USER}:{PASSWORD}-wrong".encode()).decode()):
         assert secret not in blob

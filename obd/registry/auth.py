@@ -340,8 +340,10 @@ class Authenticator:
                 return f" (no credentials for this URL in {src.describe()}" + (
                     f": {problem})" if problem else ")"
                 )
-            return ""
-        return "" if src.lookup(url) is not None else " (no credentials for this URL)"
+            return f" (the registry refused the credentials from {src.describe()})"
+        if src.lookup(url) is None:
+            return " (no credentials for this URL)"
+        return " (the registry refused the credentials)"
 
     def _basic_for(self, host: str, repo: str, url: str) -> dict[str, str]:
         cred = self._lookup(url)

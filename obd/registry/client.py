@@ -54,6 +54,10 @@ from obd.registry.url import (
 )
 
 log = logging.getLogger(__name__)
+# httpx and httpcore log every URL (a redirect's signed query included) and, at DEBUG,
+# every response header: obd's own lines say what happened without them.
+for _name in ("httpx", "httpcore"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 DEFAULT_TIMEOUT = 30.0  # §8.2.6
 DEFAULT_RETRIES = 4
