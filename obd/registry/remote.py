@@ -4,9 +4,9 @@
 layers that live only in a registry: :meth:`RemoteContext.open_blob` turns
 ``repoBlobUrl`` + digest (§8.1) into a :class:`~obd.registry.blob.RemoteBlob`, checking the
 blob's size with the registry first (§8.2 step 5: opening a blob requires it). With a
-P2P proxy that answers (§8.3, probed at every open) the local cache is bypassed for that
-blob. Background downloads (§8.5) are queued on a :class:`BackgroundDownloader` per image
-(:meth:`RemoteContext.downloader`).
+P2P proxy that answers (§8.3, the client's ``p2p_active()`` at open) the local cache is
+bypassed for that blob: the proxy is the cache. Background downloads (§8.5) are queued
+on a :class:`BackgroundDownloader` per image (:meth:`RemoteContext.downloader`).
 
 It is built from plain values (the caller converts the global config), so this package
 never imports the server's config.
@@ -15,9 +15,7 @@ never imports the server's config.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
-import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,24 +46,6 @@ class CacheSettings:
     refill_size: int = 262144
 
 
-@dataclass(frozen=True)
-class P2PSettings:
-    enable: bool = False
-    address: str = "http://localhost:9731/accelerator"
-
-
-def p2p_answers(address: str, timeout: float = 1.0) -> bool:
-    """§8.3: whether a TCP connect to the proxy address's host:port succeeds."""
-    parts = urllib.parse.urlsplit(address)
-    host = parts.hostname or "localhost"
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 @dataclass
 class RemoteContext:
     """Opens registry blobs for one server run; :meth:`close` ends it."""
@@ -73,7 +53,6 @@ class RemoteContext:
     client: BlobClient
     locate: Callable[[str, str], Any]  # (repoBlobUrl, digest) -> the client's location
     cache: FileCache | None = None
-    p2p: P2PSettings = field(default_factory=P2PSettings)
     threads: int = 8
     audit: Audit | None = None
     stats: RegistryStats = field(default_factory=RegistryStats)
@@ -93,7 +72,6 @@ class RemoteContext:
         locate: Callable[[str, str], Any],
         *,
         cache: CacheSettings | None,
-        p2p: P2PSettings | None = None,
         audit: Audit | None = None,
         download: DownloadSettings | None = None,
         threads: int = 8,
@@ -116,11 +94,51 @@ class RemoteContext:
             client,
             locate,
             fc,
-            p2p or P2PSettings(),
             threads,
             audit,
             default_download=download or DownloadSettings(),
         )
+
+    @classmethod
+    def from_config(
+        cls, cfg: Any, *, audit: Audit | None = None, plain_http: bool | None = None
+    ) -> RemoteContext:
+        """From the global config (any object with :class:`obd.serve.config.GlobalConfig`'s
+        attributes): credentialConfig (or the legacy credentialFilePath), certConfig,
+        p2pConfig, userAgent, the effective cache keys and ``download``."""
+        from obd.registry.auth import CredentialSource
+        from obd.registry.client import BlobLocation, RegistryClient
+
+        creds = CredentialSource.from_config(cfg.credentialConfig, cfg.credentialFilePath)
+        cert = (
+            (cfg.certConfig.certFile, cfg.certConfig.keyFile) if cfg.certConfig.certFile else None
+        )
+        client = RegistryClient(
+            credentials=creds,
+            plain_http=plain_http,
+            cert=cert,
+            p2p=cfg.p2pConfig.address if cfg.p2pConfig.enable else None,
+            user_agent=cfg.userAgent,
+        )
+        try:
+            dl = cfg.download
+            return cls.build(
+                client,
+                BlobLocation.from_url,
+                cache=CacheSettings(
+                    cfg.effective_cache_type,
+                    cfg.effective_cache_dir,
+                    cfg.effective_cache_size_gb << 30,
+                    cfg.cacheConfig.refillSize,
+                ),
+                audit=audit,
+                download=DownloadSettings(
+                    dl.enable, dl.delay, dl.delayExtra, dl.maxMBps, dl.tryCnt, dl.blockSize
+                ),
+            )
+        except BaseException:
+            client.close()
+            raise
 
     def open_blob(self, repo_blob_url: str, digest: str, size: int = 0) -> RemoteBlob:
         """The blob ``digest`` of ``repoBlobUrl`` as a ReadAt (its size checked first)."""
@@ -132,7 +150,8 @@ class RemoteContext:
         if size and size != real:
             log.warning("layer %s: config says %d bytes, the registry %d", url, size, real)
         use_cache = self.cache
-        if self.p2p.enable and p2p_answers(self.p2p.address):
+        p2p_active = getattr(self.client, "p2p_active", None)
+        if p2p_active is not None and p2p_active():
             use_cache = None  # §8.3: the proxy is the cache
 
         def fetch(offset: int, length: int) -> bytes:
@@ -171,4 +190,4 @@ class RemoteContext:
             close()
 
 
-__all__ = ["BlobClient", "CacheSettings", "P2PSettings", "RemoteContext", "p2p_answers"]
+__all__ = ["BlobClient", "CacheSettings", "RemoteContext"]
