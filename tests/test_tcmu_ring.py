@@ -268,6 +268,49 @@ def test_bad_iovec_is_answered_without_the_handler() -> None:
     assert (c.sense[0], c.sense[2], c.sense[12], c.sense[13]) == (0x70, 0x4, 0x44, 0x00)
 
 
+def test_broken_entries_are_answered_without_the_handler() -> None:
+    emu = KernelEmu()
+    ring = CommandRing(emu.mapping)
+    cdb_off = uapi.CmdEntryReq.LAYOUT.offset("cdb_off")
+    slots = []
+    for cdb, n in ((bytes(6), 0), (read10(0, 1), 512), (bytes(6), 0)):
+        slots.append(emu.cmdr_off + emu.head)
+        emu.queue(cdb, data_length=n)
+    a, b, c = emu.inflight
+    # a: cdb_off past the mapping; b: more iovecs than its entry holds; c: CDB at the end
+    struct.pack_into("<Q", emu.mapping, slots[0] + cdb_off, 1 << 40)
+    struct.pack_into("<I", emu.mapping, slots[1] + uapi.CmdEntryReq.LAYOUT.offset("iov_cnt"), 50)
+    emu.mapping[-3] = 0x28  # a 10-byte CDB with 3 bytes left
+    struct.pack_into("<Q", emu.mapping, slots[2] + cdb_off, len(emu.mapping) - 3)
+    cmds = ring.poll()
+    assert "cdb_off" in cmds[0].problem and "outside the mapping" in cmds[0].problem
+    assert "do not fit" in cmds[1].problem
+    assert "runs past the mapping" in cmds[2].problem
+    called: list[Command] = []
+    for cmd in cmds:
+        ring.run(cmd, lambda c: called.append(c) or scsi.GOOD)  # type: ignore[func-returns-value]
+    assert called == []
+    done = emu.reap()
+    assert [x.cmd_id for x in done] == [a, b, c]
+    assert all((x.status, x.sense[2], x.sense[12]) == (2, 0x4, 0x44) for x in done)
+    other = CommandRing(KernelEmu().mapping)
+    with pytest.raises(ValueError, match="another ring"):
+        other.complete(cmds[0], scsi.GOOD)
+
+
+def test_variable_length_cdb_and_data_out_pieces() -> None:
+    emu = KernelEmu(data_blocks=8)
+    ring = CommandRing(emu.mapping)
+    cdb = bytes([0x7F, 0, 0, 0, 0, 0, 0, 24]) + bytes(range(24))
+    emu.queue(cdb)
+    emu.queue(write10(0, 3), bytes(range(256)) * 6)
+    (var, wr) = ring.poll()
+    assert var.cdb == cdb and var.data_out() == b""
+    assert len(wr.iovecs) >= 1 and wr.data_out() == bytes(range(256)) * 6
+    assert wr.data_out(700) == (bytes(range(256)) * 6)[:700]  # stops inside the iovecs
+    assert wr.data_out(0) == b""
+
+
 def test_handler_exception_is_an_internal_target_failure() -> None:
     emu = KernelEmu()
     ring = CommandRing(emu.mapping)

@@ -437,6 +437,18 @@ def test_mode_select(disk: ScsiDisk) -> None:
     param10 = struct.pack(">HBBBBH", 0, 0, 0, 0, 0, 8) + desc_ok + caching
     cdb10 = struct.pack(">BBxxxxxHB", 0x55, 0x10, len(param10), 0)
     assert good(run(disk, cdb10, out=param10)) == b""
+    bad_desc = [
+        (struct.pack(">HBBBBH", 0, 0, 0, 0, 0, 16) + desc_ok, PARAM_LIST_LENGTH),  # past the end
+        (struct.pack(">HBBBBH", 0, 0, 0, 0, 0, 5) + bytes(5) + caching, INVALID_FIELD_PARAM),
+        (struct.pack(">HBBBBH", 0, 0, 0, 0, 0, 0) + caching[:1], PARAM_LIST_LENGTH),  # cut page
+        (
+            struct.pack(">HBBBBH", 0, 0, 0, 0, 0, 0) + bytes([0x48]) + caching[1:],
+            INVALID_FIELD_PARAM,
+        ),  # SPF
+    ]
+    for param, expect in bad_desc:
+        cdb = struct.pack(">BBxxxxxHB", 0x55, 0x10, len(param), 0)
+        assert sense_of(run(disk, cdb, out=param)) == expect, param.hex()
     desc_4k = struct.pack(">I", BLOCKS) + struct.pack(">I", 4096)
     param10 = struct.pack(">HBBBBH", 0, 0, 0, 0, 0, 8) + desc_4k + caching
     assert sense_of(run(disk, cdb10, out=param10)) == INVALID_FIELD_PARAM
@@ -472,6 +484,8 @@ def test_writes(dev: MemDisk, disk: ScsiDisk, name: str) -> None:
     r = run(disk, cdb(BLOCKS - 1, 2), out=bytes(2 * BS))
     assert sense_of(r) == LBA_OUT_OF_RANGE and info_of(r) == BLOCKS - 1
     assert sense_of(run(disk, cdb(0, 2), BS, bytes(BS))) == INVALID_FIELD_CDB  # data short
+    if name != "WRITE(6)":  # (WRITE(6) of 0 blocks writes 256)
+        assert good(run(disk, cdb(BLOCKS, 0))) == b""
     if name != "WRITE(6)":
         assert sense_of(run(disk, cdb(0, 1, 0x40), out=bytes(BS))) == INVALID_FIELD_CDB
         flushes = dev.flushes
@@ -668,6 +682,14 @@ def test_verify(dev: MemDisk, disk: ScsiDisk, ten: bool) -> None:
     assert good(run(disk, cdb(0, 3, 3), out=b"\x11" * BS)) == b""  # one block, each compared
     assert sense_of(run(disk, cdb(0, 4, 3), out=b"\x11" * BS))[0] == 0xE
     assert sense_of(run(disk, cdb(0, 1, 2), out=bytes(BS))) == INVALID_FIELD_CDB
+    assert sense_of(run(disk, cdb(0, 2, 1), out=bytes(BS))) == INVALID_FIELD_CDB  # short
+    far = bytearray(dev.buf[: 128 * BS])
+    far[40000] ^= 0xFF
+    r = run(disk, cdb(0, 128, 1), out=bytes(far))
+    assert sense_of(r)[0] == 0xE and info_of(r) == 40000
+    dev.fail_reads = 1
+    disk.read_retry = ReadRetry(total=0)
+    assert sense_of(run(disk, cdb(0, 1, 1), out=bytes(BS))) == UNRECOVERED_READ
 
 
 def test_report_luns(disk: ScsiDisk) -> None:

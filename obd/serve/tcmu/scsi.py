@@ -216,6 +216,15 @@ WRITE_PROTECTED = Response.check(DATA_PROTECT, ASC_WRITE_PROTECTED)
 INVALID_OPCODE = Response.check(ILLEGAL_REQUEST, ASC_INVALID_COMMAND_OPERATION_CODE)
 
 
+def _first_difference(a: bytes, b: bytes) -> int:
+    """Offset of the first byte where ``a`` and ``b`` (of one length) differ."""
+    pos = 0
+    step = 4096
+    while a[pos : pos + step] == b[pos : pos + step]:
+        pos += step
+    return next(i for i in range(pos, pos + step) if a[i] != b[i])
+
+
 def _alloc(data: bytes | bytearray, alloc_len: int) -> Response:
     return Response(data=bytes(data[:alloc_len]))
 
@@ -486,8 +495,9 @@ class ScsiDisk:
         if have is None or len(have) != length:
             return Response.check(MEDIUM_ERROR, ASC_UNRECOVERED_READ_ERROR, lba)
         if have != want:
-            first = next(i for i in range(length) if have[i] != want[i])
-            return Response.check(MISCOMPARE, ASC_MISCOMPARE_DURING_VERIFY, first)
+            return Response.check(
+                MISCOMPARE, ASC_MISCOMPARE_DURING_VERIFY, _first_difference(have, want)
+            )
         return GOOD
 
     # --- capacity -----------------------------------------------------------------------
