@@ -471,7 +471,9 @@ class FaultProxy:
       then close;
     - ``status``: reply ``code`` (default 503) with ``headers`` (e.g. Retry-After);
     - ``strip_range``: forward the request without its Range header (the registry then
-      answers 200 with the whole blob).
+      answers 200 with the whole blob);
+    - ``drip``: forward the reply, its body ``chunk`` bytes (default 16) every
+      ``interval`` seconds (default 0.1).
 
     ``requests`` records every request (method, path, headers, status, fault, body bytes
     sent); ``bytes_served`` counts the body bytes forwarded from the registry.
@@ -497,7 +499,8 @@ class FaultProxy:
 
     # -- control
     def add(self, pattern: str, action: str, times: int = 1, **params: Any) -> FaultRule:
-        assert action in ("drop", "reset", "stall", "truncate", "status", "strip_range"), action
+        actions = ("drop", "reset", "stall", "truncate", "status", "strip_range", "drip")
+        assert action in actions, action
         rule = FaultRule(re.compile(pattern), action, times, params)
         with self._lock:
             self.rules.append(rule)
@@ -618,7 +621,10 @@ class FaultProxy:
                     keep = rule.params.get("keep")
                     if keep is None:
                         keep = int(rheaders.get("content-length", "2") or 2) // 2
-                sent = self._relay_body(method, rec.status, rheaders, upr, client, keep, rec)
+                drip = None
+                if rule is not None and rule.action == "drip":
+                    drip = (int(rule.params.get("chunk", 16)), float(rule.params.get("interval", 0.1)))  # fmt: skip
+                sent = self._relay_body(method, rec.status, rheaders, upr, client, keep, rec, drip)
                 if not sent or rheaders.get("connection", "").lower() == "close":
                     return
         except OSError:
@@ -633,7 +639,8 @@ class FaultProxy:
                     up.close()
 
     def _relay_body(self, method: str, status: int, headers: dict[str, str], upr: Any,
-                    client: socket.socket, keep: int | None, rec: ProxiedRequest) -> bool:  # fmt: skip
+                    client: socket.socket, keep: int | None, rec: ProxiedRequest,
+                    drip: tuple[int, float] | None = None) -> bool:  # fmt: skip
         """Forward the body; False when the connection must end (truncated, or EOF-framed)."""
         if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
             return True
@@ -647,7 +654,13 @@ class FaultProxy:
         else:
             out = upr.read()
             keep = len(out) if keep is None else keep
-        client.sendall(out)
+        if drip is None:
+            client.sendall(out)
+        else:
+            for i in range(0, len(out), drip[0]):
+                if self._stop.wait(drip[1]):
+                    return False
+                client.sendall(out[i : i + drip[0]])
         rec.body_bytes = len(out)
         with self._lock:
             self.bytes_served += len(out)

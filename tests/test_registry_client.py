@@ -468,6 +468,19 @@ def test_persistent_fault_gives_a_remote_error(action: str, shared_registry: tup
             list(c.stream(loc))
 
 
+def test_a_trickling_body_is_a_timeout(shared_registry: tuple[Registry, str]) -> None:
+    """A server that sends a few bytes now and then never trips the socket timeout; the
+    read's own deadline does, and the retry gets the right bytes."""
+    reg, digest = shared_registry
+    with fault_proxy(reg) as proxy, client(timeout=0.5) as c:
+        loc = loc_of(reg, digest)
+        c.blob_size(loc)
+        proxy.add("GET /v2/.*/blobs/", "drip", times=1, chunk=64, interval=0.05)
+        t = time.monotonic()
+        assert c.read_range(loc, 5000, 20_000) == BLOB[5000:25_000]
+        assert c.stats.retries == 1 and time.monotonic() - t < 3
+
+
 def test_retry_after_is_bounded(shared_registry: tuple[Registry, str]) -> None:
     reg, digest = shared_registry
     with fault_proxy(reg) as proxy, client(max_retry_after=0.2, retries=1) as c:

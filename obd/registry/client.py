@@ -565,7 +565,6 @@ class RegistryClient:
                         url=url,
                         kind="unexpected",
                     )
-                    return self._body(resp, url, 0, length)
                 if resp.status_code == 200:  # the server ignored Range: skip to offset
                     n = resp.headers.get("Content-Length")
                     if n is not None and n.isdigit():
@@ -587,11 +586,24 @@ class RegistryClient:
             self._sizes.setdefault(loc, size)
 
     def _body(self, resp: httpx.Response, url: str, skip: int, length: int) -> bytearray:
-        """``length`` bytes after ``skip`` of the body; a short body is a retried fault."""
+        """``length`` bytes after ``skip`` of the body; a short body is a retried fault, and
+        so is one trickling in slower than ``timeout`` per 8 MiB (each socket read has the
+        timeout too, but a server sending a byte now and then would pass that)."""
         buf = bytearray()
         whole = skip == 0  # a 206: read its body to the end, so the connection is kept
+        deadline = time.monotonic() + self.timeout * (1 + (skip + length) / (8 << 20))
         try:
             for chunk in resp.iter_raw():
+                if time.monotonic() > deadline:
+                    self.stats.add(bytes_fetched=len(buf))
+                    raise _Retry(
+                        BlobError(
+                            f"transfer too slow: {len(buf)} of {length} bytes "
+                            f"in {self.timeout:g} s",
+                            url=url,
+                            kind="timeout",
+                        )
+                    )
                 if skip:
                     if len(chunk) <= skip:
                         skip -= len(chunk)
