@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from obd.errors import CorruptError, UnsupportedError, UsageError
@@ -86,6 +86,7 @@ _host = st.one_of(
 _port = st.one_of(st.none(), st.integers(1, 65535))
 
 
+@settings(max_examples=60, deadline=None)
 @given(
     _host,
     _port,

@@ -529,7 +529,7 @@ def shared_client() -> Iterator[RegistryClient]:
         yield c
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(st.lists(st.tuples(st.integers(0, len(BLOB) + 10), st.integers(0, 100_000)), min_size=1, max_size=8))  # fmt: skip
 def test_read_range_model(shared_registry: tuple[Registry, str], shared_client: RegistryClient, reads: list[tuple[int, int]]) -> None:  # fmt: skip
     """read_range against the bytes model, offsets and lengths anywhere (past the end too)."""
