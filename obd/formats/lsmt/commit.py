@@ -6,6 +6,7 @@ The output is streamed (header, data, index, trailer in order) into a sink with
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -27,10 +28,17 @@ from obd.formats.lsmt import (
     encode_entries,
 )
 from obd.io.base import ReadAt
+from obd.io.file import LocalFile, start_writeback
 
-COPY_STEP_SECTORS = 64  # data is copied (and indexed) in 32 KiB steps
-READ_CHUNK = 4 << 20
+COPY_STEP_SECTORS = 64  # data is indexed in 32 KiB steps (§1.8 step 3)
 INDEX_PAD_ENTRIES = 256
+GATHER = 8 << 20  # data is gathered into buffers of this size (a multiple of a ZFile batch)
+COPY_MIN = 1 << 20  # a source run at least this long is copied in the kernel when it can be
+WRITEBACK_STEP = 8 << 20  # the output is handed to the disk every this many bytes
+# copy_file_range cannot copy between these two files: copy by reading instead
+_NO_KERNEL_COPY = frozenset(
+    {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.EBADF}
+)
 
 
 class Sink(Protocol):
@@ -38,42 +46,64 @@ class Sink(Protocol):
 
 
 class FileSink:
-    """A sequential writer over a WriteAt, with a buffer."""
+    """A sequential writer over a WriteAt, with a buffer.
+
+    Over a :class:`LocalFile` it starts the writeback of every ``WRITEBACK_STEP`` bytes
+    as the output grows (``sync_file_range``), so that the final fsync finds little left
+    to write: the disk works while the copy goes on. The fsync itself is the owner's
+    (:class:`AtomicOutput`).
+    """
 
     def __init__(self, out: object, buffer_size: int = 4 << 20) -> None:
         self.out = out
         self.pos = 0
         self.buf = bytearray()
         self.limit = buffer_size
-        self.copy_ok = hasattr(os, "copy_file_range")
+        self.copy_ok = hasattr(os, "copy_file_range") and isinstance(out, LocalFile)
+        self._fd = out.fd if isinstance(out, LocalFile) else -1
+        self._synced = 0  # output bytes whose writeback has been started
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        n = len(memoryview(data).cast("B"))
+        if not self.buf and n >= self.limit:
+            self._put(data, n)  # big pieces go straight out, without a copy
+            return n
         self.buf += data
         if len(self.buf) >= self.limit:
             self._drain()
-        return len(data)
+        return n
 
     def copy_from(self, fd: int, offset: int, length: int) -> bool:
-        """Copy ``length`` bytes at ``offset`` of ``fd`` in the kernel; False if it can't."""
-        copy_in = getattr(self.out, "copy_in", None)
-        if copy_in is None or not self.copy_ok:
+        """Copy ``length`` bytes at ``offset`` of ``fd`` in the kernel (``copy_file_range``);
+        False when it cannot between these files (the caller then copies by reading). The
+        source must hold the whole range."""
+        if not self.copy_ok:
             return False
         self._drain()
         try:
-            if os.fstat(fd).st_size < offset + length:
-                return False  # past EOF must read as zeros: take the slow path
-            copy_in(fd, offset, length, self.pos)
-        except OSError:
+            self.out.copy_in(fd, offset, length, self.pos)  # type: ignore[attr-defined]
+        except OSError as e:
+            if e.errno is not None and e.errno not in _NO_KERNEL_COPY:
+                raise
             self.copy_ok = False
             return False
-        self.pos += length
+        self._advance(length)
         return True
+
+    def _put(self, data: bytes | bytearray | memoryview, n: int) -> None:
+        self.out.pwrite(self.pos, data)  # type: ignore[attr-defined]
+        self._advance(n)
+
+    def _advance(self, n: int) -> None:
+        self.pos += n
+        if self._fd >= 0 and self.pos - self._synced >= WRITEBACK_STEP:
+            start_writeback(self._fd, self._synced, self.pos - self._synced)
+            self._synced = self.pos
 
     def _drain(self) -> None:
         if self.buf:
-            self.out.pwrite(self.pos, self.buf)  # type: ignore[attr-defined]
-            self.pos += len(self.buf)
-            self.buf = bytearray()
+            buf, self.buf = self.buf, bytearray()
+            self._put(buf, len(buf))
 
     def close(self) -> None:
         self._drain()
@@ -108,63 +138,29 @@ def compact(
     *,
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Write the compacted layer of mappings ``m`` (sorted by offset) into ``sink``.
+    """Write the compacted layer of mappings ``m`` (sorted by offset) into ``sink`` (§1.8).
 
-    ``sources[tag]`` holds the data of each mapping. Returns the bytes written.
+    ``sources[tag]`` holds the data of each mapping; bytes past a source's end read as
+    zeros. Returns the bytes written.
+
+    The index is computed in bulk (numpy); the data goes in runs: mappings whose data
+    lies back to back in one source (the output has it back to back too) are copied
+    as one, a long run in the kernel (``copy_file_range``) when the sink is a local file,
+    the rest gathered with one read per run into large buffers, which a sink with
+    ``feed`` (a ZFile writer) takes without a copy.
     """
-    sink.write(header.pack())
-    cursor = HT_SECTORS
-    # Output entries, before the greedy merge, as parallel lists.
-    o_off: list[int] = []
-    o_len: list[int] = []
-    o_mo: list[int] = []
-    o_ze: list[bool] = []
-    o_tag: list[int] = []
-    offs = m.offset.tolist()
-    lens = m.length.tolist()
-    mos = m.moffset.tolist()
-    zs = m.zeroed.tolist()
-    tags = m.tag.tolist()
-    step = COPY_STEP_SECTORS
-    copy_from = getattr(sink, "copy_from", None)
-    for k in range(len(offs)):
-        off, ln, tag = offs[k], lens[k], tags[k]
-        if ln == 0:
-            continue
-        if zs[k]:
-            o_off.append(off)
-            o_len.append(ln)
-            o_mo.append(cursor)
-            o_ze.append(True)
-            o_tag.append(tag)
-            continue
-        src = sources[tag]
-        src_fd = getattr(src, "fd", None) if copy_from is not None else None
-        done = 0
-        while done < ln:
-            chunk = min(ln - done, READ_CHUNK // SECTOR)
-            want = chunk * SECTOR
-            at = (mos[k] + done) * SECTOR
-            if src_fd is None or copy_from is None or not copy_from(src_fd, at, want):
-                data = src.pread(at, want)
-                if len(data) < want:
-                    data = bytes(data) + bytes(want - len(data))  # past EOF reads as zeros
-                sink.write(data)
-            if progress is not None:
-                progress(want)
-            # index entries of 64-sector steps
-            s = 0
-            while s < chunk:
-                n = min(step, chunk - s)
-                o_off.append(off + done + s)
-                o_len.append(n)
-                o_mo.append(cursor)
-                o_ze.append(False)
-                o_tag.append(tag)
-                cursor += n
-                s += n
-            done += chunk
-    merged = _greedy_merge(o_off, o_len, o_mo, o_ze, o_tag)
+    lens = m.length.astype(np.int64)
+    keep = lens > 0
+    offs = m.offset.astype(np.int64)[keep]
+    lens = lens[keep]
+    mos = m.moffset.astype(np.int64)[keep]
+    zs = m.zeroed[keep]
+    tags = m.tag[keep]
+    entries = _step_entries(offs, lens, zs, tags)
+    merged = _greedy_merge(*entries)
+    data = ~zs
+    cursor = HT_SECTORS + int(lens[data].sum())
+    _copy_runs(mos[data], lens[data], tags[data], sources, header.pack(), sink, progress)
     index_offset = cursor * SECTOR
     count = len(merged)
     padded = -(-count // INDEX_PAD_ENTRIES) * INDEX_PAD_ENTRIES
@@ -186,38 +182,185 @@ def compact(
     return index_offset + len(raw) + len(trailer.pack())
 
 
+def _step_entries(
+    offs: np.ndarray, lens: np.ndarray, zs: np.ndarray, tags: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    """The output entries before the merge (§1.8 step 3): a zeroed mapping as one entry
+    at the data cursor, a data mapping as one entry per 64-sector step of its data."""
+    step = COPY_STEP_SECTORS
+    data_lens = np.where(zs, 0, lens)
+    cursor = HT_SECTORS + np.cumsum(data_lens) - data_lens  # the cursor at each mapping
+    count = np.where(zs, 1, -(-lens // step))
+    which = np.repeat(np.arange(len(lens)), count)
+    first = np.cumsum(count) - count
+    done = (np.arange(len(which)) - first[which]) * step  # sectors of the mapping before
+    e_ze = zs[which]
+    e_len = np.where(e_ze, lens[which], np.minimum(step, lens[which] - done))
+    return offs[which] + done, e_len, cursor[which] + done, e_ze, tags[which]
+
+
 def _greedy_merge(
-    off: list[int], ln: list[int], mo: list[int], ze: list[bool], tg: list[int]
+    off: np.ndarray, ln: np.ndarray, mo: np.ndarray, ze: np.ndarray, tg: np.ndarray
 ) -> Mappings:
-    """Left-to-right merge of §1.8 step 4 (merged length stays below 16383)."""
-    r_off: list[int] = []
-    r_len: list[int] = []
-    r_mo: list[int] = []
-    r_ze: list[bool] = []
-    r_tg: list[int] = []
-    if off:
-        c_off, c_len, c_mo, c_ze, c_tg = off[0], ln[0], mo[0], ze[0], tg[0]
-        for i in range(1, len(off)):
-            n_off, n_len, n_mo, n_ze, n_tg = off[i], ln[i], mo[i], ze[i], tg[i]
-            c_mend = c_mo if c_ze else c_mo + c_len
-            if (
-                c_off + c_len == n_off
-                and c_mend == n_mo
-                and c_ze == n_ze
-                and c_tg == n_tg
-                and c_len + n_len < MAX_SEGMENT_SECTORS
-            ):
-                c_len += n_len
-                continue
-            r_off.append(c_off)
-            r_len.append(c_len)
-            r_mo.append(c_mo)
-            r_ze.append(c_ze)
-            r_tg.append(c_tg)
-            c_off, c_len, c_mo, c_ze, c_tg = n_off, n_len, n_mo, n_ze, n_tg
-        r_off.append(c_off)
-        r_len.append(c_len)
-        r_mo.append(c_mo)
-        r_ze.append(c_ze)
-        r_tg.append(c_tg)
-    return Mappings.from_lists(r_off, r_len, r_mo, r_ze, r_tg)
+    """Left-to-right merge of §1.8 step 4 (merged length stays below 16383), in bulk.
+
+    Entries that the rule's first four conditions link form chains; a chain shorter than
+    the cap in total becomes one entry; a longer one is cut greedily, one
+    ``searchsorted`` per output entry.
+    """
+    n = len(off)
+    if n == 0:
+        return Mappings.empty()
+    cap = MAX_SEGMENT_SECTORS
+    mend = np.where(ze, mo, mo + ln)
+    link = np.zeros(n, dtype=bool)
+    link[1:] = (
+        (off[:-1] + ln[:-1] == off[1:])
+        & (mend[:-1] == mo[1:])
+        & (ze[:-1] == ze[1:])
+        & (tg[:-1] == tg[1:])
+    )
+    heads = np.flatnonzero(~link)  # chain starts (entry 0 is never linked)
+    totals = np.add.reduceat(ln, heads)
+    cut = ~link
+    bounds = np.append(heads, n)
+    for c in np.flatnonzero(totals >= cap).tolist():
+        a, b = int(bounds[c]), int(bounds[c + 1])
+        sums = np.concatenate(([0], np.cumsum(ln[a:b])))
+        s = 0
+        while s < b - a:
+            t = int(np.searchsorted(sums, sums[s] + cap, side="left")) - 1
+            t = max(t, s + 1)
+            cut[a + s] = True
+            s = t
+    starts = np.flatnonzero(cut)
+    return Mappings(
+        off[starts].astype(np.uint64),
+        np.add.reduceat(ln, starts).astype(np.uint64),
+        mo[starts].astype(np.uint64),
+        ze[starts].astype(bool),
+        tg[starts].astype(np.uint8),
+    )
+
+
+def _copy_runs(
+    mos: np.ndarray,
+    lens: np.ndarray,
+    tags: np.ndarray,
+    sources: Sequence[ReadAt],
+    head: bytes,
+    sink: Sink,
+    progress: Callable[[int], None] | None,
+) -> None:
+    """Write ``head`` then the data of the data mappings ``(moffset, length, tag)``, in
+    order, into ``sink``: one copy or read per run of mappings back to back in a source."""
+    n = len(mos)
+    if n:
+        new = np.ones(n, dtype=bool)
+        new[1:] = (mos[:-1] + lens[:-1] != mos[1:]) | (tags[:-1] != tags[1:])
+        starts = np.flatnonzero(new)
+        r_at = (mos[starts] * SECTOR).tolist()
+        r_len = (np.add.reduceat(lens, starts) * SECTOR).tolist()
+        r_tag = tags[starts].tolist()
+    else:
+        r_at, r_len, r_tag = [], [], []
+    g = _Gather(sink, progress)
+    g.put(head)
+    sizes = [s.size() for s in sources]
+    fds = [s.fd if isinstance(s, LocalFile) else -1 for s in sources]
+    copy_from = getattr(sink, "copy_from", None)
+    for at, length, tag in zip(r_at, r_len, r_tag, strict=True):
+        fd = fds[tag]
+        if (
+            copy_from is not None
+            and fd >= 0
+            and length >= COPY_MIN
+            and at + length <= sizes[tag]
+            and g.flush_partial()
+            and copy_from(fd, at, length)
+        ):
+            g.progressed(length)
+            g.flush_partial()
+            continue
+        g.read(sources[tag], fd, at, length, sizes[tag])
+    g.flush_partial()
+
+
+class _Gather:
+    """Fills ``GATHER``-byte buffers from sources and hands them to a sink: whole ones by
+    ``feed`` (the sink owns the buffer until it calls back) when the sink has it, else
+    by ``write`` (the buffer is reused at once)."""
+
+    def __init__(self, sink: Sink, progress: Callable[[int], None] | None) -> None:
+        self.sink = sink
+        self.progress = progress
+        self.feed = getattr(sink, "feed", None)
+        self.free: list[bytearray] = []
+        self.buf = bytearray(GATHER)
+        self.view = memoryview(self.buf)
+        self.fill = 0
+        self.done = 0  # data bytes not yet told to ``progress``
+
+    def put(self, data: bytes) -> None:
+        pos = 0
+        while pos < len(data):
+            n = min(len(data) - pos, GATHER - self.fill)
+            self.view[self.fill : self.fill + n] = data[pos : pos + n]
+            self.fill += n
+            pos += n
+            if self.fill == GATHER:
+                self._hand_over()
+
+    def read(self, src: ReadAt, fd: int, at: int, length: int, size: int) -> None:
+        """Append ``length`` bytes at ``at`` of ``src`` (its file ``fd``, or -1)."""
+        done = 0
+        while done < length:
+            n = min(length - done, GATHER - self.fill)
+            dst = self.view[self.fill : self.fill + n]
+            got = 0
+            if fd >= 0:
+                want = max(0, min(n, size - (at + done)))
+                while got < want:
+                    k = os.preadv(fd, [dst[got:want]], at + done + got)
+                    if k <= 0:
+                        break
+                    got += k
+            else:
+                data = src.pread(at + done, n)
+                got = len(data)
+                dst[:got] = data
+            if got < n:
+                dst[got:] = bytes(n - got)  # past the source's end reads as zeros
+            self.fill += n
+            done += n
+            if self.fill == GATHER:
+                self._hand_over()
+        self.progressed(length)
+
+    def progressed(self, n: int) -> None:
+        """Count ``n`` bytes of data done; told to ``progress`` once per buffer."""
+        self.done += n
+
+    def _report(self) -> None:
+        if self.progress is not None and self.done:
+            self.progress(self.done)
+        self.done = 0
+
+    def flush_partial(self) -> bool:
+        """Hand over what is gathered (before a kernel copy, and at the end). True."""
+        if self.fill:
+            self.sink.write(self.view[: self.fill])
+            self.fill = 0
+        self._report()
+        return True
+
+    def _hand_over(self) -> None:
+        if self.feed is None:
+            self.sink.write(self.view)
+        else:
+            buf = self.buf
+            self.feed(self.view, lambda: self.free.append(buf))
+            self.buf = self.free.pop() if self.free else bytearray(GATHER)
+            self.view = memoryview(self.buf)
+        self.fill = 0
+        self._report()

@@ -7,7 +7,6 @@ index file (later records win on reopen). A sparse layer writes in place at
 
 from __future__ import annotations
 
-import heapq
 import logging
 import threading
 from bisect import bisect_right
@@ -220,50 +219,10 @@ class MutableIndex:
 
     @classmethod
     def from_log(cls, log: Mappings) -> MutableIndex:
-        """The index that inserting ``log``'s records in order would build (later wins).
-
-        A sweep over the records' ends with a heap of the covering records, newest on
-        top: O(n log n), where inserting one by one would move O(n) entries per record.
-        """
-        offs = log.offset.tolist()
-        ends = (log.offset + log.length).tolist()
-        mos = log.moffset.tolist()
-        zs = log.zeroed.tolist()
-        n = len(offs)
-        o_s: list[int] = []
-        o_e: list[int] = []
-        o_m: list[int] = []
-        o_z: list[bool] = []
-        if n == 0:
-            return cls()
-        # events: (position, kind 0=end/1=start, record); starts push, ends pop lazily
-        points = sorted(set(offs) | set(ends))
-        starts_at: dict[int, list[int]] = {}
-        for r in range(n):
-            starts_at.setdefault(offs[r], []).append(r)
-        heap: list[int] = []  # -record: the newest covering record on top
-        cur = -1
-        for k, pos in enumerate(points):
-            for r in starts_at.get(pos, ()):
-                heapq.heappush(heap, -r)
-            while heap and ends[-heap[0]] <= pos:
-                heapq.heappop(heap)
-            owner = -heap[0] if heap else -1
-            if k + 1 == len(points):
-                break
-            nxt = points[k + 1]
-            if owner < 0:
-                cur = -1
-                continue
-            if owner == cur and o_e and o_e[-1] == pos:
-                o_e[-1] = nxt
-                continue
-            cur = owner
-            o_s.append(pos)
-            o_e.append(nxt)
-            o_m.append(mos[owner] if zs[owner] else mos[owner] + (pos - offs[owner]))
-            o_z.append(zs[owner])
-        return cls.from_sorted(o_s, o_e, o_m, o_z)
+        """The index that inserting ``log``'s records in order would build (later wins):
+        :func:`replay_log`, in the chunked form."""
+        s, e, mo, z = replay_log(log)
+        return cls.from_sorted(s.tolist(), e.tolist(), mo.tolist(), z.tolist())
 
     def mappings(self, tag: int = 0) -> Mappings:
         starts = self.starts
@@ -293,6 +252,74 @@ class MutableIndex:
             ci += 1
             i = 0
         return iter_runs(s, e, mo, z, None, start, end)
+
+
+def replay_log(log: Mappings) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The sorted, non-overlapping segments ``(starts, ends, moffsets, zeroed)`` (int64,
+    int64, int64, bool) that inserting ``log``'s records in order into a
+    :class:`MutableIndex` builds: later records win, zero-length records are ignored.
+
+    In bulk, with no Python step per record: the records' ends cut the sector line into
+    elementary intervals; each interval's owner is the newest record covering it (a
+    range-max segment tree, filled level by level for every record at once); runs of one
+    owner become one segment, whose ``moffset`` advances by the part trimmed off the
+    owner's front unless it is zeroed (as :meth:`MutableIndex.insert` trims).
+    """
+    keep = log.length > 0
+    off = log.offset[keep].astype(np.int64)
+    end = off + log.length[keep].astype(np.int64)
+    mos = log.moffset[keep].astype(np.int64)
+    zs = log.zeroed[keep]
+    n = len(off)
+    if n == 0:
+        e = np.zeros(0, dtype=np.int64)
+        return e, e.copy(), e.copy(), np.zeros(0, dtype=bool)
+    # the distinct ends, sorted, and each record's [lo, hi) as indexes into them
+    cut = np.concatenate((off, end))
+    order = np.argsort(cut)
+    ranked = cut[order]
+    distinct = np.ones(len(ranked), dtype=bool)
+    distinct[1:] = ranked[1:] != ranked[:-1]
+    points = ranked[distinct]
+    where = np.empty(len(cut), dtype=np.int64)
+    where[order] = np.cumsum(distinct) - 1
+    nint = len(points) - 1  # elementary intervals [points[k], points[k+1])
+    size = 1 << max(0, (nint - 1).bit_length())
+    tree = np.full(2 * size, -1, dtype=np.int64)
+    lo = where[:n] + size
+    hi = where[n:] + size
+    rec = np.arange(n, dtype=np.int64)
+    # each record's interval range [lo, hi) as O(log n) tree nodes, all records per level
+    while len(rec):
+        odd = (lo & 1).astype(bool)
+        np.maximum.at(tree, lo[odd], rec[odd])
+        lo = lo + odd
+        odd = (hi & 1).astype(bool)
+        hi = hi - odd
+        np.maximum.at(tree, hi[odd], rec[odd])
+        lo >>= 1
+        hi >>= 1
+        more = lo < hi
+        lo, hi, rec = lo[more], hi[more], rec[more]
+    # push every node's newest record down to the leaves
+    width = 1
+    while width < size:
+        kids = np.arange(2 * width, 4 * width)
+        np.maximum(tree[kids], tree[kids >> 1], out=tree[2 * width : 4 * width])
+        width *= 2
+    owner = tree[size : size + nint]
+    ks = np.flatnonzero(owner >= 0)
+    own = owner[ks]
+    first = np.ones(len(ks), dtype=bool)
+    first[1:] = (own[1:] != own[:-1]) | (ks[1:] != ks[:-1] + 1)
+    last = np.ones(len(ks), dtype=bool)
+    last[:-1] = first[1:]
+    o = own[first]
+    starts = points[ks[first]]
+    ends = points[ks[last] + 1]
+    zeroed = zs[o]
+    moffs = np.where(zeroed, mos[o], mos[o] + (starts - off[o]))
+    return starts, ends, moffs, zeroed
 
 
 class LSMTWritable:
@@ -819,5 +846,6 @@ __all__ = [
     "RwFacts",
     "data_problems",
     "index_problems",
+    "replay_log",
     "whole_records",
 ]
