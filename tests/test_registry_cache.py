@@ -236,6 +236,23 @@ def test_sequential_misses_read_ahead_random_ones_do_not(tmp_path: Path) -> None
     assert check_on_disk(tmp_path, {key_of(data): data}) > 200
 
 
+def test_close_waits_for_readahead_in_flight(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = blob_bytes(12, 64 * UNIT)
+    src = Source(data, delay=0.1)
+    cache = FileCache(str(tmp_path), capacity=GiB, refill_size=UNIT, interval=None)
+    with ThreadPoolExecutor(4) as pool:
+        blob = cache.open(key_of(data), len(data))
+        for off in range(0, 4 * UNIT, UNIT):
+            blob.read(off, UNIT, src.fetch, pool)
+        assert blob.inflight  # readahead still fetching
+        blob.close()
+        assert not blob.inflight and blob.data is None
+    cache.close()
+    assert check_on_disk(tmp_path, {key_of(data): data}) > 4  # the readahead was kept too
+
+
 def test_fetch_error_caches_nothing_and_the_next_read_succeeds(tmp_path: Path) -> None:
     data = blob_bytes(9, 10 * UNIT)
     src = Source(data)

@@ -367,17 +367,18 @@ class FileCache:
             except OSError as exc:
                 log.error("cache %s: cannot commit fills: %s", b.key, exc)
 
+    def stopping(self) -> None:
+        """No more readahead starts (queued ones give their units back)."""
+        self._closed.set()
+
     def close(self) -> None:
+        """Make every fill durable and stop the threads. Blobs still open keep their files
+        (a read may be running in them; closing a descriptor under it could hand it
+        another file's bytes); they close with :meth:`CachedBlob.close` or the process."""
         self._closed.set()
         self._commit_wake.set()
         self._committer.join(30)
         self.commit()
-        with self.lock:
-            blobs = [e.blob for e in self.entries.values() if e.blob is not None]
-        for b in blobs:
-            b._close_files()
-            with self.lock:
-                b.entry.blob = None
 
 
 @dataclass
@@ -609,6 +610,8 @@ class CachedBlob:
 
         def run(first: int, count: int, epoch: int) -> None:
             try:
+                if self.cache._closed.is_set() or self.data is None:
+                    return
                 self._store(first, count, self._fetch(fetch, first, count), epoch)
             except Exception as exc:  # a reader that needs these units fetches them itself
                 log.debug("cache %s: readahead failed: %s", self.key, exc)
@@ -731,12 +734,24 @@ class CachedBlob:
                 self.data.punch_hole(0, self.size)
         return freed
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60.0) -> None:
+        """Drop one reference; the last one waits for the fills in flight (readahead
+        included), commits them and closes the files."""
         c = self.cache
         with c.lock:
             self.refs -= 1
             if self.refs > 0:
                 return
+        deadline = time.monotonic() + timeout
+        while True:
+            with c.lock:
+                fill = next(iter(self.inflight.values()), None)
+            if fill is None or time.monotonic() > deadline:
+                break
+            fill.done.wait(max(0.0, deadline - time.monotonic()))
+        if fill is not None:  # a fetch hangs: leave the files to the process exit
+            log.warning("cache %s: fills still running at close; files left open", self.key)
+            return
         self._commit()
         with c.lock:
             if self.refs > 0:  # opened again meanwhile

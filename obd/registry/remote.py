@@ -182,7 +182,9 @@ class RemoteContext:
             downloaders, self.downloaders = self.downloaders, []
         for d in downloaders:
             d.stop()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.cache is not None:
+            self.cache.stopping()  # queued readahead gives its units back at once
+        self.pool.shutdown(wait=True)
         if self.cache is not None:
             self.cache.close()
         close = getattr(self.client, "close", None)
