@@ -153,6 +153,15 @@ def test_overlaybd_layers_and_image_config() -> None:
     assert parse_image_config(doc, "/x/config.v1.json").lowers[0].digest == D1
 
 
+def test_turbo_oci_layers_are_refused() -> None:
+    m = parse_manifest(_manifest([_layer(D1, 1, **{A.BLOB_DIGEST: D1, A.BLOB_SIZE: "1",
+                                                   A.TURBO_OCI_DIGEST: D2})]))  # fmt: skip
+    assert isinstance(m, Manifest) and overlaybd_layers(m)[0].turbo_oci_target == D2
+    with pytest.raises(UnsupportedError) as e:
+        image_config_from_manifest(m, repo_blob_url="http://r/v2/a/blobs", source="r/a:1")
+    assert "TurboOCI" in str(e.value) and str(e.value).startswith("r/a:1: ")
+
+
 def test_not_an_overlaybd_image() -> None:
     m = parse_manifest(_manifest([{"mediaType": A.MT_OCI_LAYER_GZIP, "digest": D1, "size": 5}]))
     assert isinstance(m, Manifest)

@@ -221,12 +221,20 @@ def image_config_from_manifest(
     ``layer_dir`` when given, the background download target), ``accelerationLayer`` set
     when the last layer is ACI's acceleration (trace) layer."""
     layers = overlaybd_layers(manifest, source=source)
+    for i, layer in enumerate(layers):
+        if layer.turbo_oci_target:
+            # its blob is a TurboOCI fsmeta over the original tar (targetDigest): read alone
+            # it would give wrong bytes, and obd has no TurboOCI reader
+            raise UnsupportedError(
+                f"layer {i} is a TurboOCI layer (target {layer.turbo_oci_target}); "
+                "obd does not serve TurboOCI images",
+                path=source or None,
+            )
     lowers = tuple(
         LayerConfig(
             dir=layer_dir(layer) if layer_dir else "",
             digest=layer.digest,
             size=layer.size,
-            targetDigest=layer.turbo_oci_target,
         )
         for layer in layers
     )
