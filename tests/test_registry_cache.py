@@ -240,14 +240,25 @@ def test_close_waits_for_readahead_in_flight(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     data = blob_bytes(12, 64 * UNIT)
-    src = Source(data, delay=0.1)
+    gate = threading.Event()
+
+    def fetch(offset: int, length: int) -> bytes:
+        if offset >= 4 * UNIT:  # only readahead asks for these
+            gate.wait(10)
+        return data[offset : offset + length]
+
     cache = FileCache(str(tmp_path), capacity=GiB, refill_size=UNIT, interval=None)
     with ThreadPoolExecutor(4) as pool:
         blob = cache.open(key_of(data), len(data))
         for off in range(0, 4 * UNIT, UNIT):
-            blob.read(off, UNIT, src.fetch, pool)
-        assert blob.inflight  # readahead still fetching
-        blob.close()
+            assert blob.read(off, UNIT, fetch, pool) == data[off : off + UNIT]
+        assert blob.inflight  # readahead is fetching
+        closer = threading.Thread(target=blob.close)
+        closer.start()
+        closer.join(0.3)
+        assert closer.is_alive() and blob.data is not None  # waits for it
+        gate.set()
+        closer.join(10)
         assert not blob.inflight and blob.data is None
     cache.close()
     assert check_on_disk(tmp_path, {key_of(data): data}) > 4  # the readahead was kept too
