@@ -230,6 +230,30 @@ def test_tmr_entries_are_reported_and_passed() -> None:
     assert [c.cmd_id for c in emu.reap()] == [a, b] and emu.tail == emu.head
 
 
+def test_entries_needing_no_answer_are_passed_at_poll() -> None:
+    emu = KernelEmu(cmdr_size=600)
+    ring = CommandRing(emu.mapping)
+    for _ in range(3):
+        emu.queue(bytes(6))
+        ring.process(lambda c: scsi.GOOD)
+        emu.reap()
+    emu.queue_tmr(uapi.TCMU_TMR_LUN_RESET, [])
+    assert ring.poll() == [] and ring.tail == emu.tail == emu.head
+    emu.queue(bytes(16 * 8), data_length=0)  # does not fit before the end: a PAD first
+    assert emu.pads == 1
+    (cmd,) = ring.poll()
+    assert ring.tail == emu.tail != emu.head  # the command is still unanswered
+    assert ring.complete(cmd, scsi.GOOD) and emu.tail == emu.head
+
+
+def test_short_entries_are_corrupt() -> None:
+    for op, length in ((uapi.TCMU_OP_CMD, 104), (uapi.TCMU_OP_TMR, 24)):
+        emu = KernelEmu()
+        emu.queue_raw(op, length)
+        with pytest.raises(CorruptError, match=f"only {length} bytes"):
+            CommandRing(emu.mapping).poll()
+
+
 def test_tmr_callback_failure_does_not_stop_the_ring() -> None:
     emu = KernelEmu()
 
@@ -485,3 +509,43 @@ def test_random_io_through_ring_and_scsi(
     assert not emu.inflight and not reads and ring.pending == 0
     assert emu.tail == emu.head
     assert dev.buf == model
+
+
+entry_st = st.tuples(
+    st.integers(0, 7),  # opcode: PAD, CMD, TMR or unknown
+    st.integers(1, 40).map(lambda n: n * 8),  # length
+    st.binary(min_size=320, max_size=320),  # the rest of its bytes
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    entries=st.lists(entry_st, max_size=6),
+    head_shift=st.sampled_from([0, 0, 0, 8, 4, -8]),
+    flags=st.sampled_from([0, OOOC, OOOC | READ_LEN]),
+)
+def test_a_garbage_ring_is_corrupt_or_served(
+    entries: list[tuple[int, int, bytes]], head_shift: int, flags: int
+) -> None:
+    """Whatever the ring holds, poll raises CorruptError or yields commands that are
+    answered in bounds: nothing else escapes, the mailbox changes only in cmd_tail."""
+    emu = KernelEmu(cmdr_size=2048, data_blocks=4, flags=flags)
+    pos = 0
+    for op, length, rest in entries:
+        base = emu.cmdr_off + pos
+        emu.mapping[base : base + length] = (
+            struct.pack("<I", uapi.tcmu_len_op(length, op)) + rest
+        )[:length]
+        pos += length
+    head = max(0, pos + head_shift) % emu.cmdr_size
+    struct.pack_into("<I", emu.mapping, uapi.CMD_HEAD_OFF, head)
+    mailbox = bytes(emu.mapping[: uapi.CMD_TAIL_OFF])
+    ring = CommandRing(emu.mapping)
+    try:
+        cmds = ring.poll()
+    except CorruptError:
+        return
+    for cmd in cmds:
+        ring.run(cmd, lambda c: scsi.Response(data=b"\xee" * 100))
+    assert ring.pending == 0 and ring.tail == head
+    assert bytes(emu.mapping[: uapi.CMD_TAIL_OFF]) == mailbox

@@ -18,7 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import hypothesis.strategies as st
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from obd.errors import CorruptError, ReadOnlyError, RemoteError
 from obd.serve.tcmu import scsi, uapi
@@ -806,3 +808,27 @@ def test_a_read_only_obd_image_through_the_ring(tmp_path: Path, serve: RingServe
         assert not c.data_in[14] & 0x80
     finally:
         stack.close()
+
+
+# --- fuzz: any CDB gets an answer, never an exception ------------------------------------
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    op=st.sampled_from(sorted(OPS)) | st.integers(0, 255),
+    body=st.binary(min_size=0, max_size=20),
+    data=st.binary(max_size=4096),
+    readonly=st.booleans(),
+)
+def test_any_cdb_gets_a_well_formed_answer(
+    op: int, body: bytes, data: bytes, readonly: bool
+) -> None:
+    dev = MemDisk(64 * BS, readonly=readonly, data=bytes(range(256)) * (64 * BS // 256))
+    before = bytes(dev.buf)
+    disk = ScsiDisk(dev, serial="fuzz", read_retry=ReadRetry(total=0), max_write_same_blocks=64)
+    rsp = disk(Cmd(bytes([op]) + body, len(data), data))
+    assert rsp.status in (scsi.SAM_STAT_GOOD, scsi.SAM_STAT_CHECK_CONDITION)
+    if rsp.status == scsi.SAM_STAT_CHECK_CONDITION:
+        key, asc, _ = sense_of(rsp)
+        assert key in (0x3, 0x4, 0x5, 0x6, 0x7, 0xE) and asc
+        assert rsp.data is None
+    if readonly:
+        assert dev.buf == before

@@ -44,6 +44,12 @@ Mapping = mmap.mmap | bytearray | memoryview
 _U32 = struct.Struct("<I")
 _HDR_UFLAGS_OFF = uapi.CmdEntryHdr.LAYOUT.offset("uflags")
 _SENSE_MAX = uapi.TCMU_SENSE_BUFFERSIZE
+# the shortest entry of each opcode: a CMD entry is answered in place (sizeof(struct
+# tcmu_cmd_entry), which the kernel always gives it); a TMR entry has its fixed part
+_MIN_LENGTH = {
+    uapi.TCMU_OP_CMD: uapi.CmdEntryRsp.STRUCT.size,
+    uapi.TCMU_OP_TMR: uapi.TMR_CMD_IDS_OFF,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +238,10 @@ class CommandRing:
                     f"entry at ring offset {off} has length {length} "
                     f"({left} bytes queued, ring of {self.cmdr_size})"
                 )
+            if length < _MIN_LENGTH.get(op, 0):
+                raise self._corrupt(
+                    f"entry at ring offset {off} of opcode {op} has only {length} bytes"
+                )
             cmd: Command | None = None
             if op == uapi.TCMU_OP_CMD:
                 cmd = self._parse_cmd(off, base, length)
@@ -250,6 +260,10 @@ class CommandRing:
             self._slots.extend(new_slots)
             self._cursor = off
             self._pending += len(cmds)
+            # PAD and TMR entries at the tail need no answer: give their space back now
+            # (the kernel sees it at the next kick)
+            if self._pass_skipped():
+                _U32.pack_into(self._mv, uapi.CMD_TAIL_OFF, self._tail)
         for t in tmrs:
             self._report_tmr(t)
         return cmds
