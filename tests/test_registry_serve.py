@@ -172,31 +172,43 @@ def test_registry_fault_mid_read_is_eio_for_that_request_only(tmp_path: Path, ex
             c = RawClient(sp.port, "ext4")
             err, data = c.read(0, 65536)
             assert err == 0 and data == want[:65536]
-            proxy.add(r"GET .*/blobs/", "reset", times=-1)  # the registry stops answering
-            failed = None
-            for at in bottom_data(ext4_image, 1 << 20):
-                n = len(proxy.requests)
-                err, data = c.read(at, 65536)
-                fetched = len(proxy.requests) > n
-                assert bool(err) == fetched, (at, err, fetched)  # EIO exactly when it had to fetch
-                if not err:
+            tried: set[int] = set()
+
+            def first_failing_read() -> int:
+                """Read bottom-layer data not read yet: EIO exactly when it had to fetch."""
+                for at in bottom_data(ext4_image, 1 << 20):
+                    if at in tried:
+                        continue
+                    tried.add(at)
+                    n = len(proxy.requests)
+                    err, data = c.read(at, 65536)
+                    fetched = len(proxy.requests) > n
+                    assert bool(err) == fetched, (at, err, fetched)
+                    if err:
+                        return at
                     assert data == want[at : at + 65536]
-                else:
-                    failed = at
-                    break
-            assert failed is not None, "every read was served from the cache"
+                raise AssertionError("every read was served from the cache")
+
+            proxy.add(r"GET .*/blobs/", "reset", times=-1)  # the registry resets
+            failed = first_failing_read()
             err, data = c.read(0, 4096)  # cached: still served
             assert err == 0 and data == want[:4096]
             proxy.clear()  # the registry is back
             err, data = c.read(failed, 65536)
             assert err == 0 and data == want[failed : failed + 65536]
-            proxy.add(r"GET .*/blobs/", "truncate", times=3)
-            at = failed + (2 << 20)  # a truncated body is retried, never kept
-            err, data = c.read(at, 1 << 20)
-            assert err == 0 and data == want[at : at + (1 << 20)]
-            c.disconnect()
-            assert sp.proc.poll() is None
-            assert sha(nbdcopy(sp.uri("ext4"), tmp_path / "all.raw")) == sha(want)
+            reg.stop()  # the registry process is gone (connections refused)
+            failed = first_failing_read()
+            with start_registry(tmp_path / "registry") as again:  # same storage, new port
+                proxy.upstream = ("127.0.0.1", again.port)
+                err, data = c.read(failed, 65536)
+                assert err == 0 and data == want[failed : failed + 65536]
+                proxy.add(r"GET .*/blobs/", "truncate", times=3)
+                at = failed + (2 << 20)  # a truncated body is retried, never kept
+                err, data = c.read(at, 1 << 20)
+                assert err == 0 and data == want[at : at + (1 << 20)]
+                c.disconnect()
+                assert sp.proc.poll() is None
+                assert sha(nbdcopy(sp.uri("ext4"), tmp_path / "all.raw")) == sha(want)
 
 
 def test_registry_down_at_open_fails_that_export_only(tmp_path: Path, ext4_image: Ext4Image) -> None:  # fmt: skip
