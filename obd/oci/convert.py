@@ -446,6 +446,7 @@ def convert(
         )
         uploads.put(hit.path, hit.digest, hit.size, f"{label}/{n}")
     result.pushed = uploads.finish()
+    store.wait_scratch()
     config_bytes, manifest_bytes, desc = image_documents(img, result.layers, opts.flatten)
     dest.put_bytes(config_bytes, "sha256:" + hashlib.sha256(config_bytes).hexdigest())
     dest.put_manifest(manifest_bytes, desc)

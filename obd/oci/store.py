@@ -11,8 +11,9 @@ the store folder:
   after the blob is complete; a layer is in the store once this record is there and the
   blob has its size. A crash leaves at most an unrecorded blob, replaced next time;
 * ``tmp/convert-<pid>-*``: the writable layer of a conversion under way (sparse files,
-  removed when the layer is committed or the conversion fails; :meth:`stale_scratch`
-  names what a killed convert left, for the command line to remove).
+  removed when the layer is committed or the conversion fails, in the background;
+  :meth:`stale_scratch` names what a killed convert left, for the command line to
+  remove).
 
 The default folder is ``$XDG_CACHE_HOME/obd`` (``~/.cache/obd``).
 """
@@ -24,6 +25,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +53,7 @@ class LayerStore:
         self.root = root
         self.layers = os.path.join(root, "layers")
         self.tmp = os.path.join(root, "tmp")
+        self._cleanups: list[threading.Thread] = []
         try:
             os.makedirs(self.layers, exist_ok=True)
             os.makedirs(self.tmp, exist_ok=True)
@@ -133,9 +136,22 @@ class LayerStore:
 
     @contextlib.contextmanager
     def scratch(self) -> Iterator[str]:
-        """A folder for one conversion's writable layer, removed afterwards."""
-        with tempfile.TemporaryDirectory(prefix=f"convert-{os.getpid()}-", dir=self.tmp) as d:
-            yield d
+        """A folder for one conversion's writable layer. It is removed afterwards in the
+        background (freeing a sparse 64 GiB file can take seconds, e.g. on a filesystem
+        mounted with ``discard``), while the next layer converts: :meth:`wait_scratch`
+        waits for that; what is left at exit is removed by the interpreter's finalizer."""
+        td = tempfile.TemporaryDirectory(prefix=f"convert-{os.getpid()}-", dir=self.tmp)
+        try:
+            yield td.name
+        finally:
+            t = threading.Thread(target=td.cleanup, name="obd-scratch-cleanup", daemon=True)
+            t.start()
+            self._cleanups.append(t)
+
+    def wait_scratch(self) -> None:
+        for t in self._cleanups:
+            t.join()
+        self._cleanups.clear()
 
     def stale_scratch(self) -> list[str]:
         """Scratch folders whose process is gone (a convert killed mid-layer)."""
