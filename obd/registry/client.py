@@ -478,7 +478,7 @@ class RegistryClient:
                 continue
             if resp.status_code < 300 and target is None and not via_p2p:
                 self._set_target(loc, url, auth)
-            if resp.status_code >= 400 and url != loc.url:
+            if resp.status_code >= 400 and resp.status_code != 416 and url != loc.url:
                 # a redirect target refusing (expired signature, gone): ask the registry again
                 self._drop_target(loc)
                 err = _status_error(resp, url)
