@@ -1354,6 +1354,69 @@ def open_ext4(dev: ReadAt, *, writable: bool = False, name: str = "image") -> Ex
 
 ProgressFn = Callable[[int], None] | None
 
-__all__ = ["Ext4", "Stat", "mkfs", "open_ext4", "read_superblock"]
+__all__ = ["Ext4", "Stat", "image_fs", "list_path", "mkfs", "open_ext4", "read_path"]
 
-_ = contextlib  # (kept for callers' ExitStack use)
+
+# reading an image's filesystem (obd ls / obd cat) ------------------------------------
+
+
+@contextlib.contextmanager
+def image_fs(path: str) -> Iterator[Ext4]:
+    """The ext4 filesystem of ``path``, read-only: an image config (its whole stack) or a
+    read-only layer file (tar-wrapped, ZFile or plain LSMT)."""
+    from obd.image import open_image, open_layers
+    from obd.image.config import is_image_config
+    from obd.io.file import open_file
+
+    with open_file(path) as f:
+        head = f.pread(0, 64)
+    stack = open_image(path, readonly=True) if is_image_config(head) else open_layers([path])
+    try:
+        with Ext4(stack, name=path) as fs:
+            yield fs
+    finally:
+        stack.close()
+
+
+def _resolve(fs: Ext4, path: str, *, follow: bool) -> int:
+    try:
+        return fs.lookup(path, follow=follow)
+    except (FileNotFoundError, NotADirectoryError):
+        from obd.errors import FileAccessError
+
+        raise FileAccessError(f"{path}: no such file in its filesystem", path=fs.name) from None
+
+
+def list_path(fs: Ext4, path: str) -> list[tuple[str, Stat, str]]:
+    """``(name, stat, symlink target)`` of the entries of directory ``path`` (sorted), or
+    of ``path`` itself when it is not a directory. A symlink at the end is followed to a
+    directory only."""
+    ino = _resolve(fs, path, follow=False)
+    st = fs.stat_inode(ino)
+    if st.kind is Kind.SYMLINK:
+        with contextlib.suppress(ObdError):
+            target = _resolve(fs, path, follow=True)
+            if fs.stat_inode(target).kind is Kind.DIR:
+                ino, st = target, fs.stat_inode(target)
+    if st.kind is not Kind.DIR:
+        name = path.rstrip("/").rsplit("/", 1)[-1] or "/"
+        return [(name, st, fs.readlink(ino) if st.kind is Kind.SYMLINK else "")]
+    return [
+        (n, s, fs.readlink(s.ino) if s.kind is Kind.SYMLINK else "") for n, s in fs.list_dir(ino)
+    ]
+
+
+def read_path(fs: Ext4, path: str) -> Iterator[bytes]:
+    """The bytes of the regular file at ``path`` (symlinks followed)."""
+    ino = _resolve(fs, path, follow=True)
+    st = fs.stat_inode(ino)
+    if st.kind is not Kind.REG:
+        from obd.errors import UsageError
+
+        raise UsageError(f"{path}: is a {st.kind.value}, not a regular file", path=fs.name)
+    left = st.size
+    for chunk in fs.iter_file(ino):
+        yield chunk[:left]
+        left -= len(chunk)
+        if left <= 0:
+            return

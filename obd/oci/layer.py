@@ -7,8 +7,9 @@ A layer is a tar (plain, gzip or zstd) of changes against the layers below it:
   removes what is at its path (a file, a symlink, or a whole tree);
 - ``DIR/.wh.NAME`` deletes ``DIR/NAME`` of the lower layers (a file or a whole tree);
 - ``DIR/.wh..wh..opq`` hides everything the lower layers had in ``DIR``, not what this
-  layer adds there; other ``.wh..wh.*`` names are AUFS metadata and ignored;
-- a whiteout only applies to lower layers: a path this layer itself adds is kept;
+  layer adds there (whatever the order of the entries); other ``.wh..wh.*`` names are
+  AUFS metadata and ignored;
+- a whiteout only applies to lower layers: what this layer itself adds is kept;
 - a hardlink names a file of this layer or of a lower one; missing parent directories
   are made (0755, root); a parent that is a symlink is followed (by the target).
 
@@ -194,7 +195,12 @@ class TarReader:
             if not hdr:
                 if at == 0:
                     raise self._bad("empty stream", at)
-                return  # no end marker: accepted, as GNU tar does
+                # tar writers end with zero blocks: a stream that stops between members
+                # was cut (GNU tar and tarfile accept it; a layer must not lose files)
+                raise CorruptError(
+                    f"the layer tar is truncated (no end-of-archive block after byte {at})",
+                    path=self.name,
+                )
             if len(hdr) < 512 and at == 0:
                 raise self._bad(f"only {len(hdr)} bytes", at)
             if len(hdr) < 512:
@@ -586,29 +592,27 @@ def apply_ops(
 ) -> ApplyCounts:
     """Apply one layer's ops to ``target`` by the rules in this module's docstring."""
     counts = ApplyCounts()
-    added: set[str] = set()  # paths this layer made: its whiteouts do not apply to them
+    layer = _LayerPaths()
     for op, data in ops:
         counts.entries += 1
         if isinstance(op, Whiteout):
             counts.whiteouts += 1
-            if op.path and op.path not in added and target.kind_of(op.path) is not None:
-                target.remove(op.path)
+            if op.path and op.path not in layer.added and target.kind_of(op.path) is not None:
+                _hide(target, op.path, layer)
             continue
         if isinstance(op, Opaque):
             counts.opaques += 1
-            if target.kind_of(op.path) is Kind.DIR if op.path else True:
+            if not op.path or target.kind_of(op.path) is Kind.DIR:
                 for child in target.children(op.path):
-                    p = join(op.path, child)
-                    if p not in added:
-                        target.remove(p)
+                    _hide(target, join(op.path, child), layer)
             continue
-        _ensure_parents(op, target, added)
+        _ensure_parents(op, target, layer)
         existing = target.kind_of(op.path) if op.path else Kind.DIR
         if op.kind is Kind.DIR:
             counts.dirs += 1
             if existing is Kind.DIR:
                 target.update_dir(op)
-                added.add(op.path)
+                layer.add(op.path)
                 continue
         elif not op.path:
             raise CorruptError(f"the root is a {op.kind.value}, not a directory", path=name)
@@ -617,6 +621,11 @@ def apply_ops(
             if op.linkname == op.path:
                 continue
             k = target.kind_of(op.linkname) if op.linkname else Kind.DIR
+            if op.linkname.startswith(op.path + "/"):
+                raise CorruptError(
+                    f"hardlink {op.path} -> {op.linkname}: the target is inside the link",
+                    path=name,
+                )
             if k is None or k is Kind.DIR:
                 what = "a directory" if k is Kind.DIR else "nothing"
                 raise CorruptError(
@@ -632,13 +641,38 @@ def apply_ops(
             if op.kind is Kind.REG:
                 counts.files += 1
                 counts.bytes += op.size
-        added.add(op.path)
+        layer.add(op.path)
     return counts
 
 
-def _ensure_parents(op: Entry, target: Target, added: set[str]) -> None:
+class _LayerPaths:
+    """The paths one layer made (``added``) and every folder above one (``above``)."""
+
+    def __init__(self) -> None:
+        self.added: set[str] = set()
+        self.above: set[str] = set()
+
+    def add(self, path: str) -> None:
+        self.added.add(path)
+        p = parent_of(path)
+        while p and p not in self.above:
+            self.above.add(p)
+            p = parent_of(p)
+
+
+def _hide(target: Target, path: str, layer: _LayerPaths) -> None:
+    """Remove what the lower layers have at ``path``, keeping what this layer made."""
+    if path in layer.added or path in layer.above:
+        if target.kind_of(path) is Kind.DIR:
+            for child in target.children(path):
+                _hide(target, join(path, child), layer)
+        return
+    target.remove(path)
+
+
+def _ensure_parents(op: Entry, target: Target, layer: _LayerPaths) -> None:
     parent = parent_of(op.path)
-    if not parent or parent in added:
+    if not parent:
         return
     missing: list[str] = []
     while parent:
@@ -651,4 +685,4 @@ def _ensure_parents(op: Entry, target: Target, added: set[str]) -> None:
         parent = parent_of(parent)
     for p in reversed(missing):
         target.create(implicit_dir(p, op), None)
-        added.add(p)
+        layer.add(p)
