@@ -494,6 +494,24 @@ def test_retry_after_is_bounded(shared_registry: tuple[Registry, str]) -> None:
         assert e.value.reason == "Too many requests"
 
 
+def test_retry_after_http_date_and_manifest_faults(shared_registry: tuple[Registry, str]) -> None:  # fmt: skip
+    import email.utils
+
+    from obd.registry.client import _retry_after
+
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    r = httpx.Response(429, headers={"Retry-After": when})
+    assert 25 < (_retry_after(r) or 0) <= 31
+    assert _retry_after(httpx.Response(429, headers={"Retry-After": "soon"})) is None
+    reg, _ = shared_registry
+    img = reg.push_overlaybd_image("ns/m", "v1", [b"layer-bytes"])
+    with fault_proxy(reg) as proxy, client(timeout=0.5) as c:
+        proxy.add("GET /v2/ns/m/manifests/", "status", times=1, code=503)
+        proxy.add("GET /v2/ns/m/manifests/", "truncate", times=1, keep=10)
+        assert c.get_manifest(reg.host, "ns/m", "v1")[0] == img.manifest
+        assert proxy.count("GET /v2/ns/m/manifests/") == 3
+
+
 # concurrency
 
 
