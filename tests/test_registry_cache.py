@@ -357,6 +357,16 @@ def test_startup_scan_counts_existing_files_and_evicts_them(tmp_path: Path) -> N
     cache.close()
 
 
+def test_one_process_per_cache_folder(tmp_path: Path) -> None:
+    from obd.errors import FileAccessError
+
+    cache = FileCache(str(tmp_path), capacity=GiB, refill_size=UNIT, interval=None)
+    with pytest.raises(FileAccessError, match="in use by this process"):
+        FileCache(str(tmp_path), capacity=GiB, refill_size=UNIT, interval=None)
+    cache.close()
+    FileCache(str(tmp_path), capacity=GiB, refill_size=UNIT, interval=None).close()
+
+
 def test_other_refill_size_resets_the_blob(tmp_path: Path) -> None:
     data = blob_bytes(32, 20 * UNIT)
     cache = FileCache(str(tmp_path), capacity=GiB, refill_size=UNIT, interval=None)

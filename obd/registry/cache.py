@@ -36,6 +36,9 @@ the journal is emptied and fsynced first, then the data is dropped (an open blob
 emptied and moved to the most recently used end, a closed one is unlinked). Each pass
 that evicts writes an ``eviction`` audit line (§8.8). Usage counts cached units (each
 rounded up to 4 KiB); files found at startup count their allocated blocks.
+
+One process uses a cache folder at a time (``flock`` of ``<cacheDir>/.lock``): a second
+one gets a :class:`~obd.errors.FileAccessError` naming the holder.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from dataclasses import dataclass, field
 
 from obd.errors import FileAccessError, RemoteError
 from obd.io.file import LocalFile, _fsync_dir, _unlink, open_file
+from obd.io.lock import lock_writer
 
 log = logging.getLogger("obd.registry.cache")
 
@@ -182,6 +186,14 @@ class FileCache:
             raise FileAccessError(
                 f"cannot create the cache folder: {e.strerror}", path=cache_dir
             ) from None
+        # one process per cache folder: another one's eviction would punch bytes this one
+        # still counts as cached
+        self._lockf = open_file(os.path.join(cache_dir, ".lock"), writable=True, create=True)
+        try:
+            lock_writer(self._lockf.fd, cache_dir)
+        except BaseException:
+            self._lockf.close()
+            raise
         self._scan()
         self._committer = threading.Thread(
             target=self._commit_loop, name="cache-commit", daemon=True
@@ -379,6 +391,7 @@ class FileCache:
         self._commit_wake.set()
         self._committer.join(30)
         self.commit()
+        self._lockf.close()
 
 
 @dataclass
