@@ -356,6 +356,28 @@ def test_feed_releases_every_buffer_once() -> None:
         assert bytes(out.buf) == zcompress(data)
 
 
+@pytest.mark.parametrize("offset", [0, 5000, 1 << 16])
+def test_decompress_to_local_file_mapped(tmp_path: Any, offset: int) -> None:
+    """A local output is filled through a shared mapping (workers decode into the page
+    cache): right bytes at ``offset``, what lies before it untouched, and a bad block
+    raises CorruptError like the pwrite path (MemFile)."""
+    data = mixed(6 << 20) + b"end"
+    blob = zcompress(data)
+    p = tmp_path / "out.bin"
+    for threads in (1, 2):
+        p.write_bytes(b"\xaa" * offset)
+        with open_file(p, writable=True) as o:
+            assert decompress_to(zread(blob), o, threads=threads, offset=offset) == len(data)
+        got = p.read_bytes()
+        assert got[:offset] == b"\xaa" * offset and got[offset:] == data
+    r = zread(blob)
+    bad = bytearray(blob)
+    bad[int(r.offsets[700]) + 3] ^= 0xFF
+    for threads in (1, 2):
+        with open_file(p, writable=True) as o, pytest.raises(CorruptError, match="block 700"):
+            decompress_to(zread(bytes(bad)), o, threads=threads)
+
+
 def test_write_accepts_any_buffer() -> None:
     arr = np.arange(5000, dtype="<u4")
     out = MemFile()

@@ -21,6 +21,7 @@ from obd.errors import UnsupportedError
 from obd.formats import crc
 from obd.formats.codecs import PROBLEM_CRC, Codec, get_codec
 from obd.formats.problem import CORRUPTION, ERROR, LEAK, Problem
+from obd.formats.zfile.bufio import read_into
 from obd.formats.zfile.layout import (
     FLAG_BITS,
     HT_OFF,
@@ -264,13 +265,18 @@ def block_problems(
     def work(r: tuple[int, int]) -> tuple[int, list[tuple[int, str]], int]:
         s, e = r
         so, eo = int(offsets[s]), int(offsets[e])
-        stored = src.pread(so, eo - so)
+        # per-thread buffers, recycled: the stored run is read into one in place
         buf = getattr(local, "buf", None)
         if buf is None or len(buf) < per * bs:
             buf = local.buf = bytearray(per * bs)
-        lens = lengths[s:e].tolist()
+        room = getattr(local, "stored", None)
+        if room is None or len(room) < eo - so:
+            room = local.stored = bytearray(eo - so + (1 << 16))
+        stored = memoryview(room)[: read_into(src, so, memoryview(room)[: eo - so])]
+        lens = lengths[s:e]  # a numpy slice: the batch call takes the buffer as it is
         if len(stored) < eo - so:
             # truncated: check what is there, report the rest
+            lens = lens.tolist()
             have, pos, k = len(stored), 0, 0
             while k < len(lens) and pos + lens[k] <= have:
                 pos += lens[k]
