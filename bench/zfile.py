@@ -27,6 +27,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+# the checkout this file lives in, not whatever obd is installed (before/after worktrees)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import obd
 from obd.formats.codecs import Codec, fallback_codec, get_codec, have_extension
 from obd.formats.zfile import ZFileReader, compress_file, decompress_to
 from obd.io.cpu import cores
@@ -149,7 +153,9 @@ def bench_algo(
     ratio_tool = os.path.getsize(ref) / size
 
     py = [sys.executable, "-m", "commands.main", "zfile"]
+    repo = os.path.dirname(os.path.dirname(obd.__file__))
     ext_env = {k: v for k, v in os.environ.items() if k != "OBD_NO_EXT"}
+    ext_env["PYTHONPATH"] = repo  # the CLI of the same checkout
     for label, env in (("obd", ext_env), ("obd no-ext", {**ext_env, "OBD_NO_EXT": "1"})):
         for t in sorted({1, threads}):
 
@@ -284,6 +290,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
     load1 = os.getloadavg()[0]
+    print(f"obd from {obd.__file__}")
     print(
         f"\n{args.size_mib} MiB mixed file, {cpu} cores (load average {load0:.1f} -> "
         f"{load1:.1f}), 4 KiB blocks, CRC on, best of {REPEAT}, every output synced.\n"
