@@ -403,11 +403,14 @@ def verify_blocks(src: ReadAt, *, path: str | None = None) -> list[tuple[int, in
     offsets, lengths = r.offsets, r.lengths
     n = r.nblocks
     s = 0
+    room = bytearray()  # recycled: each run's stored bytes are read into it in place
     while s < n:
         limit = int(offsets[s]) + (8 << 20)
         e = min(max(int(np.searchsorted(offsets, limit, side="right")) - 1, s + 1), n)
         so, eo = int(offsets[s]), int(offsets[e])
-        stored = src.pread(so, eo - so)
+        if len(room) < eo - so:
+            room = bytearray(max(eo - so, (8 << 20) + (1 << 17)))
+        stored = memoryview(room)[: read_into(src, so, memoryview(room)[: eo - so])]
         if len(stored) < eo - so:  # the source shrank under us: the rest is missing
             got = so + len(stored)
             e = max(int(np.searchsorted(offsets, got, side="right")) - 1, s)
