@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -173,7 +174,12 @@ def main() -> None:
                 nk = subprocess.Popen(["nbdkit", "-f", "-r", "-i", "127.0.0.1", "-p", str(port), "curl", url],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
                 try:
-                    time.sleep(0.5)
+                    deadline = time.monotonic() + 20
+                    while time.monotonic() < deadline:
+                        with contextlib.suppress(OSError):
+                            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                            break
+                        time.sleep(0.05)
                     t = copy_seconds(f"nbd://127.0.0.1:{port}")
                     rows.append(("nbdkit curl of the bottom blob: nbdcopy", f"{t:.2f} s", f"{big / MiB / t:.0f} blob MiB/s"))  # fmt: skip
                 finally:

@@ -25,8 +25,10 @@ fsync cover every fill since the previous round). Concurrent readers of one miss
 fetch it once. A write that fails (ENOSPC...) still returns the data, uncached. A miss
 that continues the units just before it (cached or being fetched) is sequential: it also
 starts fetching the next units in the background, a window that doubles with each
-sequential miss up to 32 units and drops to none on a miss elsewhere (registries answer
-a range in milliseconds whatever its size: one large request beats many small ones).
+sequential miss up to 32 units and drops to none on a miss elsewhere; a read that reaches
+the first unit of the last window starts the next one, so a sequential reader does not
+stall at each window's end (registries answer a range in milliseconds whatever its size:
+one large request beats many small ones).
 
 Capacity (bytes; ``cacheSizeGB`` GiB from the config): watermark = max(0.9 C, C - 50 GiB),
 risk mark = max(C - 5 GiB, (watermark + C) / 2). A timer pass every 10 s evicts
@@ -416,6 +418,8 @@ class CachedBlob:
         self.pending: list[tuple[int, int]] = []  # (first unit, count) written, not journaled
         self.inflight: dict[int, _Fill] = {}
         self.ra_window = 0  # units fetched ahead of a sequential miss
+        self.ra_trigger = -1  # first unit of the last window: a read there starts the next
+        self.ra_next = 0  # the unit after the last window
         self.gen = 0  # bumped by every drop: a read that saw another gen retries
         self.epoch = 0  # bumped by a whole reset: fills of an older epoch are not kept
         self.jlock = threading.Lock()  # journal writers (commit, drop, reset)
@@ -533,7 +537,7 @@ class CachedBlob:
                 for u in claim:
                     self.inflight[u] = _Fill()
                 waits = [self.inflight[u] for u in absent if u not in claim]
-                ahead = self._readahead(claim, u1) if claim and pool is not None else []
+                ahead = self._readahead(claim, u0, u1) if pool is not None else []
             if ahead:
                 assert pool is not None
                 self._prefetch(ahead, fetch, pool)
@@ -616,19 +620,26 @@ class CachedBlob:
         finally:
             self._release(units)
 
-    def _readahead(self, claim: list[int], end: int) -> list[int]:
-        """Under the lock: units to fetch ahead of a miss (claimed here), see the module doc."""
-        first = claim[0]
-        if first > 0 and (self.present[first - 1] or first - 1 in self.inflight):
-            self.ra_window = min(max(1, self.ra_window * 2), READAHEAD_UNITS)
+    def _readahead(self, claim: list[int], u0: int, u1: int) -> list[int]:
+        """Under the lock: units to fetch ahead (claimed here), see the module doc."""
+        if claim:
+            first = claim[0]
+            if not (first > 0 and (self.present[first - 1] or first - 1 in self.inflight)):
+                self.ra_window = 0  # a miss elsewhere
+                return []
+            start = u1
+        elif self.ra_window and u0 <= self.ra_trigger < u1:
+            start = self.ra_next  # the reader entered the last window: start the next one
         else:
-            self.ra_window = 0
             return []
+        self.ra_window = min(max(1, self.ra_window * 2), READAHEAD_UNITS)
+        end = min(start + self.ra_window, self.nunits)
         ahead = []
-        for u in range(end, min(end + self.ra_window, self.nunits)):
+        for u in range(start, end):
             if not self.present[u] and u not in self.inflight:
                 self.inflight[u] = _Fill()
                 ahead.append(u)
+        self.ra_trigger, self.ra_next = start, end
         return ahead
 
     def _prefetch(self, units: list[int], fetch: Fetch, pool: Executor) -> None:
