@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from pathlib import Path
 
 import pytest
@@ -105,10 +106,24 @@ SIZES = [5 * UNIT + 123, 9 * UNIT, 3 * UNIT + 1, 12 * UNIT - 7]
 BLOBS = {key_of(d): d for d in (blob_bytes(i, s) for i, s in enumerate(SIZES))}
 KEYS = sorted(BLOBS)
 
+
+class InlineExecutor(Executor):
+    """Runs each task at submit: spans and readahead happen in a known order."""
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        f: Future[object] = Future()
+        try:
+            f.set_result(fn(*args, **kwargs))
+        except BaseException as e:
+            f.set_exception(e)
+        return f
+
+
 op = st.one_of(
     st.tuples(
         st.just("read"), st.integers(0, 3), st.integers(0, 12 * UNIT), st.integers(0, 6 * UNIT)
     ),
+    st.tuples(st.just("seq"), st.integers(0, 3), st.integers(0, 11), st.integers(1, 8)),
     st.tuples(
         st.just("evict"), st.integers(0, 3), st.integers(0, 12 * UNIT), st.integers(1, 3 * UNIT)
     ),
@@ -127,6 +142,7 @@ def test_cache_model(
     folder = tmp_path_factory.mktemp("cache")
     capacity = capacity_units * UNIT
     sources = {k: Source(d) for k, d in BLOBS.items()}
+    inline = InlineExecutor()
     cache = FileCache(str(folder), capacity=capacity, refill_size=UNIT, reserve=0, interval=None)
     handles = {k: cache.open(k, len(d)) for k, d in BLOBS.items()}
     try:
@@ -143,6 +159,15 @@ def test_cache_model(
                     assert len(src.calls) == before, "a cached range was fetched"
                 for lo, ln in src.calls[before:]:
                     assert lo % UNIT == 0 and (ln % UNIT == 0 or lo + ln == len(data))
+                assert cache.usage <= max(cache.risk, 0), (cache.usage, cache.risk)
+            elif o[0] == "seq":  # unit by unit, with readahead
+                _, b, first, n = o
+                key = KEYS[b]
+                data, h, src = BLOBS[key], handles[key], sources[key]
+                for u in range(first, first + n):
+                    got = h.read(u * UNIT, UNIT, src.fetch, inline)
+                    assert got == data[u * UNIT : (u + 1) * UNIT]
+                assert not h.inflight
                 assert cache.usage <= max(cache.risk, 0), (cache.usage, cache.risk)
             elif o[0] == "evict":
                 _, b, off, n = o
