@@ -190,10 +190,11 @@ class BuiltImage:
 
 
 def build_image(
-    layers: Sequence[Sequence[Entry]], *, gzip_layers: Sequence[bool] | bool = False,
-    docker: bool = False,
+    layers: Sequence[Sequence[Entry]], *, gzip_layers: Sequence[bool | str] | bool = False,
+    docker: bool = False, architecture: str = "amd64",
 ) -> BuiltImage:  # fmt: skip
-    """An image of ``layers`` (OCI media types; Docker's with ``docker``)."""
+    """An image of ``layers`` (OCI media types; Docker's with ``docker``); a layer's entry
+    in ``gzip_layers`` is False (plain tar), True (gzip) or ``"zstd"``."""
     if isinstance(gzip_layers, bool):
         gzip_layers = [gzip_layers] * len(layers)
     blobs: dict[str, bytes] = {}
@@ -202,15 +203,19 @@ def build_image(
         tar = layer_tar(entries)
         tars.append(tar)
         diff_ids.append(sha256(tar))
-        blob = gzip.compress(tar, mtime=0) if gz else tar
-        if docker:
-            mt = A.MT_DOCKER_LAYER_GZIP if gz else A.MT_DOCKER_LAYER
+        if gz == "zstd":
+            import zstandard
+
+            blob, mt = zstandard.ZstdCompressor().compress(tar), A.MT_OCI_LAYER_ZSTD
+        elif gz:
+            blob = gzip.compress(tar, mtime=0)
+            mt = A.MT_DOCKER_LAYER_GZIP if docker else A.MT_OCI_LAYER_GZIP
         else:
-            mt = A.MT_OCI_LAYER_GZIP if gz else A.MT_OCI_LAYER
+            blob, mt = tar, A.MT_DOCKER_LAYER if docker else A.MT_OCI_LAYER
         blobs[sha256(blob)] = blob
         descs.append({"mediaType": mt, "digest": sha256(blob), "size": len(blob)})
     config = {
-        "architecture": "amd64",
+        "architecture": architecture,
         "os": "linux",
         "created": "2026-01-01T00:00:00Z",
         "config": {"Env": ["PATH=/usr/bin:/bin"], "Cmd": ["/bin/sh"]},
@@ -248,6 +253,28 @@ def write_oci_layout(img: BuiltImage, folder: Path, tag: str | None = "latest") 
         entry["annotations"] = {A.REF_NAME: tag}
     index = {"schemaVersion": 2, "mediaType": A.MT_OCI_INDEX, "manifests": [entry]}
     (folder / "index.json").write_text(json.dumps(index))
+    return folder
+
+
+def write_multi_platform_layout(images: dict[str, BuiltImage], folder: Path, tag: str) -> Path:
+    """An OCI layout whose ``tag`` names an image index over ``images`` (platform
+    ``linux/<arch>`` -> image)."""
+    write_oci_layout(next(iter(images.values())), folder, tag=None)
+    for img in images.values():
+        for digest, data in img.blobs.items():
+            (folder / "blobs" / "sha256" / digest.split(":")[1]).write_bytes(data)
+    index = json.dumps({
+        "schemaVersion": 2, "mediaType": A.MT_OCI_INDEX,
+        "manifests": [{"mediaType": img.manifest["mediaType"], "digest": img.digest,
+                       "size": len(img.manifest_bytes),
+                       "platform": {"os": "linux", "architecture": arch}}
+                      for arch, img in images.items()],
+    }).encode()  # fmt: skip
+    (folder / "blobs" / "sha256" / sha256(index).split(":")[1]).write_bytes(index)
+    top = {"schemaVersion": 2, "mediaType": A.MT_OCI_INDEX, "manifests": [
+        {"mediaType": A.MT_OCI_INDEX, "digest": sha256(index), "size": len(index),
+         "annotations": {A.REF_NAME: tag}}]}  # fmt: skip
+    (folder / "index.json").write_text(json.dumps(top))
     return folder
 
 

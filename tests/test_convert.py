@@ -39,6 +39,7 @@ from tests.oci_helpers import (
     push_image,
     sha256,
     write_docker_archive,
+    write_multi_platform_layout,
     write_oci_layout,
 )
 
@@ -136,6 +137,24 @@ def test_sources_give_the_same_image(tmp_path: Path, form: str) -> None:
             )
             tar = img.layer_tars[i]
             assert data == tar or __import__("gzip").decompress(data) == tar
+
+
+def test_platform_from_an_index(tmp_path: Path) -> None:
+    images = {
+        "amd64": build_image(LAYERS[:1], architecture="amd64"),
+        "arm64": build_image(LAYERS[:2], architecture="arm64", gzip_layers=[False, "zstd"]),
+    }
+    lay = write_multi_platform_layout(images, tmp_path / "multi", "v1")
+    with open_source(f"oci:{lay}:v1") as src:
+        assert src.digest == images["amd64"].digest
+    with open_source(f"oci:{lay}:v1", platform="linux/arm64") as src:
+        assert src.digest == images["arm64"].digest and len(src.layers) == 2
+        assert src.layers[1].media_type == A.MT_OCI_LAYER_ZSTD
+    with (
+        pytest.raises(UnsupportedError, match="no manifest for platform linux/s390x"),
+        open_source(f"oci:{lay}:v1", platform="linux/s390x"),
+    ):
+        pass
 
 
 def test_docker_archive_tags(tmp_path: Path) -> None:
@@ -280,7 +299,7 @@ def read_layout(lay: Path, tag: str) -> tuple[dict[str, Any], dict[str, Any], di
 
 @needs_debugfs
 def test_convert_layout_to_layout(tmp_path: Path) -> None:
-    img = build_image(LAYERS, gzip_layers=[True, False, True])
+    img = build_image(LAYERS, gzip_layers=[True, False, "zstd"])
     src = write_oci_layout(img, tmp_path / "src", tag="v1")
     res = convert_cli(tmp_path, f"oci:{src}:v1", f"oci:{tmp_path / 'dst'}:obd", "--config-out", tmp_path / "cfg.json")  # fmt: skip
     assert [la["reused"] for la in res["layers"]] == [False] * 3
@@ -327,6 +346,10 @@ def test_store_reuse_flatten_and_docker_archive(tmp_path: Path) -> None:
     assert [la["reused"] for la in dock["layers"]] == [True, True, True]
     manifest, config, blobs = read_layout(tmp_path / "c", "d")
     check_aci_shape(manifest, config, blobs, img.config, oci=False)
+    # plain LSMT layers (--no-z), still tar-wrapped
+    plain = convert_cli(tmp_path, f"oci:{src}", f"oci:{tmp_path / 'p'}", "--no-z")
+    assert [la["reused"] for la in plain["layers"]] == [False, False, False]
+    assert inspect_file(plain["layers"][0]["file"]).wrappers == ["tar"]
     # another algorithm is another conversion
     zstd = convert_cli(tmp_path, f"oci:{src}", f"oci:{tmp_path / 'z'}", "--algorithm", "zstd", "--bs", "16")  # fmt: skip
     assert [la["reused"] for la in zstd["layers"]] == [False, False, False]
