@@ -418,6 +418,10 @@ def test_close_releases_the_mmap() -> None:
     ring2.close()
     assert ring2.complete(cmd, scsi.GOOD) is False
     mm2.close()
+    bad = mmap.mmap(-1, 4096)  # version 0: refused, and the view of it let go
+    with pytest.raises(UnsupportedError):
+        CommandRing(bad)
+    bad.close()
 
 
 # --- hypothesis: random I/O through ring + SCSI against a bytearray model -----------------

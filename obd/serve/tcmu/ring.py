@@ -6,8 +6,9 @@ The kernel appends entries at ``cmd_head`` and userspace consumes from ``cmd_tai
 
 - :meth:`CommandRing.poll` reads ``cmd_head`` once, then the entries from its cursor up to
   that head: PAD entries are skipped, TMR entries are reported to ``on_tmr`` and skipped,
-  entries of an unknown opcode get ``TCMU_UFLAG_UNKNOWN_OP`` and are skipped, CMD entries
-  become :class:`Command` objects (CDB and iovecs copied out of the ring at once).
+  entries of an unknown opcode get ``TCMU_UFLAG_UNKNOWN_OP`` and are skipped (the tail
+  passes skipped entries at once when nothing before them waits), CMD entries become
+  :class:`Command` objects (CDB and iovecs copied out of the ring at once).
 - :meth:`CommandRing.complete` (any thread) copies a data-in answer into the command's
   iovecs, writes the response (``scsi_status``, ``sense_buffer``, ``read_len``) and moves
   ``cmd_tail`` over every entry it may pass. Without ``TCMU_MAILBOX_FLAG_CAP_OOOC`` the tail
@@ -56,8 +57,8 @@ _MIN_LENGTH = {
 class Tmr:
     """A task management request the kernel queued (``struct tcmu_tmr_entry``).
 
-    Informational: the kernel has already decided; ``cmd_ids`` are the commands it
-    aborts (their completions are still written and simply ignored by the kernel).
+    Informational: ``cmd_ids`` are the commands in the ring it aborts; the kernel still
+    waits for their answers, which are given as usual.
     """
 
     tmr_type: int
@@ -169,6 +170,26 @@ class CommandRing:
         self._mv = self._views[-1]
         self.name = name
         self.on_tmr = on_tmr
+        try:
+            mb = self._check_mailbox()
+        except BaseException:
+            self._release()  # so that the caller can close its mmap
+            raise
+        self.flags = mb.flags
+        self.cmdr_off = mb.cmdr_off
+        self.cmdr_size = mb.cmdr_size
+        self.data_off = mb.cmdr_off + mb.cmdr_size
+        self.ooo = bool(mb.flags & uapi.TCMU_MAILBOX_FLAG_CAP_OOOC)
+        self.read_len = bool(mb.flags & uapi.TCMU_MAILBOX_FLAG_CAP_READ_LEN)
+        self._tail = mb.cmd_tail
+        self._cursor = mb.cmd_tail  # next entry poll() reads
+        self._slots: collections.deque[_Slot] = collections.deque()
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._closed = False
+
+    def _check_mailbox(self) -> uapi.Mailbox:
+        name = self.name
         size = len(self._mv)
         if size < uapi.Mailbox.STRUCT.size:
             raise CorruptError(f"TCMU mapping of {size} bytes holds no mailbox", path=name)
@@ -191,18 +212,7 @@ class CommandRing:
                 f"cmdr_size={mb.cmdr_size}, cmd_tail={mb.cmd_tail}, mapping={size})",
                 path=name,
             )
-        self.flags = mb.flags
-        self.cmdr_off = mb.cmdr_off
-        self.cmdr_size = mb.cmdr_size
-        self.data_off = mb.cmdr_off + mb.cmdr_size
-        self.ooo = bool(mb.flags & uapi.TCMU_MAILBOX_FLAG_CAP_OOOC)
-        self.read_len = bool(mb.flags & uapi.TCMU_MAILBOX_FLAG_CAP_READ_LEN)
-        self._tail = mb.cmd_tail
-        self._cursor = mb.cmd_tail  # next entry poll() reads
-        self._slots: collections.deque[_Slot] = collections.deque()
-        self._lock = threading.Lock()
-        self._pending = 0
-        self._closed = False
+        return mb
 
     # --- consuming --------------------------------------------------------------------
     def head(self) -> int:
@@ -430,5 +440,8 @@ class CommandRing:
         """
         with self._lock:
             self._closed = True
-            for view in reversed(self._views):
-                view.release()
+            self._release()
+
+    def _release(self) -> None:
+        for view in reversed(self._views):
+            view.release()
