@@ -310,6 +310,7 @@ def test_bad_input_one_line_errors(tmp_path: Path) -> None:
     e2fsck(raw)
 
 
+@pytest.mark.slow
 def test_many_files(tmp_path: Path) -> None:
     """A 100,000-file layer (in 1,000 folders), whose result e2fsck passes."""
     n = 100_000
@@ -333,7 +334,7 @@ def test_many_files(tmp_path: Path) -> None:
     print(f"100,000 files applied in {took:.1f} s")
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(layers=layer_sequences())
 def test_random_layers_match_the_model(tmp_path_factory: pytest.TempPathFactory, layers: list[list[E]]) -> None:  # fmt: skip
     assume(valid_sequence(layers))

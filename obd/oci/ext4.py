@@ -64,6 +64,7 @@ INCOMPAT_RECOVER = 0x0004
 INCOMPAT_JOURNAL_DEV = 0x0008
 INCOMPAT_EXTENTS = 0x0040
 FEATURE_EXTENTS = INCOMPAT_EXTENTS
+RO_COMPAT_BIGALLOC = 0x0200
 EXTENTS_FL = 0x80000
 FALLOCATE_FORCE_INIT = 0x2
 FALLOCATE_INIT_BEYOND_EOF = 0x8
@@ -133,14 +134,14 @@ class _IoChannel(ctypes.Structure):
 
 
 _OPEN = ctypes.CFUNCTYPE(errcode_t, c_char_p, c_int, ctypes.POINTER(ctypes.POINTER(_IoChannel)))
-_CLOSE = ctypes.CFUNCTYPE(errcode_t, ctypes.POINTER(_IoChannel))
-_SET_BLKSIZE = ctypes.CFUNCTYPE(errcode_t, ctypes.POINTER(_IoChannel), c_int)
-_RW_BLK = ctypes.CFUNCTYPE(errcode_t, ctypes.POINTER(_IoChannel), c_ulong, c_int, c_void_p)
-_FLUSH = ctypes.CFUNCTYPE(errcode_t, ctypes.POINTER(_IoChannel))
-_WRITE_BYTE = ctypes.CFUNCTYPE(errcode_t, ctypes.POINTER(_IoChannel), c_ulong, c_int, c_void_p)
-_SET_OPTION = ctypes.CFUNCTYPE(errcode_t, ctypes.POINTER(_IoChannel), c_char_p, c_char_p)
-_RW_BLK64 = ctypes.CFUNCTYPE(errcode_t, ctypes.POINTER(_IoChannel), c_ulonglong, c_int, c_void_p)
-_RANGE64 = ctypes.CFUNCTYPE(errcode_t, ctypes.POINTER(_IoChannel), c_ulonglong, c_ulonglong)
+_CLOSE = ctypes.CFUNCTYPE(errcode_t, c_void_p)
+_SET_BLKSIZE = ctypes.CFUNCTYPE(errcode_t, c_void_p, c_int)
+_RW_BLK = ctypes.CFUNCTYPE(errcode_t, c_void_p, c_ulong, c_int, c_void_p)
+_FLUSH = ctypes.CFUNCTYPE(errcode_t, c_void_p)
+_WRITE_BYTE = ctypes.CFUNCTYPE(errcode_t, c_void_p, c_ulong, c_int, c_void_p)
+_SET_OPTION = ctypes.CFUNCTYPE(errcode_t, c_void_p, c_char_p, c_char_p)
+_RW_BLK64 = ctypes.CFUNCTYPE(errcode_t, c_void_p, c_ulonglong, c_int, c_void_p)
+_RANGE64 = ctypes.CFUNCTYPE(errcode_t, c_void_p, c_ulonglong, c_ulonglong)
 
 
 class _IoManager(ctypes.Structure):
@@ -238,6 +239,7 @@ class _Lib:
             "ext2fs_extent_goto": (errcode_t, [P, ctypes.c_uint64]),
             "ext2fs_extent_get": (errcode_t, [P, c_int, P]),
             "ext2fs_extent_free": (None, [P]),
+            "ext2fs_alloc_range": (errcode_t, [P, c_int, ctypes.c_uint64, U32, P]),
         }
         for fname, (res, args) in sig.items():
             f = getattr(lib, fname)
@@ -383,21 +385,23 @@ class _DataWriter:
         self.length = 0
         self.parts: list[bytes] = []
 
-    def put(self, offset: int, data: bytes) -> None:
+    def put(self, offset: int, data: bytes, pad: int = 0) -> None:
+        """``data`` and ``pad`` zero bytes at ``offset`` (block aligned, whole blocks)."""
         ch = self.channel
         bs = ch.bs
+        n = len(data) + pad
         if ch.cache:
-            for b in range(offset // bs, (offset + len(data)) // bs):
+            for b in range(offset // bs, (offset + n) // bs):
                 if ch.cache.pop(b, None) is not None:
                     ch.dirty.discard(b)
-        if self.length and (
-            offset != self.start + self.length or self.length + len(data) > RUN_BYTES
-        ):
+        if self.length and (offset != self.start + self.length or self.length + n > RUN_BYTES):
             self.flush()
         if not self.length:
             self.start = offset
         self.parts.append(data)
-        self.length += len(data)
+        if pad:
+            self.parts.append(bytes(pad))
+        self.length += n
 
     def flush(self) -> None:
         if not self.length:
@@ -439,8 +443,8 @@ class _Manager:
         self.pending[name] = ch
         return name
 
-    def _ch(self, p: Any) -> _Channel:
-        return self.open_channels[ctypes.addressof(p.contents)]
+    def _ch(self, p: int) -> _Channel:
+        return self.open_channels[p]
 
     def _open(self, name: bytes, flags: int, out: Any) -> int:
         ch = self.pending.pop(name, None)
@@ -459,7 +463,8 @@ class _Manager:
 
     def _close(self, p: Any) -> int:
         ch = self._ch(p)
-        s = p.contents
+        s = ch.struct
+        assert s is not None
         s.refcount -= 1
         if s.refcount > 0:
             return 0
@@ -479,7 +484,8 @@ class _Manager:
         except BaseException as e:
             ch.error = e
             return ET_SHORT_WRITE
-        p.contents.block_size = bs
+        assert ch.struct is not None
+        ch.struct.block_size = bs
         return 0
 
     def _read(self, p: Any, block: int, count: int, data: int) -> int:
@@ -561,6 +567,7 @@ class Superblock:
     inode_size: int
     block_size: int
     feature_incompat: int
+    feature_ro_compat: int
     blocks: int
     free_blocks: int
 
@@ -573,12 +580,13 @@ def read_superblock(dev: ReadAt, name: str) -> Superblock:
     log_bs = struct.unpack_from("<I", raw, 24)[0]
     rev = struct.unpack_from("<I", raw, 76)[0]
     isz = struct.unpack_from("<H", raw, 88)[0] if rev >= 1 else 128
-    incompat = struct.unpack_from("<I", raw, 96)[0]
+    incompat, ro_compat = struct.unpack_from("<II", raw, 96)
     blocks_hi, _, free_hi = struct.unpack_from("<III", raw, 0x150)
     return Superblock(
         inode_size=isz,
         block_size=1024 << log_bs,
         feature_incompat=incompat,
+        feature_ro_compat=ro_compat,
         blocks=blocks_lo | (blocks_hi << 32 if incompat & 0x80 else 0),
         free_blocks=free_lo | (free_hi << 32 if incompat & 0x80 else 0),
     )
@@ -624,6 +632,9 @@ class Ext4:
             raise UnsupportedError("is an ext4 external journal, not a filesystem", path=name)
         self.isz = min(self.sb.inode_size, 256)
         self.extents = bool(self.sb.feature_incompat & INCOMPAT_EXTENTS)
+        # small files get one contiguous extent of their own (not with bigalloc clusters)
+        self.one_extent = self.extents and not self.sb.feature_ro_compat & RO_COMPAT_BIGALLOC
+        self._goal = 0  # where the next small file's blocks are looked for
         self.channel = _Channel(dev, writable)
         if writable:
             self.channel.data = _DataWriter(dev, self.channel)
@@ -817,11 +828,11 @@ class Ext4:
 
     def _lookup_dir(self, path: str, *, depth: int = 0) -> int:
         """The inode of directory ``path``, following symlinks (within this filesystem)."""
-        if not path:
-            return ROOT_INO
         ino = self._dir_paths.get(path)
         if ino is not None:
             return ino
+        if not path:
+            return ROOT_INO
         ino = self._walk(path, depth)
         self._dir_paths[path] = ino
         return ino
@@ -886,18 +897,18 @@ class Ext4:
     def kind_of(self, path: str) -> Kind | None:
         if not path:
             return Kind.DIR
-        parent = parent_of(path)
-        if parent:
-            try:
-                self._lookup_dir(parent)
-            except FileNotFoundError:
-                return None
-            except NotADirectoryError as e:
-                raise CorruptError(
-                    f"{path}: parent {e} is not a directory", path=self.name
-                ) from None
-        ent = self._entry(path)
-        return None if ent is None else self._kind_of_dirent(ent[2], ent[3])
+        parent, _, name = path.rpartition("/")
+        try:
+            pino = self._lookup_dir(parent)
+        except FileNotFoundError:
+            return None
+        except NotADirectoryError as e:
+            raise CorruptError(f"{path}: parent {e} is not a directory", path=self.name) from None
+        ent = self._listing(pino).get(name.encode("utf-8", "surrogateescape"))
+        if ent is None:
+            return None
+        k = KIND_OF_FT.get(ent[1])
+        return k if k is not None else self.stat_inode(ent[0]).kind
 
     def children(self, path: str) -> list[str]:
         ino = self._lookup_dir(path)
@@ -1015,12 +1026,41 @@ class Ext4:
             if fast:
                 # one inode write, after the data: ext2fs_fallocate updates ``b`` in place
                 if data is not None and entry.size:
-                    self._write_extents(ino, b, data, entry.size, entry.path)
+                    if entry.size <= DATA_CHUNK and self.one_extent:
+                        self._write_small(ino, b, data, entry.size, entry.path)
+                    else:
+                        self._write_extents(ino, b, data, entry.size, entry.path)
                 self.write_inode(ino, b)
             elif kind is Kind.REG and data is not None and entry.size:
                 self._write_data(ino, data, entry.size, entry.path)
         if entry.xattrs:
             self._set_xattrs(ino, entry.xattrs, entry.path)
+
+    def _write_small(self, ino: int, b: bytearray, data: IO[bytes], size: int, path: str) -> None:
+        """A file of at most DATA_CHUNK bytes: one contiguous run of blocks found from the
+        end of the last one (ext2fs_alloc_range), one extent written into the inode."""
+        chunk = data.read(size)
+        if len(chunk) < size:
+            raise CorruptError(f"{path}: the layer ends inside this file", path=self.name)
+        bs = self.sb.block_size
+        if size % bs == 0 and chunk == bytes(size):
+            return  # a hole, as mke2fs -d makes
+        nblk = -(-size // bs)
+        ret = ctypes.c_uint64()
+        self._check(
+            self.L.lib.ext2fs_alloc_range(self.fs, 0, self._goal, nblk, ctypes.byref(ret)),
+            f"allocating blocks for {path}",
+        )
+        pblk = ret.value
+        self._goal = pblk + nblk
+        # extent header (magic, 1 entry, max 4, depth 0) and the extent (ee_block 0,
+        # ee_len, ee_start_hi, ee_start_lo)
+        struct.pack_into("<HHHHI", b, I_BLOCK, 0xF30A, 1, 4, 0, 0)
+        struct.pack_into("<IHHI", b, I_BLOCK + 12, 0, nblk, pblk >> 32, pblk & 0xFFFFFFFF)
+        struct.pack_into("<I", b, I_BLOCKS, nblk * (bs // 512))
+        writer = self.channel.data
+        assert writer is not None
+        writer.put(pblk * bs, chunk, nblk * bs - size)
 
     def _write_extents(self, ino: int, b: bytearray, data: IO[bytes], size: int, path: str) -> None:
         """A file's data: libext2fs allocates initialized extents (ext2fs_fallocate), the

@@ -413,10 +413,15 @@ class _Hashing(io.RawIOBase):
         return self.sha.hexdigest()
 
     def readinto(self, b: Any) -> int:
-        data = self.src.read(len(b))
-        n = len(data)
-        b[:n] = data
-        self.sha.update(data)
+        into = getattr(self.src, "readinto", None)
+        if into is not None:
+            n = into(b) or 0
+            self.sha.update(memoryview(b)[:n])
+        else:
+            data = self.src.read(len(b))
+            n = len(data)
+            b[:n] = data
+            self.sha.update(data)
         self.count += n
         return n
 
