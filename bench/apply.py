@@ -125,7 +125,7 @@ def main() -> None:
                         "-d",
                         tree,
                         img,
-                    ],  # fmt: skip
+                    ],
                     env,
                 )
             )
