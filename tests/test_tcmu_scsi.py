@@ -311,6 +311,15 @@ class HugeDisk(MemDisk):
         return bytes(length)
 
 
+def test_limits_are_checked() -> None:
+    with pytest.raises(ValueError, match="max_transfer_blocks"):
+        ScsiDisk(MemDisk(BS), serial="x", max_transfer_blocks=0)
+    with pytest.raises(ValueError, match="max_write_same_blocks"):
+        ScsiDisk(MemDisk(BS), serial="x", max_write_same_blocks=1 << 32)
+    with pytest.raises(ValueError, match="retry"):
+        ReadRetry(first_delay=0)
+
+
 def test_read_capacity_of_a_disk_over_2tib() -> None:
     d = ScsiDisk(HugeDisk(0), serial="huge")
     data = good(run(d, bytes([0x25]) + bytes(9), 8))

@@ -235,7 +235,9 @@ class ScsiDisk:
     Call it with a command (``disk(cmd)``, the ring's handler) from any number of
     threads: it keeps no per-command state. ``serial`` is the unit serial number (VPD
     0x80) and the source of the device identifiers (VPD 0x83). ``max_transfer_blocks``
-    is what VPD 0xB0 advertises (use the kernel's ``hw_max_sectors``); ``write_cache``
+    is what VPD 0xB0 advertises, and so the largest command the initiator sends (Linux
+    6.1 forwarded 1 MiB commands through tcm_loop whatever the device's
+    ``hw_max_sectors``; 128 blocks, 64 KiB, is the kernel's default for that); ``write_cache``
     (default: the device is writable) sets WCE in the caching mode page, so initiators
     send SYNCHRONIZE CACHE, which flushes the device. ``read_hook(offset, length, ns)``
     is called after every served READ.
@@ -256,6 +258,14 @@ class ScsiDisk:
         sleep: Callable[[float], None] = time.sleep,
         name: str = "",
     ) -> None:
+        for what, value in (
+            ("max_transfer_blocks", max_transfer_blocks),
+            ("max_unmap_blocks", max_unmap_blocks),
+            ("max_unmap_descriptors", max_unmap_descriptors),
+            ("max_write_same_blocks", max_write_same_blocks),
+        ):
+            if not 0 < value <= 0xFFFFFFFF:
+                raise ValueError(f"{what} must be 1 to 2**32-1 blocks, not {value}")
         self.device = device
         self.name = name or serial
         self.serial = serial
