@@ -504,6 +504,23 @@ def test_writes(dev: MemDisk, disk: ScsiDisk, name: str) -> None:
         assert dev.flushes == flushes + 1
 
 
+def test_write_cache_off_flushes_every_write(dev: MemDisk) -> None:
+    disk = ScsiDisk(dev, serial="wt", write_cache=False)
+    _, _, pages = parse_mode6(good(run(disk, mode_sense6(0x08), 255)))
+    assert not pages[0x08][2] & 0x04  # WCE clear: completion means durable
+    good(run(disk, rw10(0x2A, 0, 1), out=bytes(BS)))
+    good(run(disk, rw16(0x93, 0, 8), out=b"\x01" * BS))
+    good(run(disk, rw16(0x93, 8, 8), out=bytes(BS)))
+    param = unmap_param((16, 8))
+    good(run(disk, unmap_cdb(len(param)), out=param))
+    assert dev.flushes == 4
+    dev.fail_flush = 1
+    assert sense_of(run(disk, rw10(0x2A, 0, 1), out=bytes(BS))) == WRITE_ERROR
+    on = ScsiDisk(dev, serial="wb")
+    good(run(on, rw10(0x2A, 0, 1), out=bytes(BS)))
+    assert dev.flushes == 4  # write back: only SYNCHRONIZE CACHE and FUA flush
+
+
 @pytest.mark.parametrize("name", list(WRITES))
 def test_writes_to_a_read_only_image_are_data_protect(ro_disk: ScsiDisk, name: str) -> None:
     assert sense_of(run(ro_disk, WRITES[name](0, 1), out=bytes(BS))) == WRITE_PROTECTED

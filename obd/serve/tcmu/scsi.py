@@ -239,7 +239,8 @@ class ScsiDisk:
     6.1 forwarded 1 MiB commands through tcm_loop whatever the device's
     ``hw_max_sectors``; 128 blocks, 64 KiB, is the kernel's default for that); ``write_cache``
     (default: the device is writable) sets WCE in the caching mode page, so initiators
-    send SYNCHRONIZE CACHE, which flushes the device. ``read_hook(offset, length, ns)``
+    send SYNCHRONIZE CACHE, which flushes the device; with it off every write is
+    flushed before it is answered. ``read_hook(offset, length, ns)``
     is called after every served READ.
     """
 
@@ -389,7 +390,13 @@ class ScsiDisk:
         if len(data) != length:
             return _bad_field()  # the initiator sends less than the CDB says
         err = self._do_write(functools.partial(self.device.pwrite, lba * BLOCK_SIZE, data))
-        if err is None and f.get("flags", 0) & _FUA and self.write_cache:
+        return self._settle(err, fua=bool(f.get("flags", 0) & _FUA))
+
+    def _settle(self, err: Response | None, fua: bool = False) -> Response:
+        """The answer to a write-type command that ran (``err``: its failure): a write
+        with FUA, or any write while the write cache is off (the initiator then takes
+        completion as durability), is flushed first."""
+        if err is None and (fua or not self.write_cache):
             err = self._do_write(self.device.flush)
         return err or GOOD
 
@@ -434,7 +441,7 @@ class ScsiDisk:
         # a discard would not do, since on a sparse upper it lets the layers below show
         # through where the initiator asked for zeros.
         if block.count(0) == BLOCK_SIZE and callable(getattr(dev, "write_zeroes", None)):
-            return self._do_write(functools.partial(dev.write_zeroes, offset, length)) or GOOD
+            return self._settle(self._do_write(functools.partial(dev.write_zeroes, offset, length)))
         pattern = block * (_WS_CHUNK // BLOCK_SIZE)
 
         def fill() -> None:
@@ -444,7 +451,7 @@ class ScsiDisk:
                 dev.pwrite(offset + pos, memoryview(pattern)[:n])
                 pos += n
 
-        return self._do_write(fill) or GOOD
+        return self._settle(self._do_write(fill))
 
     def unmap(self, cmd: ScsiCommand, f: dict[str, int]) -> Response:
         if f["anchor"]:
@@ -477,7 +484,7 @@ class ScsiDisk:
             err = self._do_write(functools.partial(dev.discard, offset, length))
             if err is not None:
                 return err
-        return GOOD
+        return self._settle(None)
 
     def synchronize_cache(self, cmd: ScsiCommand, f: dict[str, int]) -> Response:
         lba, blocks = f["lba"], f["length"]
