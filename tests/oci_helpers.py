@@ -1,14 +1,8 @@
-"""OCI images made by the tests: layer tars built with ``tarfile`` from a small entry
-language, written as an OCI image layout, a ``docker save`` archive (legacy or with the
-OCI layout inside) or pushed to a registry; a model of the OCI layer rules over a plain
-dict; and reading an ext4 tree back (``debugfs rdump``) to compare with it.
-
-Entries (one layer is a list of them, applied in order):
-
-- ``("file", path, data[, mode])``, ``("dir", path[, mode])``, ``("symlink", path, target)``,
-- ``("hardlink", path, target)`` (target: a path in this or a lower layer),
-- ``("whiteout", path)`` (``.wh.NAME``), ``("opaque", dir)`` (``dir/.wh..wh..opq``).
-"""
+"""OCI images made by the tests from layer tars (tests/ext4_helpers.py ``layer_tar``
+makes those, and has the model of the OCI rules to compare with): gzip/zstd-compressed
+layers, configs and manifests, written as an OCI image layout (also a multi-platform
+one), a ``docker save`` archive (legacy or with the OCI layout inside), or pushed to the
+test registry (tests/registry_helpers.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +10,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
-import shutil
-import stat
-import subprocess
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,150 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from obd.oci import annotations as A
-
-Entry = tuple[Any, ...]
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def layer_tar(entries: Sequence[Entry]) -> bytes:
-    """An uncompressed OCI layer tar of ``entries`` (parent folders are not added)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for e in entries:
-            kind, path = e[0], e[1].strip("/")
-            ti = tarfile.TarInfo(path)
-            ti.mtime = 1_700_000_000
-            ti.uname = ti.gname = "root"
-            if kind == "file":
-                data = e[2]
-                ti.size = len(data)
-                ti.mode = e[3] if len(e) > 3 else 0o644
-                tf.addfile(ti, io.BytesIO(data))
-                continue
-            if kind == "dir":
-                ti.type = tarfile.DIRTYPE
-                ti.mode = e[2] if len(e) > 2 else 0o755
-            elif kind == "symlink":
-                ti.type, ti.linkname, ti.mode = tarfile.SYMTYPE, e[2], 0o777
-            elif kind == "hardlink":
-                ti.type, ti.linkname, ti.mode = tarfile.LNKTYPE, e[2].strip("/"), 0o644
-            elif kind == "whiteout":
-                d, _, name = path.rpartition("/")
-                ti.name = (d + "/" if d else "") + ".wh." + name
-            elif kind == "opaque":
-                ti.name = path + "/.wh..wh..opq"
-            else:
-                raise ValueError(kind)
-            tf.addfile(ti)
-    return buf.getvalue()
-
-
-# --- the model: the OCI layer rules over a dict ------------------------------------------
-
-
-@dataclass
-class Node:
-    kind: str  # file, dir, symlink
-    data: bytes = b""  # file content or symlink target
-    mode: int = 0o644
-
-
-def _parents(tree: dict[str, Node], path: str) -> None:
-    parts = path.split("/")[:-1]
-    for i in range(1, len(parts) + 1):
-        p = "/".join(parts[:i])
-        if p not in tree or tree[p].kind != "dir":
-            tree[p] = Node("dir", mode=0o755)
-
-
-def _remove(tree: dict[str, Node], path: str) -> None:
-    for p in [p for p in tree if p == path or p.startswith(path + "/")]:
-        del tree[p]
-
-
-def model(layers: Sequence[Sequence[Entry]]) -> dict[str, Node]:
-    """The tree the OCI rules make of ``layers`` (paths without a leading ``/``)."""
-    tree: dict[str, Node] = {}
-    for entries in layers:
-        lower = dict(tree)
-        for e in entries:
-            kind, path = e[0], e[1].strip("/")
-            if kind == "whiteout":
-                _remove(tree, path)
-                continue
-            if kind == "opaque":
-                # hide what the lower layers had below ``path``, keep this layer's
-                for p in [p for p in tree if p.startswith(path + "/") and p in lower]:
-                    if tree[p] is lower[p]:
-                        del tree[p]
-                continue
-            _parents(tree, path)
-            old = tree.get(path)
-            if kind == "dir":
-                if old is not None and old.kind != "dir":
-                    _remove(tree, path)
-                # a new node even over a lower folder: this layer's (an opaque marker keeps it)
-                tree[path] = Node("dir", mode=e[2] if len(e) > 2 else 0o755)
-                continue
-            if old is not None:
-                _remove(tree, path)
-            if kind == "file":
-                tree[path] = Node("file", e[2], e[3] if len(e) > 3 else 0o644)
-            elif kind == "symlink":
-                tree[path] = Node("symlink", e[2].encode(), 0o777)
-            elif kind == "hardlink":
-                t = tree[e[2].strip("/")]
-                tree[path] = Node(t.kind, t.data, t.mode)
-    return tree
-
-
-def read_tree(root: Path) -> dict[str, Node]:
-    """The tree under a folder (``lost+found`` left out), as the model shapes it."""
-    out: dict[str, Node] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-            if rel == "lost+found" or rel.startswith("lost+found/"):
-                continue
-            st = os.lstat(full)
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = Node("symlink", os.readlink(full).encode(), 0o777)
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = Node("dir", mode=stat.S_IMODE(st.st_mode))
-            else:
-                out[rel] = Node("file", Path(full).read_bytes(), stat.S_IMODE(st.st_mode))
-        dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
-    return out
-
-
-def ext4_tree(raw: Path, into: Path) -> dict[str, Node]:
-    """Dump the ext4 filesystem in the raw disk ``raw`` with ``debugfs rdump``."""
-    into.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(
-        ["debugfs", "-R", f"rdump / {into}", str(raw)], capture_output=True, text=True, timeout=120
-    )
-    assert r.returncode == 0, r.stderr
-    return read_tree(into)
-
-
-def assert_same_tree(got: dict[str, Node], want: dict[str, Node], *, modes: bool = True) -> None:
-    assert sorted(got) == sorted(want), (
-        f"only in image: {sorted(set(got) - set(want))}; "
-        f"only in model: {sorted(set(want) - set(got))}"
-    )
-    for p in sorted(want):
-        g, w = got[p], want[p]
-        assert g.kind == w.kind, (p, g.kind, w.kind)
-        if w.kind != "dir":
-            assert g.data == w.data, p
-        if modes and w.kind != "symlink":
-            assert g.mode == w.mode, (p, oct(g.mode), oct(w.mode))
-
+from tests.registry_helpers import sha256_digest as sha256
 
 # --- image containers -------------------------------------------------------------------
 
@@ -190,17 +37,18 @@ class BuiltImage:
 
 
 def build_image(
-    layers: Sequence[Sequence[Entry]], *, gzip_layers: Sequence[bool | str] | bool = False,
+    layer_tars: Sequence[bytes], *, gzip_layers: Sequence[bool | str] | bool = False,
     docker: bool = False, architecture: str = "amd64",
 ) -> BuiltImage:  # fmt: skip
-    """An image of ``layers`` (OCI media types; Docker's with ``docker``); a layer's entry
-    in ``gzip_layers`` is False (plain tar), True (gzip) or ``"zstd"``."""
+    """An image of the uncompressed ``layer_tars`` (OCI media types; Docker's with
+    ``docker``); a layer's entry in ``gzip_layers`` is False (plain tar), True (gzip) or
+    ``"zstd"``."""
+    layers = list(layer_tars)
     if isinstance(gzip_layers, bool):
         gzip_layers = [gzip_layers] * len(layers)
     blobs: dict[str, bytes] = {}
     descs, diff_ids, tars = [], [], []
-    for entries, gz in zip(layers, gzip_layers, strict=True):
-        tar = layer_tar(entries)
+    for tar, gz in zip(layers, gzip_layers, strict=True):
         tars.append(tar)
         diff_ids.append(sha256(tar))
         if gz == "zstd":
@@ -323,8 +171,3 @@ def push_image(reg: Any, repo: str, tag: str, img: BuiltImage) -> str:
         if digest != img.digest:
             reg.push_blob(repo, data)
     return str(reg.push_manifest(repo, tag, img.manifest_bytes, img.manifest["mediaType"]))
-
-
-def copy_layout(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst

@@ -30,12 +30,19 @@ from obd.oci.layout import (
 )
 from obd.oci.manifest import Descriptor
 from tests.conftest import REPO, assert_one_line_error, run_obd
+from tests.ext4_helpers import (
+    E,
+    Tree,
+    View,
+    debugfs_view,
+    e2fsck,
+    layer_tar,
+    model_apply,
+    model_view,
+)
 from tests.nbd_helpers import ServeProcess
 from tests.oci_helpers import (
-    assert_same_tree,
     build_image,
-    ext4_tree,
-    model,
     push_image,
     sha256,
     write_docker_archive,
@@ -47,50 +54,62 @@ pytestmark = pytest.mark.timeout(120)
 
 BIG = bytes(range(256)) * 600  # 150 KiB, more than one ZFile block and one tar chunk
 
-# three layers (and a fourth) covering the rules: whiteouts of a file and a tree, an
-# opaque folder, a type change, hardlinks within and across layers, symlinks
-LAYERS: list[list[tuple[Any, ...]]] = [
+# three layers covering the rules: whiteouts of a file and a tree, an opaque folder, type
+# changes both ways, hardlinks within and across layers, symlinks, owners, setuid
+LAYERS: list[list[E]] = [
     [
-        ("dir", "etc"),
-        ("file", "etc/hostname", b"base\n"),
-        ("file", "etc/passwd", b"root:x:0:0::/root:/bin/sh\n", 0o600),
-        ("dir", "usr"),
-        ("dir", "usr/bin"),
-        ("file", "usr/bin/tool", b"#!/bin/sh\necho tool\n", 0o755),
-        ("symlink", "bin", "usr/bin"),
-        ("dir", "var"),
-        ("dir", "var/cache"),
-        ("file", "var/cache/a", b"a" * 5000),
-        ("dir", "var/cache/sub"),
-        ("file", "var/cache/sub/b", b"b"),
-        ("dir", "opt"),
-        ("file", "opt/old", b"old"),
-        ("file", "big", BIG),
-        ("file", "shared", b"shared content\n"),
+        E("dir", "etc"),
+        E("file", "etc/hostname", b"base\n"),
+        E("file", "etc/passwd", b"root:x:0:0::/root:/bin/sh\n", mode=0o600),
+        E("dir", "usr"),
+        E("dir", "usr/bin"),
+        E("file", "usr/bin/tool", b"#!/bin/sh\necho tool\n", mode=0o4755),
+        E("symlink", "bin", target="usr/bin"),
+        E("dir", "var"),
+        E("dir", "var/cache"),
+        E("file", "var/cache/a", b"a" * 5000, uid=1000, gid=1000),
+        E("dir", "var/cache/sub"),
+        E("file", "var/cache/sub/b", b"b"),
+        E("dir", "opt"),
+        E("file", "opt/old", b"old"),
+        E("file", "big", BIG),
+        E("file", "shared", b"shared content\n"),
     ],
     [
-        ("whiteout", "etc/hostname"),
-        ("whiteout", "var/cache"),
-        ("file", "etc/motd", b"hello\n"),
-        ("hardlink", "etc/motd-link", "etc/motd"),
-        ("hardlink", "shared-link", "shared"),  # to a file of the layer below
-        ("dir", "opt"),
-        ("opaque", "opt"),
-        ("file", "opt/new", b"new"),
-        ("symlink", "usr/bin/alias", "tool"),
+        E("whiteout", "etc/hostname"),
+        E("whiteout", "var/cache"),
+        E("file", "etc/motd", b"hello\n"),
+        E("hardlink", "etc/motd-link", target="etc/motd"),
+        E("hardlink", "shared-link", target="shared"),  # to a file of the layer below
+        E("dir", "opt"),
+        E("opaque", "opt"),
+        E("file", "opt/new", b"new"),
+        E("symlink", "usr/bin/alias", target="tool"),
     ],
     [
-        ("file", "etc/hostname", b"top\n"),
-        ("file", "usr/bin", b"now a file\n"),  # a folder replaced by a file
-        ("dir", "shared"),  # a file replaced by a folder
-        ("file", "shared/inside", b"x"),
-        ("file", "big", BIG[::-1]),
+        E("file", "etc/hostname", b"top\n"),
+        E("file", "usr/bin", b"now a file\n"),  # a folder replaced by a file
+        E("dir", "shared"),  # a file replaced by a folder
+        E("file", "shared/inside", b"x"),
+        E("file", "big", BIG[::-1]),
     ],
 ]
 
 
+def tars(layers: list[list[E]]) -> list[bytes]:
+    return [layer_tar(entries) for entries in layers]
+
+
+def want(layers: list[list[E]]) -> View:
+    """What the OCI rules make of ``layers`` (the apply tests' model)."""
+    tree: Tree = {}
+    for entries in layers:
+        model_apply(tree, entries)
+    return model_view(tree)
+
+
 def _layout(tmp_path: Path, layers: Any = LAYERS, name: str = "src", **kw: Any) -> Path:
-    return write_oci_layout(build_image(layers, **kw), tmp_path / name)
+    return write_oci_layout(build_image(tars(layers), **kw), tmp_path / name)
 
 
 # --- references, sources, chain ids ------------------------------------------------------
@@ -122,7 +141,7 @@ def test_chain_ids_and_uuid() -> None:
 
 @pytest.mark.parametrize("form", ["oci", "docker-legacy", "docker-oci"])
 def test_sources_give_the_same_image(tmp_path: Path, form: str) -> None:
-    img = build_image(LAYERS, gzip_layers=[True, False, True] if form == "oci" else False)
+    img = build_image(tars(LAYERS), gzip_layers=[True, False, True] if form == "oci" else False)
     if form == "oci":
         ref = f"oci:{write_oci_layout(img, tmp_path / 'l', tag='v1')}:v1"
     else:
@@ -141,8 +160,8 @@ def test_sources_give_the_same_image(tmp_path: Path, form: str) -> None:
 
 def test_platform_from_an_index(tmp_path: Path) -> None:
     images = {
-        "amd64": build_image(LAYERS[:1], architecture="amd64"),
-        "arm64": build_image(LAYERS[:2], architecture="arm64", gzip_layers=[False, "zstd"]),
+        "amd64": build_image(tars(LAYERS[:1]), architecture="amd64"),
+        "arm64": build_image(tars(LAYERS[:2]), architecture="arm64", gzip_layers=[False, "zstd"]),
     }
     lay = write_multi_platform_layout(images, tmp_path / "multi", "v1")
     with open_source(f"oci:{lay}:v1") as src:
@@ -158,7 +177,7 @@ def test_platform_from_an_index(tmp_path: Path) -> None:
 
 
 def test_docker_archive_tags(tmp_path: Path) -> None:
-    img = build_image(LAYERS[:1])
+    img = build_image(tars(LAYERS[:1]))
     path = write_docker_archive(img, tmp_path / "a.tar", tag="app:7")
     with DockerArchiveSource(str(path)) as src:
         assert docker_manifest(src, "7").manifest is not None
@@ -184,7 +203,7 @@ def _blob(lay: Path, digest: str) -> Path:
 
 
 def test_bad_sources(tmp_path: Path) -> None:
-    img = build_image(LAYERS)
+    img = build_image(tars(LAYERS))
     # a missing config blob
     lay = write_oci_layout(img, tmp_path / "missing")
     _blob(lay, img.manifest["config"]["digest"]).unlink()
@@ -249,7 +268,7 @@ def layer_files(result: dict[str, Any]) -> list[str]:
     return [la["file"] for la in result["layers"]]
 
 
-def tree_of(tmp_path: Path, files: list[str], name: str) -> dict[str, Any]:
+def tree_of(tmp_path: Path, files: list[str], name: str) -> View:
     """The ext4 tree of the image stacked from ``files`` (the core readers make the disk,
     debugfs reads its filesystem)."""
     from obd.image import open_layers
@@ -258,9 +277,8 @@ def tree_of(tmp_path: Path, files: list[str], name: str) -> dict[str, Any]:
     raw = tmp_path / f"{name}.raw"
     with open_layers(files) as stack:
         flatten_raw(stack, str(raw))
-    fsck = subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True, text=True, timeout=60)
-    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-    return ext4_tree(raw, tmp_path / f"{name}.tree")
+    e2fsck(raw)
+    return debugfs_view(raw, tmp_path / f"{name}.tree")
 
 
 def debugfs(raw: Path, cmd: str) -> str:
@@ -299,7 +317,7 @@ def read_layout(lay: Path, tag: str) -> tuple[dict[str, Any], dict[str, Any], di
 
 @needs_debugfs
 def test_convert_layout_to_layout(tmp_path: Path) -> None:
-    img = build_image(LAYERS, gzip_layers=[True, False, "zstd"])
+    img = build_image(tars(LAYERS), gzip_layers=[True, False, "zstd"])
     src = write_oci_layout(img, tmp_path / "src", tag="v1")
     res = convert_cli(tmp_path, f"oci:{src}:v1", f"oci:{tmp_path / 'dst'}:obd", "--config-out", tmp_path / "cfg.json")  # fmt: skip
     assert [la["reused"] for la in res["layers"]] == [False] * 3
@@ -321,7 +339,7 @@ def test_convert_layout_to_layout(tmp_path: Path) -> None:
         assert res["layers"][i]["chainID"] == chains[i]
     # the converted layers, read through the core readers, hold the model's tree
     got = tree_of(tmp_path, files, "img")
-    assert_same_tree(got, model(LAYERS))
+    assert got == want(LAYERS)
     # --config-out names the same files
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     assert [lo["file"] for lo in cfg["lowers"]] == files
@@ -332,7 +350,7 @@ def test_store_reuse_flatten_and_docker_archive(tmp_path: Path) -> None:
     """A second convert converts nothing (every layer from the store, same blobs); other
     options convert again; --flatten makes one layer of the same tree; a docker archive
     gives the same layers as the OCI layout of the same image."""
-    img = build_image(LAYERS)
+    img = build_image(tars(LAYERS))
     src = write_oci_layout(img, tmp_path / "src")
     first = convert_cli(tmp_path, f"oci:{src}", f"oci:{tmp_path / 'a'}")
     again = convert_cli(tmp_path, f"oci:{src}", f"oci:{tmp_path / 'b'}")
@@ -361,11 +379,11 @@ def test_store_reuse_flatten_and_docker_archive(tmp_path: Path) -> None:
     manifest, config, blobs = read_layout(tmp_path / "f", "flat")
     check_aci_shape(manifest, config, blobs, img.config, oci=True)
     assert [h.get("empty_layer", False) for h in config["history"]] == [True, True, True, False]
-    assert_same_tree(tree_of(tmp_path, layer_files(flat), "flat"), model(LAYERS))
+    assert tree_of(tmp_path, layer_files(flat), "flat") == want(LAYERS)
 
 
 def test_bad_input_cli(tmp_path: Path) -> None:
-    img = build_image(LAYERS[:2], gzip_layers=True)
+    img = build_image(tars(LAYERS[:2]), gzip_layers=True)
     dst = f"oci:{tmp_path / 'dst'}"
     # a layer blob that is missing
     lay = write_oci_layout(img, tmp_path / "missing")
@@ -407,7 +425,7 @@ def test_registry_to_registry(tmp_path: Path) -> None:
 
     if shutil.which("nbdcopy") is None:
         pytest.skip("nbdcopy not installed (libnbd-bin)")
-    img = build_image(LAYERS, gzip_layers=True)
+    img = build_image(tars(LAYERS), gzip_layers=True)
     with start_registry(tmp_path / "reg") as reg:
         push_image(reg, "library/app", "v1", img)
         src = f"{reg.host}/library/app:v1"
@@ -433,9 +451,8 @@ def test_registry_to_registry(tmp_path: Path) -> None:
         with ServeProcess(["--listen", "127.0.0.1:0", "--config", str(gcfg), f"{ref}=conv"]) as sp:
             raw = tmp_path / "served.raw"
             subprocess.run(["nbdcopy", sp.uri("conv"), str(raw)], check=True, timeout=60)
-        fsck = subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True, text=True, timeout=60)  # fmt: skip
-        assert fsck.returncode == 0, fsck.stdout
-        assert_same_tree(ext4_tree(raw, tmp_path / "served"), model(LAYERS))
+        e2fsck(raw)
+        assert debugfs_view(raw, tmp_path / "served") == want(LAYERS)
         # another repository: nothing converted, nothing uploaded (mounted from obd/app)
         again = convert_cli(tmp_path, src, f"{reg.host}/other/app:x")
         assert all(la["reused"] for la in again["layers"])
@@ -447,8 +464,8 @@ def test_interrupted_convert_pushes_no_manifest_and_resumes(tmp_path: Path) -> N
     convert takes the finished layers from the store and completes the image."""
     from tests.registry_helpers import start_registry
 
-    layers = [[("file", f"f{i}/{k}", os.urandom(64 << 10)) for k in range(24)] for i in range(4)]
-    img = build_image(layers)
+    layers = [[E("file", f"f{i}/{k}", os.urandom(64 << 10)) for k in range(24)] for i in range(4)]
+    img = build_image(tars(layers))
     store = tmp_path / "store"
     with start_registry(tmp_path / "reg") as reg:
         push_image(reg, "src/app", "v1", img)

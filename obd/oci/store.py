@@ -86,17 +86,13 @@ class LayerStore:
         """Hash the blob committed at :meth:`blob_path` and record it: from now on it is in
         the store."""
         path = self.blob_path(key)
-        h = hashlib.sha256()
-        with open_file(path) as f:
-            size = f.size()
-            pos = 0
-            while pos < size:
-                data = f.pread(pos, min(8 << 20, size - pos))
-                if not data:
-                    break
-                h.update(data)
-                pos += len(data)
-        rec = {"digest": "sha256:" + h.hexdigest(), "size": size, **extra}
+        try:
+            with open(path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+                size = f.tell()
+        except OSError as e:
+            raise FileAccessError(e.strerror or str(e), path=path) from None
+        rec = {"digest": "sha256:" + digest, "size": size, **extra}
         with AtomicOutput(os.path.join(self.layers, key + ".json"), force=True) as out:
             out.pwrite(0, json.dumps(rec, sort_keys=True).encode())
         return StoredLayer(key, path, rec["digest"], size, rec)
