@@ -679,7 +679,13 @@ class ScsiDisk:
     def mode_sense10(self, cmd: ScsiCommand, f: dict[str, int]) -> Response:
         return self._mode_data(f, ten=True)
 
-    def mode_select(self, cmd: ScsiCommand, f: dict[str, int]) -> Response:
+    def mode_select6(self, cmd: ScsiCommand, f: dict[str, int]) -> Response:
+        return self._mode_select(cmd, f, ten=False)
+
+    def mode_select10(self, cmd: ScsiCommand, f: dict[str, int]) -> Response:
+        return self._mode_select(cmd, f, ten=True)
+
+    def _mode_select(self, cmd: ScsiCommand, f: dict[str, int], ten: bool) -> Response:
         """Accepted when it changes nothing: every page sent equals the current one
         (the PS bit aside) and a block descriptor, if any, says 512-byte blocks."""
         if f["sp"]:
@@ -687,7 +693,6 @@ class ScsiDisk:
         plen = f["plen"]
         if plen == 0:
             return GOOD
-        ten = cmd.cdb[0] == 0x55
         hlen = 8 if ten else 4
         param = cmd.data_out(plen)
         if len(param) < plen or plen < hlen:
@@ -761,7 +766,7 @@ OPS: dict[int, Op] = {
         {"evpd": F(1, mask=0x01), "cmddt": F(1, mask=0x02), "page": F(2), "alloc": F(3, 2)},
         ScsiDisk.inquiry,
     ),
-    0x15: Op("MODE SELECT(6)", 6, {**_MODE_SELECT, "plen": F(4)}, ScsiDisk.mode_select),
+    0x15: Op("MODE SELECT(6)", 6, {**_MODE_SELECT, "plen": F(4)}, ScsiDisk.mode_select6),
     0x1A: Op("MODE SENSE(6)", 6, {**_MODE_SENSE, "alloc": F(4)}, ScsiDisk.mode_sense6),
     0x1B: Op("START STOP UNIT", 6, {}, ScsiDisk.no_op),
     0x1E: Op("PREVENT ALLOW MEDIUM REMOVAL", 6, {}, ScsiDisk.no_op),
@@ -779,7 +784,7 @@ OPS: dict[int, Op] = {
     ),
     0x41: Op("WRITE SAME(10)", 10, _RW10, ScsiDisk.write_same),
     0x42: Op("UNMAP", 10, {"anchor": F(1, mask=0x01), "plen": F(7, 2)}, ScsiDisk.unmap),
-    0x55: Op("MODE SELECT(10)", 10, {**_MODE_SELECT, "plen": F(7, 2)}, ScsiDisk.mode_select),
+    0x55: Op("MODE SELECT(10)", 10, {**_MODE_SELECT, "plen": F(7, 2)}, ScsiDisk.mode_select10),
     0x5A: Op(
         "MODE SENSE(10)",
         10,
