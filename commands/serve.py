@@ -22,8 +22,13 @@ def _parse_listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-@click.command(short_help="Serve images as block devices (NBD).")
-@click.option("--nbd", "nbd", is_flag=True, help="Serve over NBD (the default and only protocol).")
+@click.command(short_help="Serve images as block devices (NBD, TCMU).")
+@click.option("--nbd", "nbd", is_flag=True, help="Serve the IMAGEs over NBD (the default).")
+@click.option(
+    "--tcmu",
+    is_flag=True,
+    help="Serve the kernel's TCMU devices of subtype overlaybd (as overlaybd-tcmu).",
+)
 @click.option(
     "--listen", metavar="HOST:PORT", help="TCP address (default 127.0.0.1:10809; port 0 picks one)."
 )
@@ -64,9 +69,10 @@ def _parse_listen(text: str) -> tuple[str, int]:
     metavar="OS/ARCH[/VARIANT]",
     help="Platform picked from an image index (default linux/amd64).",
 )
-@click.argument("images", nargs=-1, required=True, metavar="IMAGE[=NAME]...")
+@click.argument("images", nargs=-1, required=False, metavar="IMAGE[=NAME]...")
 def serve(
     nbd: bool,
+    tcmu: bool,
     listen: str | None,
     socket_path: str | None,
     config_path: str | None,
@@ -89,8 +95,12 @@ def serve(
     others are served. SIGTERM or SIGINT answers requests in flight, flushes writable
     images and exits 0; SIGHUP reopens the log files.
 
-    Exit codes: 0 stopped cleanly, 1 a flush failed at exit, 2 usage, 3 cannot listen or
-    no image file, 4 corrupt image, 7 bad config.
+    With --tcmu, the TCMU devices configfs makes with dev_config=overlaybd/CONFIG (see
+    obd attach) are served too, also those there at start; without target_core_user in
+    the kernel it exits at once (3) saying how to load it.
+
+    Exit codes: 0 stopped cleanly, 1 a flush failed at exit, 2 usage, 3 cannot listen,
+    no image file or no TCMU in the kernel, 4 corrupt image, 7 bad config.
     """
     from obd.serve import NbdService
     from obd.serve.config import DEFAULT_PATH, load_global_config
@@ -105,17 +115,24 @@ def serve(
         if h.level == logging.NOTSET:
             h.setLevel(root.level)
 
+    if not specs and not tcmu:
+        raise UsageError("nothing to serve: give IMAGE arguments, --tcmu, or both")
+    tcmu_service = _tcmu_service(gcfg, use_files and not specs, workers) if tcmu else None
     stop = threading.Event()
-    service = NbdService(
-        specs,
-        global_config=gcfg,
-        use_log_files=use_files,
-        tcp=tcp,
-        unix=socket_path,
-        workers=workers,
-        metrics_host=metrics_listen,
-        remote=_remote_factory(gcfg, plain_http),
-        resolve=_resolver(platform),
+    service = (
+        None
+        if not specs
+        else NbdService(
+            specs,
+            global_config=gcfg,
+            use_log_files=use_files,
+            tcp=tcp,
+            unix=socket_path,
+            workers=workers,
+            metrics_host=metrics_listen,
+            remote=_remote_factory(gcfg, plain_http),
+            resolve=_resolver(platform),
+        )
     )
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     hup = threading.Event()
@@ -123,8 +140,8 @@ def serve(
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: hup.set())
     try:
-        addresses = service.start()
-        for st in service.statuses:
+        addresses = service.start() if service else []
+        for st in service.statuses if service else []:
             if st.ok:
                 mode = "read-only" if st.readonly else "writable"
                 click.echo(
@@ -134,20 +151,29 @@ def serve(
                 click.echo(f"export {st.name}: failed:{st.reason} ({st.error})", err=True)
         for addr in addresses:
             click.echo(f"listening on {addr}", err=True)
+        if tcmu_service is not None:
+            tcmu_service.start()
+            click.echo(f"tcmu: serving {len(tcmu_service.devices)} devices", err=True)
         sys.stderr.flush()
         if pid_file:
             _write_pid(pid_file)
         while not stop.wait(0.5):
             if hup.is_set():
                 hup.clear()
-                service.reopen_logs()
-        failures = service.stop()
+                for svc in (service, tcmu_service):
+                    if svc is not None:
+                        svc.reopen_logs()
+        failures = service.stop() if service else []
+        failures += tcmu_service.stop() if tcmu_service else []
         if failures:
             name, err = failures[0]
             raise ObdError(f"export {name}: flush at exit failed: {err}")
         click.echo("stopped", err=True)
     finally:
-        service.stop()
+        if service is not None:
+            service.stop()
+        if tcmu_service is not None:
+            tcmu_service.stop()
         for s, h in old.items():
             signal.signal(s, h)
         if pid_file:
@@ -186,6 +212,16 @@ def _resolver(platform: str | None) -> Any:
         return resolve_image(remote.client, ref, platform=platform).config
 
     return resolve
+
+
+def _tcmu_service(gcfg: Any, use_files: bool, workers: int) -> Any:
+    """The TcmuService of ``--tcmu``; TcmuUnavailableError (exit 3) at once when the kernel
+    has no target_core_user."""
+    from obd.serve.tcmu.configfs import require_tcmu
+    from obd.serve.tcmu.service import TcmuService
+
+    require_tcmu()
+    return TcmuService(global_config=gcfg, use_log_files=use_files, workers=workers)
 
 
 def _write_pid(path: str) -> None:
