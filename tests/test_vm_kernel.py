@@ -8,6 +8,7 @@ a TCMU disk) run after the VM is gone, from the shared scratch folder.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import sys
 import xml.etree.ElementTree as ET
@@ -31,7 +32,9 @@ MODULES = [
     "crc32c_generic",
     "ext4",
 ]
-VM_TIMEOUT = 220.0
+VM_TIMEOUT = float(os.environ.get("OBD_VM_TIMEOUT", "220"))
+# the module fixture boots the VM inside the first test's time limit
+pytestmark = pytest.mark.timeout(VM_TIMEOUT + 60)
 
 
 def in_vm_tests() -> list[str]:
@@ -84,12 +87,13 @@ def vm_run(tmp_path_factory: pytest.TempPathFactory) -> VmRun:
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONUNBUFFERED": "1",
     }
-    if os.environ.get("OBD_VECTORS"):
-        env["OBD_VECTORS"] = os.environ["OBD_VECTORS"]
+    for k in ("OBD_VECTORS", "OBD_VM_NDEV"):
+        if os.environ.get(k):
+            env[k] = os.environ[k]
     cmd = (
         f"cd {REPO} && {sys.executable} -m pytest -q -p no:cacheprovider -o addopts= "
         f"-o testpaths=tests/vm_tests --timeout=150 -rfEs --durations=0 "
-        f"--junitxml=/run/vm/ctl/junit.xml tests/vm_tests"
+        f"--junitxml=/run/vm/ctl/junit.xml " + os.environ.get("OBD_VM_SELECT", "tests/vm_tests")
     )
     res = run_vm(cmd, rw=[REPO, scratch], mods=MODULES, timeout=VM_TIMEOUT, env=env)
     run = VmRun(res.rc, res.output, res.seconds, scratch)
@@ -123,3 +127,40 @@ def test_in_vm(vm_run: VmRun, name: str) -> None:
         pytest.fail(f"{name} failed in the VM:\n" + "\n\n".join(failed), pytrace=False)
     if all(o == "skipped" for o, _ in cases):
         pytest.skip(f"skipped in the VM: {cases[0][1]}")
+
+
+def test_vm_commit_of_written_disk(vm_run: VmRun) -> None:
+    """On the host, after the VM: commit the writable layer a TCMU disk was written
+    through and read the committed image back: the bytes written in the VM are there."""
+    from obd.image import open_image, ops
+    from tests.nbd_helpers import image_config
+
+    note = vm_run.scratch / "written.json"
+    if not note.exists():
+        pytest.fail(f"the VM left no {note.name} (its write test did not run)\n{vm_run.error}")
+    info = json.loads(note.read_text())
+    layer = vm_run.scratch / "committed.lsmt"
+    ops.commit(info["data"], info["index"], str(layer))
+    cfg = image_config(vm_run.scratch, "committed", lowers=[*info["lowers"], str(layer)])
+    img = open_image(str(cfg))
+    try:
+        for w in info["writes"]:
+            got = img.pread(w["offset"], w["length"])
+            assert got == bytes.fromhex(w["pattern"]) * (
+                w["length"] // len(bytes.fromhex(w["pattern"]))
+            )
+    finally:
+        img.close()
+
+
+def test_serve_tcmu_without_the_module() -> None:
+    """On a kernel without target_core_user, obd serve --tcmu exits 3 at once with one
+    line saying how to load it (this host; the VM has the module)."""
+    from tests.conftest import assert_one_line_error, run_obd
+
+    if os.path.isdir("/sys/kernel/config/target/core"):
+        pytest.skip("this kernel has TCMU loaded")
+    r = run_obd("serve", "--tcmu", timeout=60)
+    assert_one_line_error(r, 3, "target_core_user", "modprobe target_core_user")
+    r = run_obd("attach", "--size", "1M", "/nonexistent.json", timeout=60)
+    assert_one_line_error(r, 3, "modprobe target_core_user")

@@ -43,6 +43,7 @@ while [ $i -le 9 ]; do
   if [ -n "$P" ] && echo "$TAGS" | grep -qx "rw$i"; then
     mkdir -p /rw$i
     mount -t 9p -o $OPT,cache=none rw$i /rw$i || echo "VM: cannot mount rw$i"
+    mkdir -p "$R$P" 2>/dev/null
     mount --bind /rw$i "$R$P" || echo "VM: cannot bind rw$i at $P"
   fi
   i=$((i + 1))

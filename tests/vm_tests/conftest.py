@@ -46,3 +46,51 @@ def mnt(tmp_path: Path) -> Iterator[Path]:
     d.mkdir()
     yield d
     subprocess.run(["umount", str(d)], capture_output=True)
+
+
+class TcmuServe:
+    """``obd serve --tcmu`` as a child process, logging to ``log``; stopped by its pid."""
+
+    def __init__(self, folder: Path, timeout: float = 90) -> None:
+        import json
+        import sys
+        import time
+
+        from tests.nbd_helpers import REPO
+
+        self.log = folder / "obd-tcmu.log"
+        cfg = folder / "overlaybd.json"
+        cfg.write_text(json.dumps({"logConfig": {"logPath": str(self.log), "logLevel": 1},
+                                   "enableAudit": False}))  # fmt: skip
+        self.err = folder / "obd-tcmu.stderr"
+        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        with open(self.err, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "commands.main", "serve", "--tcmu", "--config", str(cfg)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while "tcmu: serving" not in self.stderr:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"obd serve --tcmu did not start:\n{self.stderr}")
+            time.sleep(0.1)
+
+    @property
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace") if self.err.exists() else ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 60) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        return self.proc.returncode
