@@ -492,3 +492,24 @@ def test_interrupted_convert_pushes_no_manifest_and_resumes(tmp_path: Path) -> N
         assert sum(la["reused"] for la in res["layers"]) == done
         assert _manifest_status(reg, "dst/app", "v1") == 200
         assert not list((store / "tmp").iterdir())  # the killed run's scratch is gone
+
+
+def test_two_converts_on_one_store(tmp_path: Path) -> None:
+    """Two converts of one image at once on one store: each layer is converted once (the
+    other waits for it and reuses it), and both images name the same blobs."""
+    src = _layout(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    def start(i: int) -> subprocess.Popen[bytes]:
+        args = ["convert", "--json", "--vsize", VSIZE, "--store", str(tmp_path / "store"),
+                f"oci:{src}", f"oci:{tmp_path / f'd{i}'}"]  # fmt: skip
+        cmd = [sys.executable, "-m", "commands.main", *args]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    procs = [start(0), start(1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    results = [json.loads(o[0]) for o in outs]
+    assert [la["digest"] for la in results[0]["layers"]] == [la["digest"] for la in results[1]["layers"]]  # fmt: skip
+    converted = [not la["reused"] for r in results for la in r["layers"]]
+    assert sum(converted) == len(LAYERS)

@@ -430,10 +430,11 @@ def convert(
     for group in groups:
         first, top = group[0], group[-1]
         key = layer_key(img, chain, top, first, opts)
-        hit = store.get(key)
-        reused = hit is not None
-        if hit is None:
-            hit = convert_layer(img, group, below, store, key, chain, opts, bars)
+        with store.lock(key):
+            hit = store.get(key)
+            reused = hit is not None
+            if hit is None:
+                hit = convert_layer(img, group, below, store, key, chain, opts, bars)
         below.append(hit)
         result.layers.append(
             LayerResult(tuple(group), hit.digest, hit.size, hit.path, reused, chain[top])

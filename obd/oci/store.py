@@ -10,6 +10,7 @@ the store folder:
 * ``layers/<key>.json``: ``{"digest", "size", ...}``, written the same way, and only
   after the blob is complete; a layer is in the store once this record is there and the
   blob has its size. A crash leaves at most an unrecorded blob, replaced next time;
+* ``layers/<key>.lock``: held (``flock``) while the layer is converted;
 * ``tmp/convert-<pid>-*``: the writable layer of a conversion under way (sparse files,
   removed when the layer is committed or the conversion fails, in the background;
   :meth:`stale_scratch` names what a killed convert left, for the command line to
@@ -21,6 +22,7 @@ The default folder is ``$XDG_CACHE_HOME/obd`` (``~/.cache/obd``).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -65,6 +67,16 @@ class LayerStore:
         """The key of a converted layer: the SHA-256 of ``facts`` as canonical JSON."""
         blob = json.dumps(facts, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
+
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """Hold ``key`` while converting it: a second convert of the same layer (another
+        process on this store) waits, then finds it stored. Without this, two converts
+        would replace each other's blob between committing and recording it (a
+        conversion's bytes differ from run to run: the ext4 has its own uuid and times)."""
+        with open_file(os.path.join(self.layers, key + ".lock"), writable=True, create=True) as f:
+            fcntl.flock(f.fd, fcntl.LOCK_EX)
+            yield
 
     def blob_path(self, key: str) -> str:
         return os.path.join(self.layers, key + ".blob")
