@@ -20,14 +20,7 @@ import httpx
 import pytest
 
 from tests.nbd_helpers import RawClient, ServeProcess, obd, require_tools, run, wait_until
-from tests.registry_helpers import (  # noqa: F401 (fixtures)
-    PushedImage,
-    Registry,
-    fault_proxy,
-    free_port,
-    registry,
-    start_registry,
-)
+from tests.registry_helpers import PushedImage, Registry, fault_proxy, free_port, start_registry
 from tests.registry_images import Ext4Image, layered_ext4
 
 pytestmark = pytest.mark.timeout(240)
