@@ -103,6 +103,12 @@ class CacheStats:
     evictions: int = 0  # eviction passes that evicted something
     evicted: int = 0  # bytes evicted
     write_errors: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts: int) -> None:
+        with self.lock:
+            for k, v in counts.items():
+                setattr(self, k, getattr(self, k) + v)
 
 
 def _header(unit: int, size: int) -> bytes:
@@ -307,8 +313,7 @@ class FileCache:
                 freed += self._drop_entry(e)
             with self.lock:
                 total = self.usage
-            self.stats.evictions += 1
-            self.stats.evicted += freed
+            self.stats.add(evictions=1, evicted=freed)
             log.info(
                 "cache eviction: %d bytes (by cache %d, by disk %d), %d bytes used",
                 freed, by_cache, by_disk, total,
@@ -521,8 +526,7 @@ class CachedBlob:
             assert data is not None
             hot = data.pread(offset, end - offset)
             if self.gen == gen and len(hot) == end - offset:
-                c.stats.hits += len(hot)
-                c.stats.hit_reads += 1
+                c.stats.add(hits=len(hot), hit_reads=1)
                 return hot
         out = bytearray(end - offset)
         todo = list(range(u0, u1))
@@ -556,13 +560,7 @@ class CachedBlob:
                 break
         else:  # pragma: no cover - needs eviction to beat 8 rounds of fills
             raise RemoteError(f"cache {self.key}: a read kept losing its units to eviction")
-        s = c.stats
-        if hit:
-            s.hits += hit
-            s.hit_reads += 1
-        if miss:
-            s.misses += miss
-            s.miss_reads += 1
+        c.stats.add(hits=hit, hit_reads=int(hit > 0), misses=miss, miss_reads=int(miss > 0))
         return bytes(out)
 
     def _clip(self, u: int, offset: int, end: int) -> int:
@@ -673,9 +671,7 @@ class CachedBlob:
         data = fetch(lo, n)
         if len(data) != n:
             raise RemoteError(f"blob {self.key}: asked for {n} bytes at {lo}, got {len(data)}")
-        s = self.cache.stats
-        s.fetched += n
-        s.fetches += 1
+        self.cache.stats.add(fetched=n, fetches=1)
         return data
 
     def _store(self, first: int, count: int, data: bytes, epoch: int) -> None:
@@ -684,7 +680,7 @@ class CachedBlob:
         try:
             self.data.pwrite(first * self.unit, data)
         except OSError as exc:  # ENOSPC...: the reader still gets its data
-            c.stats.write_errors += 1
+            c.stats.add(write_errors=1)
             log.warning("cache %s: cannot write %d bytes: %s", self.key, len(data), exc)
             return
         with c.lock:
