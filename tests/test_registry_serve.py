@@ -297,3 +297,32 @@ def test_remote_layer_without_repo_blob_url_says_so(tmp_path: Path) -> None:
     assert r.returncode == 3 and "Traceback" not in r.stderr
     assert (tmp_path / "img.result").read_text() == "failed:empty repoBlobUrl"
     assert not (tmp_path / "cache").exists()  # no registry side was built
+
+
+def test_serve_reference_from_a_token_registry_with_credentials(tmp_path: Path, ext4_image: Ext4Image) -> None:  # fmt: skip
+    """Bearer auth with credentials from credentialConfig, through the server; the password
+    appears in nothing the server wrote."""
+    import base64
+
+    from tests.registry_helpers import PASSWORD, USER
+
+    require_tools("nbdcopy")
+    mport = free_port()
+    with start_registry(tmp_path / "registry", auth="token") as reg:
+        pushed = push(reg, ext4_image)
+        creds = tmp_path / "creds.json"
+        auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        creds.write_text(json.dumps({"auths": {reg.host: {"auth": auth}}}))
+        cfg = global_config(tmp_path, credentialConfig={"mode": "file", "path": str(creds)},
+                            exporterConfig={"enable": True, "port": mport})  # fmt: skip
+        with serve(tmp_path, pushed.ref, config=cfg) as sp:
+            out = nbdcopy(sp.uri("ext4"), tmp_path / "out.raw")
+            assert sha(out) == sha(ext4_image.raw.read_bytes())
+            metrics = httpx.get(f"http://127.0.0.1:{mport}/metrics").text
+            stderr = sp.stderr
+        assert reg.token_server is not None and reg.token_server.count > 0
+        written = [stderr, metrics] + [
+            p.read_text(errors="replace") for p in tmp_path.glob("*.log")
+        ]
+        for text in written:
+            assert PASSWORD not in text and auth not in text
