@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
+import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -45,13 +47,36 @@ class Sink(Protocol):
     def write(self, data: bytes | bytearray | memoryview) -> object: ...
 
 
+class _Writeback:
+    """Starts the writeback of ranges of a file (``sync_file_range``) in a thread of its
+    own: the call may wait for room in the disk's queue, and the copy must not wait."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="obd-writeback", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            start_writeback(self.fd, *item)
+
+    def add(self, offset: int, length: int) -> None:
+        self.queue.put((offset, length))
+
+    def stop(self) -> None:
+        """Wait until every range asked for has been handed to the disk."""
+        self.queue.put(None)
+        self.thread.join()
+
+
 class FileSink:
     """A sequential writer over a WriteAt, with a buffer.
 
     Over a :class:`LocalFile` it starts the writeback of every ``WRITEBACK_STEP`` bytes
-    as the output grows (``sync_file_range``), so that the final fsync finds little left
-    to write: the disk works while the copy goes on. The fsync itself is the owner's
-    (:class:`AtomicOutput`).
+    as the output grows (``sync_file_range``, from a thread), so that the final fsync
+    finds little left to write: the disk works while the copy goes on. The fsync itself
+    is the owner's (:class:`AtomicOutput`), after :meth:`close` or :meth:`abort`.
     """
 
     def __init__(self, out: object, buffer_size: int = 4 << 20) -> None:
@@ -61,7 +86,8 @@ class FileSink:
         self.limit = buffer_size
         self.copy_ok = hasattr(os, "copy_file_range") and isinstance(out, LocalFile)
         self._fd = out.fd if isinstance(out, LocalFile) else -1
-        self._synced = 0  # output bytes whose writeback has been started
+        self._synced = 0  # output bytes whose writeback has been asked for
+        self._writeback: _Writeback | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         n = len(memoryview(data).cast("B"))
@@ -97,7 +123,9 @@ class FileSink:
     def _advance(self, n: int) -> None:
         self.pos += n
         if self._fd >= 0 and self.pos - self._synced >= WRITEBACK_STEP:
-            start_writeback(self._fd, self._synced, self.pos - self._synced)
+            if self._writeback is None:
+                self._writeback = _Writeback(self._fd)
+            self._writeback.add(self._synced, self.pos - self._synced)
             self._synced = self.pos
 
     def _drain(self) -> None:
@@ -106,7 +134,16 @@ class FileSink:
             self._put(buf, len(buf))
 
     def close(self) -> None:
-        self._drain()
+        try:
+            self._drain()
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Stop the writeback thread (the output is being dropped, or was closed)."""
+        if self._writeback is not None:
+            self._writeback.stop()
+            self._writeback = None
 
 
 def commit_header(
