@@ -100,7 +100,8 @@ def serve(
     the kernel it exits at once (3) saying how to load it.
 
     Exit codes: 0 stopped cleanly, 1 a flush failed at exit, 2 usage, 3 cannot listen,
-    no image file or no TCMU in the kernel, 4 corrupt image, 7 bad config.
+    no image file or no TCMU in the kernel, 4 corrupt image, 7 bad config, 8 the
+    registry of an image reference failed.
     """
     from obd.serve import NbdService
     from obd.serve.config import DEFAULT_PATH, load_global_config
