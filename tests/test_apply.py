@@ -42,6 +42,7 @@ from tests.vectors import require_vectors
 pytestmark = pytest.mark.skipif(shutil.which("debugfs") is None, reason="e2fsprogs not installed")
 
 PING = b"\x7fELF" + bytes(5000)
+BIG = hashlib.sha256(b"big").digest() * (5 << 16)  # 10 MiB, not zero
 CAP = bytes.fromhex("0100000200200000000000000000000000000000")
 ACL = bytes.fromhex(
     "0200000001000600ffffffff04000400ffffffff02000600e803000010000600ffffffff20000400ffffffff"
@@ -106,6 +107,8 @@ LAYERS: list[list[E]] = [
         E("file", "usr/lib/" + "n" * 200 + "/" + "m" * 240, b"long path"),  # PAX path
         E("dir", "acl", xattrs={"system.posix_acl_default": ACL, "user.tag": b"t"}),
         E("file", "uid", b"big ids", uid=3_000_000, gid=70_000),
+        E("file", "big", BIG),  # allocated 1 MiB at a time
+        E("file", "sparse", b"a" * (1 << 20) + bytes(1 << 20) + b"b" * 100),  # a hole inside
     ],
     [  # changes
         E("whiteout", "etc/shadow"),  # a file
@@ -120,6 +123,7 @@ LAYERS: list[list[E]] = [
         E("dir", "dev/null", mode=0o755),  # char device -> dir
         E("symlink", "run/initctl", target="/dev/null"),  # fifo -> symlink
         E("file", "zeros", b"small"),  # replaced, its blocks freed
+        E("file", "big", b"smaller"),
     ],
     [  # more
         E("file", "usr/bin/ping", b"new ping", mode=0o755),  # a hardlinked name replaced
@@ -171,9 +175,9 @@ def test_layers_over_lowers_match_the_model(tmp_path: Path) -> None:
 
 
 def test_ls_and_cat(tmp_path: Path) -> None:
-    cfg = new_image(tmp_path, "a")
+    cfg = new_image(tmp_path, "a", size=64 << 20)
     tar = tmp_path / "a.tar"
-    tar.write_bytes(layer_tar(LAYERS[0]))
+    tar.write_bytes(layer_tar([e for e in LAYERS[0] if e.path not in ("big", "sparse", "zeros")]))
     assert run_obd("apply", "--mkfs", tar, cfg).code == 0
     r = run_obd("ls", cfg, "/usr/bin")
     assert r.code == 0, r.err
@@ -202,6 +206,20 @@ def test_ls_and_cat(tmp_path: Path) -> None:
     assert_one_line_error(run_obd("cat", cfg, "/etc"), 2, "/etc", "not a regular file")
     assert_one_line_error(run_obd("cat", cfg, "/no/such"), 3, "/no/such", "no such file")
     assert_one_line_error(run_obd("ls", cfg, "/nope"), 3, "/nope")
+
+
+def test_symlinked_parents_are_followed(tmp_path: Path) -> None:
+    """A merged-/usr base (lib -> usr/lib) and a layer writing lib/x.so: the file lands in
+    usr/lib, as the kernel resolves it when a layer is extracted on a mounted rootfs."""
+    cfg = new_image(tmp_path, "s", size=32 << 20)
+    base = [E("dir", "usr/lib"), E("symlink", "lib", target="usr/lib"),
+            E("symlink", "abs", target="/usr")]  # fmt: skip
+    top = [E("file", "lib/x.so", b"x"), E("file", "abs/lib/y.so", b"y")]
+    apply_layer(io.BytesIO(layer_tar(base)), cfg, mkfs=True)
+    apply_layer(io.BytesIO(layer_tar(top)), cfg)
+    tree: Tree = {}
+    model_apply(tree, [*base, E("file", "usr/lib/x.so", b"x"), E("file", "usr/lib/y.so", b"y")])
+    check(cfg, tmp_path, tree)
 
 
 @pytest.mark.parametrize("how", ["gzip", "zstd", "stdin", "fifo"])

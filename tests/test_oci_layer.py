@@ -298,7 +298,7 @@ def apply_model_per_layer(layers: list[list[E]]) -> Tree:
     return tree
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layer_sequences())
 def test_rules_engine_matches_the_model(layers: list[list[E]]) -> None:
     assume(valid_sequence(layers))

@@ -911,8 +911,11 @@ class Ext4:
         return k if k is not None else self.stat_inode(ent[0]).kind
 
     def children(self, path: str) -> list[str]:
+        """The names in folder ``path`` (the root's lost+found is the filesystem's own:
+        an opaque root does not remove it)."""
         ino = self._lookup_dir(path)
-        return [n.decode("utf-8", "surrogateescape") for n in self._listing(ino)]
+        names = [n.decode("utf-8", "surrogateescape") for n in self._listing(ino)]
+        return [n for n in names if n != "lost+found"] if not path else names
 
     # Target: writes -------------------------------------------------------------------
     def remove(self, path: str) -> None:
