@@ -194,20 +194,77 @@ class Stack:
         if offset < 0 or length < 0 or offset + length > self._vsize:
             raise UsageError(f"range {offset}+{length} is outside the disk ({self._vsize} bytes)")
 
+    # A sparse upper's index is rebuilt on reopen from the data file's allocated blocks
+    # (SEEK_DATA), whole file-system blocks: a sector never written but sharing a block
+    # with a written one would come back as zeros, hiding the layers below. So over
+    # lowers, a sparse upper is written in whole blocks, the sectors around a write
+    # filled with what the disk reads there now (under the upper's lock).
+
+    def _sparse_grain(self, up: LSMTWritable) -> int:
+        if not up.sparse or not self.lowers:
+            return 0
+        return max(SECTOR, min(up.data.block_size(), 1 << 20))
+
+    def _write_blocks(self, up: LSMTWritable, offset: int, data: bytes | bytearray | memoryview, grain: int) -> None:  # fmt: skip
+        end = offset + len(data)
+        a = offset - offset % grain
+        b = min(-(-end // grain) * grain, self._vsize)
+        if a == offset and b == end:
+            up.pwrite(offset, data)
+            return
+        head = self._pread(a, offset - a) if a < offset else b""
+        tail = self._pread(end, b - end) if end < b else b""
+        up.pwrite(a, b"".join((head, data, tail)))
+
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         up = self._writable()
         self._bounds(offset, len(data))
-        up.pwrite(offset, data)
+        grain = self._sparse_grain(up)
+        if not grain:
+            up.pwrite(offset, data)
+            return
+        with up.lock:
+            self._write_blocks(up, offset, data, grain)
 
     def discard(self, offset: int, length: int) -> None:
         up = self._writable()
         self._bounds(offset, length)
-        up.discard(offset, length)
+        grain = self._sparse_grain(up)
+        if not grain:
+            up.discard(offset, length)
+            return
+        # whole blocks become holes; the part-blocks at the ends read as zeros (a
+        # discard's content is undefined), written as whole blocks
+        end = offset + length
+        a = -(-offset // grain) * grain
+        b = end - end % grain
+        with up.lock:
+            if a >= b:
+                self._write_blocks(up, offset, bytes(length), grain)
+                return
+            if offset < a:
+                self._write_blocks(up, offset, bytes(a - offset), grain)
+            up.discard(a, b - a)
+            if b < end:
+                self._write_blocks(up, b, bytes(end - b), grain)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         up = self._writable()
         self._bounds(offset, length)
-        up.write_zeroes(offset, length)
+        grain = self._sparse_grain(up)
+        if not grain:
+            up.write_zeroes(offset, length)
+            return
+        end = offset + length
+        a = min(-(-offset // grain) * grain, end)
+        b = max(end - end % grain, a)
+        with up.lock:
+            if offset < a:
+                self._write_blocks(up, offset, bytes(a - offset), grain)
+            if a < b:
+                up.write_zeroes(a, b - a)
+            if b < end:
+                self._write_blocks(up, b, bytes(end - b), grain)
 
     def flush(self) -> None:
         if self.upper is not None and not self.upper.readonly:

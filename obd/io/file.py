@@ -87,6 +87,10 @@ class LocalFile:
             return os.lseek(self.fd, 0, os.SEEK_END)
         return st.st_size
 
+    def block_size(self) -> int:
+        """The file system's block size for this file (the grain of SEEK_DATA/SEEK_HOLE)."""
+        return os.fstat(self.fd).st_blksize or 4096
+
     def pread(self, offset: int, length: int) -> bytes:
         data = os.pread(self.fd, length, offset)
         if len(data) < length and data:
