@@ -1048,6 +1048,7 @@ RAW_DURABLE = re.compile(
 # (file, call) -> why it may bypass obd.io
 RAW_ALLOWED = {
     ("obd/serve/nbd/server.py", "os.unlink("): "removes the server's own Unix socket, not data",
+    ("obd/serve/nbd/wire.py", "os.sendfile("): "sends layer bytes to a client's socket; writes no file",
     ("obd/formats/zfile/reader.py", "os.posix_fallocate("): (
         "reserves blocks of a temporary output that is fsynced before its rename; "
         "a crash cannot show it"
