@@ -65,6 +65,7 @@ INCOMPAT_JOURNAL_DEV = 0x0008
 INCOMPAT_EXTENTS = 0x0040
 FEATURE_EXTENTS = INCOMPAT_EXTENTS
 RO_COMPAT_BIGALLOC = 0x0200
+DIR_LINK_MAX = 65000  # EXT4_LINK_MAX: a folder past it counts 1 link (dir_nlink)
 EXTENTS_FL = 0x80000
 FALLOCATE_FORCE_INIT = 0x2
 FALLOCATE_INIT_BEYOND_EOF = 0x8
@@ -976,12 +977,19 @@ class Ext4:
         kind = entry.kind
         if kind is Kind.DIR:
             ino = self._alloc_inode(pino, kind)
+            plinks = struct.unpack_from("<H", self.read_inode(pino), I_LINKS)[0]
             for _ in range(2):
                 err = self.L.lib.ext2fs_mkdir(self.fs, pino, ino, name)
                 if err != ET_DIR_NO_SPACE:
                     break
                 self._check(self.L.lib.ext2fs_expand_dir(self.fs, pino), "growing a directory")
             self._check(err, f"making directory {entry.path}")
+            if plinks == 1 or plinks >= DIR_LINK_MAX:
+                # dir_nlink: past 65000 subfolders a folder's link count stays 1, as the
+                # kernel keeps it (ext2fs_mkdir would count on and wrap)
+                pb = self.read_inode(pino)
+                struct.pack_into("<H", pb, I_LINKS, 1)
+                self.write_inode(pino, pb)
             self._listing(pino)[name] = (ino, FT[kind])
             self._dirs[ino] = {}
             b = self.read_inode(ino)
