@@ -359,7 +359,7 @@ def test_timer_evicts_down_to_the_watermark_and_disk_reserve(tmp_path: Path) -> 
     blob = cache.open(key_of(data), len(data))
     blob.read(0, len(data), Source(data).fetch)
     assert cache.usage == 40 * UNIT
-    cache.reserve = cache.free_disk() + 1  # "less than 1 GiB free": evict what there is
+    cache.reserve = cache.free_disk() + (1 << 40)  # never that much free: evict it all
     deadline = time.monotonic() + 5
     while not (cache.usage == 0 and cache.stats.evictions) and time.monotonic() < deadline:
         time.sleep(0.02)
