@@ -459,30 +459,37 @@ def test_registry_to_registry(tmp_path: Path) -> None:
         assert _manifest_status(reg, "other/app", "x") == 200
 
 
+def _start_and_stop(args: list[str], store: Path, sig: int) -> subprocess.Popen[bytes]:
+    """Run obd with ``args``; once a first layer is in ``store``, send ``sig``."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen([sys.executable, "-m", "commands.main", *args], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not list((store / "layers").glob("*.json")) and time.monotonic() < deadline:
+            assert p.poll() is None, p.stderr.read() if p.stderr else ""
+            time.sleep(0.005)
+    finally:
+        p.send_signal(sig)
+        p.wait(30)
+    return p
+
+
+SLOW_LAYERS = [[E("file", f"f{i}/{k}", os.urandom(64 << 10)) for k in range(24)] for i in range(4)]
+
+
 def test_interrupted_convert_pushes_no_manifest_and_resumes(tmp_path: Path) -> None:
     """kill -9 in the middle of a convert to a registry: no manifest is there; the next
     convert takes the finished layers from the store and completes the image."""
     from tests.registry_helpers import start_registry
 
-    layers = [[E("file", f"f{i}/{k}", os.urandom(64 << 10)) for k in range(24)] for i in range(4)]
-    img = build_image(tars(layers))
+    img = build_image(tars(SLOW_LAYERS))
     store = tmp_path / "store"
     with start_registry(tmp_path / "reg") as reg:
         push_image(reg, "src/app", "v1", img)
         args = ["convert", "--json", "--vsize", VSIZE, "--store", str(store),
                 f"{reg.host}/src/app:v1", f"{reg.host}/dst/app:v1"]  # fmt: skip
-        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        p = subprocess.Popen([sys.executable, "-m", "commands.main", *args], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-        try:
-            # wait for the first layer to be in the store, then kill the convert
-            deadline = time.monotonic() + 60
-            while not list((store / "layers").glob("*.json")) and time.monotonic() < deadline:
-                assert p.poll() is None, p.stderr.read() if p.stderr else ""
-                time.sleep(0.005)
-        finally:
-            p.send_signal(signal.SIGKILL)
-            p.wait(10)
+        _start_and_stop(args, store, signal.SIGKILL)
         done = len(list((store / "layers").glob("*.json")))
         assert 1 <= done < 4, "the convert finished before it could be killed"
         assert _manifest_status(reg, "dst/app", "v1") == 404
@@ -492,6 +499,18 @@ def test_interrupted_convert_pushes_no_manifest_and_resumes(tmp_path: Path) -> N
         assert sum(la["reused"] for la in res["layers"]) == done
         assert _manifest_status(reg, "dst/app", "v1") == 200
         assert not list((store / "tmp").iterdir())  # the killed run's scratch is gone
+
+
+def test_ctrl_c(tmp_path: Path) -> None:
+    """SIGINT mid-convert: exit 130 with one line, no index.json, no scratch left."""
+    src = _layout(tmp_path, SLOW_LAYERS)
+    store = tmp_path / "store"
+    args = ["convert", "--store", str(store), "--vsize", VSIZE, f"oci:{src}", f"oci:{tmp_path / 'dst'}"]  # fmt: skip
+    p = _start_and_stop(args, store, signal.SIGINT)
+    err = p.stderr.read().decode() if p.stderr else ""
+    assert p.returncode == 130 and err.strip() == "obd: interrupted", (p.returncode, err)
+    assert not (tmp_path / "dst" / "index.json").exists()
+    assert not list((store / "tmp").iterdir())
 
 
 def test_two_converts_on_one_store(tmp_path: Path) -> None:

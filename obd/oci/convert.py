@@ -427,27 +427,29 @@ def convert(
     below: list[StoredLayer] = []
     dest.prepare()
     uploads = _Uploads(dest, say)
-    for group in groups:
-        first, top = group[0], group[-1]
-        key = layer_key(img, chain, top, first, opts)
-        with store.lock(key):
-            hit = store.get(key)
-            reused = hit is not None
-            if hit is None:
-                hit = convert_layer(img, group, below, store, key, chain, opts, bars)
-        below.append(hit)
-        result.layers.append(
-            LayerResult(tuple(group), hit.digest, hit.size, hit.path, reused, chain[top])
-        )
-        label = f"layers {first + 1}-{top + 1}" if len(group) > 1 else f"layer {top + 1}"
-        say(
-            f"{label}/{n} {img.diff_ids[top][:19]}: "
-            + ("reused from the store" if reused else "converted")
-            + f" -> {hit.digest[:19]} ({hit.size} bytes)"
-        )
-        uploads.put(hit.path, hit.digest, hit.size, f"{label}/{n}")
-    result.pushed = uploads.finish()
-    store.wait_scratch()
+    try:
+        for group in groups:
+            first, top = group[0], group[-1]
+            key = layer_key(img, chain, top, first, opts)
+            with store.lock(key):
+                hit = store.get(key)
+                reused = hit is not None
+                if hit is None:
+                    hit = convert_layer(img, group, below, store, key, chain, opts, bars)
+            below.append(hit)
+            result.layers.append(
+                LayerResult(tuple(group), hit.digest, hit.size, hit.path, reused, chain[top])
+            )
+            label = f"layers {first + 1}-{top + 1}" if len(group) > 1 else f"layer {top + 1}"
+            say(
+                f"{label}/{n} {img.diff_ids[top][:19]}: "
+                + ("reused from the store" if reused else "converted")
+                + f" -> {hit.digest[:19]} ({hit.size} bytes)"
+            )
+            uploads.put(hit.path, hit.digest, hit.size, f"{label}/{n}")
+        result.pushed = uploads.finish()
+    finally:
+        store.wait_scratch()  # also after a failure: no scratch left behind
     config_bytes, manifest_bytes, desc = image_documents(img, result.layers, opts.flatten)
     dest.put_bytes(config_bytes, "sha256:" + hashlib.sha256(config_bytes).hexdigest())
     dest.put_manifest(manifest_bytes, desc)

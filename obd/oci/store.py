@@ -147,14 +147,16 @@ class LayerStore:
         """A folder for one conversion's writable layer. It is removed afterwards in the
         background (freeing a sparse 64 GiB file can take seconds, e.g. on a filesystem
         mounted with ``discard``), while the next layer converts: :meth:`wait_scratch`
-        waits for that; what is left at exit is removed by the interpreter's finalizer."""
+        waits for that. After a failure or an interrupt it is removed at once."""
         td = tempfile.TemporaryDirectory(prefix=f"convert-{os.getpid()}-", dir=self.tmp)
         try:
             yield td.name
-        finally:
-            t = threading.Thread(target=td.cleanup, name="obd-scratch-cleanup", daemon=True)
-            t.start()
-            self._cleanups.append(t)
+        except BaseException:
+            td.cleanup()  # the process may be about to exit: not in a daemon thread
+            raise
+        t = threading.Thread(target=td.cleanup, name="obd-scratch-cleanup", daemon=True)
+        t.start()
+        self._cleanups.append(t)
 
     def wait_scratch(self) -> None:
         for t in self._cleanups:
