@@ -48,9 +48,9 @@ def _parse_listen(text: str) -> tuple[str, int]:
 @click.option(
     "--workers",
     type=click.IntRange(0, 64),
-    default=0,
-    show_default=True,
-    help="Worker threads per connection (0: the connection thread serves requests).",
+    default=None,
+    help="Worker threads per connection (0: the connection thread serves requests; "
+    "default 0, or 8 when an image reads from a registry, so its fetches overlap).",
 )
 @click.option(
     "--metrics-listen",
@@ -77,7 +77,7 @@ def serve(
     socket_path: str | None,
     config_path: str | None,
     pid_file: str | None,
-    workers: int,
+    workers: int | None,
     metrics_listen: str,
     plain_http: bool,
     platform: str | None,
@@ -118,7 +118,7 @@ def serve(
 
     if not specs and not tcmu:
         raise UsageError("nothing to serve: give IMAGE arguments, --tcmu, or both")
-    tcmu_service = _tcmu_service(gcfg, use_files and not specs, workers) if tcmu else None
+    tcmu_service = _tcmu_service(gcfg, use_files and not specs, workers or 0) if tcmu else None
     stop = threading.Event()
     service = (
         None

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("obd.serve")
 
+REMOTE_WORKERS = 8
+"""Worker threads per connection by default when an image reads from a registry."""
+
 Opener = Callable[[str], BlockDevice]
 """Opens the image an image config path names (default: :func:`obd.image.open_image`)."""
 RemoteFactory = Callable[[Callable[..., None] | None], "RemoteContext"]
@@ -90,7 +93,7 @@ class NbdService:
         use_log_files: bool = True,
         tcp: tuple[str, int] | None = None,
         unix: str | None = None,
-        workers: int = 0,
+        workers: int | None = None,
         metrics_host: str = "127.0.0.1",
         opener: Opener | None = None,
         remote: RemoteFactory | None = None,
@@ -136,9 +139,10 @@ class NbdService:
                 raise ObdError(f"no image could be opened: {self.statuses[0].reason}")
             hook = self._read_hook()
             failed = {s.name: s.reason for s in self.statuses if not s.ok}
-            self.server = NbdServer(
-                self.exports, failed=failed, workers=self.workers, read_hook=hook
-            )
+            workers = self.workers
+            if workers is None:  # requests of a registry image wait on the network: overlap
+                workers = REMOTE_WORKERS if self.remote is not None else 0
+            self.server = NbdServer(self.exports, failed=failed, workers=workers, read_hook=hook)
             if self.tcp is not None:
                 self.server.listen_tcp(*self.tcp)
             if self.unix is not None:
