@@ -655,8 +655,14 @@ class Ext4:
             )
         self.fs: ctypes.c_void_p | None = fs
         self._dirs: dict[int, dict[bytes, tuple[int, int]]] = {}
-        self._dir_paths: dict[str, int] = {}  # resolved directory paths; cleared on removals
         self.now = int(time.time())
+        # a new inode before its metadata: one link, extra fields sized, created now
+        self._template = bytearray(self.isz)
+        struct.pack_into("<H", self._template, I_LINKS, 1)
+        if self.isz > 128:
+            struct.pack_into("<H", self._template, I_EXTRA_ISIZE, EXTRA_ISIZE)
+            struct.pack_into("<I", self._template, I_CRTIME, self.now)
+        self._dir_paths: dict[str, int] = {}  # resolved directory paths; cleared on removals
         try:
             self._check(self.L.lib.ext2fs_read_bitmaps(fs), "reading the bitmaps")
         except BaseException:
@@ -756,24 +762,17 @@ class Ext4:
 
     def _set_meta(self, b: bytearray, e: Entry, kind: Kind) -> None:
         perm = 0o777 if kind is Kind.SYMLINK else e.mode & 0o7777
-        struct.pack_into("<H", b, I_MODE, S_IF[kind] | perm)
-        struct.pack_into("<H", b, I_UID, e.uid & 0xFFFF)
+        lo, extra = _encode_time(e.mtime_ns)
+        struct.pack_into("<HH", b, I_MODE, S_IF[kind] | perm, e.uid & 0xFFFF)
+        struct.pack_into("<III", b, I_ATIME, lo, lo, lo)  # i_atime, i_ctime, i_mtime
         struct.pack_into("<H", b, I_GID, e.gid & 0xFFFF)
         struct.pack_into("<HH", b, I_UID_HIGH, (e.uid >> 16) & 0xFFFF, (e.gid >> 16) & 0xFFFF)
-        lo, extra = _encode_time(e.mtime_ns)
-        for off in (I_ATIME, I_CTIME, I_MTIME):
-            struct.pack_into("<I", b, off, lo)
         if self._large(b):
-            for off in (I_ATIME_EXTRA, I_CTIME_EXTRA, I_MTIME_EXTRA):
-                struct.pack_into("<I", b, off, extra)
+            struct.pack_into("<III", b, I_CTIME_EXTRA, extra, extra, extra)
 
     def _new_inode_buf(self, e: Entry, kind: Kind) -> bytearray:
-        b = bytearray(self.isz)
-        if self.isz > 128:
-            struct.pack_into("<H", b, I_EXTRA_ISIZE, EXTRA_ISIZE)
-            struct.pack_into("<I", b, I_CRTIME, self.now)
+        b = bytearray(self._template)
         self._set_meta(b, e, kind)
-        struct.pack_into("<H", b, I_LINKS, 1)
         return b
 
     def _alloc_inode(self, parent: int, kind: Kind) -> int:

@@ -68,7 +68,7 @@ _TAR_KINDS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Entry:
     """One tar entry, normalized: ``path`` is relative to the root ("" is the root),
     ``mode`` the permission bits with setuid/setgid/sticky (no type bits),
@@ -103,6 +103,8 @@ Op = Entry | Whiteout | Opaque
 
 def normalize(name: str) -> str:
     """A tar member name as a path relative to the root; ``..`` cannot climb above it."""
+    if name and not name.startswith((".", "/")) and "/." not in name and "//" not in name:
+        return name.rstrip("/")  # already clean (most names)
     p = posixpath.normpath("/" + name).lstrip("/")
     return "" if p == "." else p
 
