@@ -164,3 +164,11 @@ def test_serve_tcmu_without_the_module() -> None:
     assert_one_line_error(r, 3, "target_core_user", "modprobe target_core_user")
     r = run_obd("attach", "--size", "1M", "/nonexistent.json", timeout=60)
     assert_one_line_error(r, 3, "modprobe target_core_user")
+
+
+def test_tcmu_systemd_unit_ships_in_the_package() -> None:
+    from importlib.resources import files
+
+    unit = files("obd").joinpath("data/obd-tcmu.service").read_text()
+    assert "ExecStart=/usr/bin/env obd serve --tcmu" in unit
+    assert "Restart=always" in unit and "modprobe target_core_user" in unit

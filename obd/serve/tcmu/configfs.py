@@ -221,9 +221,11 @@ def attach(
     max_data_area_mb: int = DEFAULT_MAX_DATA_AREA_MB,
     cmd_ring_size_mb: int | None = None,
     wait: float = 30.0,
+    lun: bool = True,
     target: str = TARGET,
 ) -> Attachment:
-    """Create the device and its tcm_loop LUN; waits up to ``wait`` s for ``/dev/sdX``.
+    """Create the device and (with ``lun``) its tcm_loop LUN; waits up to ``wait`` s for
+    ``/dev/sdX``.
 
     On failure, what was made is removed again.
     """
@@ -246,30 +248,43 @@ def attach(
             write_attr(f"{d}/control", f"cmd_ring_size_mb={cmd_ring_size_mb}")
         write_attr(f"{d}/wwn/vpd_unit_serial", _hex(key, 32))
         write_attr(f"{d}/enable", "1")
-        if not os.path.isdir(f"{target}/loopback"):
-            _mkdir(f"{target}/loopback")  # loads tcm_loop when it is a module
-        _mkdir(f"{naa_dir}/tpgt_1/lun/lun_0")
-        write_attr(f"{naa_dir}/tpgt_1/nexus", os.path.basename(naa_dir))
-        link = f"{naa_dir}/tpgt_1/lun/lun_0/{name}"
-        try:
-            os.symlink(d, link)
-        except OSError as e:
-            raise _fail(f"symlink to {d}", link, e) from None
-        att.lun_link = link
-        deadline = time.monotonic() + wait
-        while True:
-            att.block = block_device(naa_dir)
-            if att.block and os.path.exists(att.block):
-                return att
-            if time.monotonic() > deadline:
-                raise ConfigfsError(f"no SCSI disk appeared in {wait:g} s", path=naa_dir)
-            time.sleep(0.05)
+        if lun:
+            link_lun(att, wait=wait, target=target)
+        else:
+            att.naa = None
+        return att
     except BaseException:
         try:
             detach(att, target=target)
         except ObdError:
             pass
         raise
+
+
+def link_lun(att: Attachment, *, wait: float = 30.0, target: str = TARGET) -> str:
+    """Give an enabled device a tcm_loop target and LUN 0 (nexus first, then the LUN
+    symlink); wait up to ``wait`` s for its ``/dev/sdX``, which is returned."""
+    name = os.path.basename(att.device_dir)
+    naa_dir = att.naa or f"{target}/loopback/naa.5001405{_hex(att.device_dir, 9)}"
+    att.naa = naa_dir
+    if not os.path.isdir(f"{target}/loopback"):
+        _mkdir(f"{target}/loopback")  # loads tcm_loop when it is a module
+    _mkdir(f"{naa_dir}/tpgt_1/lun/lun_0")
+    write_attr(f"{naa_dir}/tpgt_1/nexus", os.path.basename(naa_dir))
+    link = f"{naa_dir}/tpgt_1/lun/lun_0/{name}"
+    try:
+        os.symlink(att.device_dir, link)
+    except OSError as e:
+        raise _fail(f"symlink to {att.device_dir}", link, e) from None
+    att.lun_link = link
+    deadline = time.monotonic() + wait
+    while True:
+        att.block = block_device(naa_dir)
+        if att.block and os.path.exists(att.block):
+            return att.block
+        if time.monotonic() > deadline:
+            raise ConfigfsError(f"no SCSI disk appeared in {wait:g} s", path=naa_dir)
+        time.sleep(0.05)
 
 
 def image_size(config_path: str) -> int:
@@ -356,6 +371,7 @@ __all__ = [
     "detach",
     "find",
     "find_or_none",
+    "link_lun",
     "parse_cfgstring",
     "require_tcmu",
     "tcmu_missing",

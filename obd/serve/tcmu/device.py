@@ -197,13 +197,17 @@ class TcmuDevice:
         try:
             while not self._stop.is_set():
                 cmds = self.ring.poll()
-                for cmd in cmds:
-                    with self._idle:
-                        self._inflight += 1
+                with self._idle:
+                    self._inflight += len(cmds)
+                # all but the last go to the pool; the last runs here (no thread handoff
+                # for a lone command, the common case at queue depth 1)
+                for cmd in cmds[:-1]:
                     try:
                         self.pool.submit(self._run, cmd)
                     except RuntimeError:  # the pool is shut down: we are stopping
-                        self._finish(cmd, NOT_OPEN)
+                        self._run(cmd)
+                if cmds:
+                    self._run(cmds[-1])
                 if not self.uio.wait(POLL_SECONDS):
                     log.info("%s: the device went away", self.label)
                     break

@@ -94,7 +94,7 @@ class TcmuService:
             with self._lock:
                 if minor in self.devices:
                     continue
-            self._add(minor, parsed)
+            self._add(minor, parsed, event=False)
 
     # -- events ---------------------------------------------------------------------------
     def _listen(self) -> None:
@@ -121,7 +121,7 @@ class TcmuService:
         status = 0
         try:
             if ev.cmd == uapi.TCMU_CMD_ADDED_DEVICE:
-                status = self._add(ev.minor, name)
+                status = self._add(ev.minor, name, event=True)
             elif ev.cmd == uapi.TCMU_CMD_REMOVED_DEVICE:
                 self._remove(ev.minor)
             elif ev.cmd == uapi.TCMU_CMD_RECONFIG_DEVICE:
@@ -135,7 +135,12 @@ class TcmuService:
             except NetlinkError as e:
                 log.error("tcmu: %s", e)
 
-    def _add(self, minor: int, name: uio.UioName) -> int:
+    def _add(self, minor: int, name: uio.UioName, *, event: bool) -> int:
+        """Open and serve a device; the status for the kernel (0 or -errno).
+
+        A device the kernel announced (``event``) whose image fails is refused (the kernel
+        fails its enable); one found already enabled is served with every command answered
+        NOT READY, since nothing can refuse it any more."""
         assert self._pool is not None
         dev = TcmuDevice(minor, name, self._pool, self.handler_factory, self.opener)
         with self._lock:
@@ -152,7 +157,7 @@ class TcmuService:
             status = -errno.EPERM
         else:
             status = dev.open()
-        if status and self.cmd_reply:
+        if status and event and self.cmd_reply:
             # the kernel fails the enable: nothing to serve
             with self._lock:
                 self.devices.pop(minor, None)
