@@ -225,13 +225,18 @@ def _no_bar(total: int | None, label: str) -> contextlib.AbstractContextManager[
     return contextlib.nullcontext(None)
 
 
-def layer_key(
-    img: SourceImage, chain: list[str], top: int, first: int, opts: ConvertOptions
-) -> str:
+def layer_key(chain_id: str, below: StoredLayer | None, opts: ConvertOptions) -> str:
+    """The store key of the layer whose source chain ends at ``chain_id``, applied over
+    the converted layer ``below`` (None: the bottom layer, which makes the filesystem).
+
+    ``below`` is named by its converted blob's digest, not by its source: a layer's
+    blocks are allocated in the filesystem the layers below left, and conversions are
+    not byte-reproducible, so a layer converted over one conversion of its lowers is
+    only right over that one."""
     return LayerStore.key(
         format=FORMAT,
-        chain=chain[top],
-        below=chain[first - 1] if first else None,
+        chain=chain_id,
+        below=below.digest if below is not None else None,
         fs="ext4",
         vsize=opts.vsize,
         algorithm=opts.algorithm,
@@ -430,7 +435,7 @@ def convert(
     try:
         for group in groups:
             first, top = group[0], group[-1]
-            key = layer_key(img, chain, top, first, opts)
+            key = layer_key(chain[top], below[-1] if below else None, opts)
             with store.lock(key):
                 hit = store.get(key)
                 reused = hit is not None
