@@ -12,7 +12,9 @@ before every timing so no run pays for an earlier one's writeback:
 - ``lz4 -1 DATA OUT && sync OUT``
 - ``obd check OUT`` of the plain commit output, ``obd merge -o OUT LAYER`` (plain) of it
 
-and prints a table; ``x peer`` is the peer's time over obd's (above 1: obd faster).
+and prints a table: the best wall time, the least CPU time (user + system, of the
+processes run: steadier than wall time on a busy machine) and ``x peer``, the peer's
+wall time over obd's (above 1: obd faster).
 The issue's target: ``obd commit`` at least as fast as ``cp`` + ``sync``.
 
     python3 bench/commit.py [--size-mib 1024] [--writes 100000] [--runs 3] [--keep DIR]
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -90,10 +93,17 @@ def obd(*args: str) -> list[str]:
     return [sys.executable, "-m", "commands.main", *args]
 
 
-def timed(cmds: list[list[str]], cwd: str) -> tuple[float, int]:
-    """Wall time of running ``cmds`` one after the other (stops at the first failure)."""
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def timed(cmds: list[list[str]], cwd: str) -> tuple[float, float, int]:
+    """Wall time and CPU time (user + system) of running ``cmds`` one after the other
+    (stops at the first failure)."""
     os.sync()
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cpu = _children_cpu()
     t = time.perf_counter()
     rc = 0
     for c in cmds:
@@ -102,7 +112,7 @@ def timed(cmds: list[list[str]], cwd: str) -> tuple[float, int]:
         if rc:
             sys.stderr.write(p.stderr.decode(errors="replace")[-2000:])
             break
-    return time.perf_counter() - t, rc
+    return time.perf_counter() - t, _children_cpu() - cpu, rc
 
 
 def main() -> int:
@@ -138,11 +148,13 @@ def main() -> int:
         for _, cmds in rows[:2]:  # warm the page cache and the imports
             timed(cmds, folder)
         best: dict[str, float] = {}
+        cpus: dict[str, float] = {}
         codes: dict[str, int] = {}
         for _ in range(args.runs):
             for name, cmds in rows:
-                dt, rc = timed(cmds, folder)
+                dt, cpu, rc = timed(cmds, folder)
                 best[name] = min(best.get(name, dt), dt)
+                cpus[name] = min(cpus.get(name, cpu), cpu)
                 codes[name] = rc
                 if os.path.exists(out):
                     os.unlink(out)
@@ -152,14 +164,15 @@ def main() -> int:
             f"{dsize / 2**20:.0f} MiB, {os.path.getsize(index) // 16:,} index records, "
             f"commit output {os.path.getsize(plain) / 2**20:.0f} MiB"
         )
-        print(f"{'command':<15} {'seconds':>8} {'MiB/s':>7} {'exit':>5}  vs peer")
+        print(f"{'command':<15} {'seconds':>8} {'MiB/s':>7} {'cpu s':>6} {'exit':>5}  vs peer")
         peers = {"obd commit": "cp + sync", "obd commit -z": "lz4 -1 + sync"}
         for name, dt in best.items():
             vs = ""
             if name in peers:
                 vs = f"{best[peers[name]] / dt:.2f}x {peers[name]}"
             mib = dsize / 2**20 / dt
-            print(f"{name:<15} {dt:8.2f} {mib:7.0f} {codes[name]:5d}  {vs}")
+            print(f"{name:<15} {dt:8.2f} {mib:7.0f} {cpus[name]:6.2f} {codes[name]:5d}  {vs}")
+        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
         ok = best["obd commit"] <= best["cp + sync"]
         print(f"obd commit {'is' if ok else 'is NOT'} at least as fast as cp + sync")
         return 0 if all(c in (0,) for c in codes.values()) else 1
