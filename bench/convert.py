@@ -7,7 +7,7 @@ Not a test. Generates (deterministically) an OCI image layout of ``--layers`` pl
 layers holding ``--files`` files and ``--size-mib`` MiB in all (file sizes from 0 to
 ~200 KiB, mixed text/records/random/zeros content, a few folders per layer, later layers
 overwriting some files of the earlier ones), then times, each as a child process whose
-peak RSS is taken from ``wait4``:
+peak RSS is measured by GNU time:
 
 * ``tar -x`` of the layers, bottom first, into one folder;
 * ``mke2fs -d`` of that folder into a sparse disk of ``--vsize``;
@@ -135,16 +135,22 @@ def make_image(out: str, size: int, files: int, layers: int, seed: int = 7) -> d
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of ``cmd`` as a child process."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    err = p.stderr.read().decode(errors="replace") if p.stderr else ""
-    if p.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({p.returncode}): {err.strip()[-2000:]}")
-    return wall, ru.ru_maxrss * 1024
+    """Wall seconds and peak RSS (bytes) of ``cmd`` as a child process. The RSS comes
+    from GNU time: a child's own ``ru_maxrss`` would count the forked bench process it
+    was before ``exec``."""
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file:
+        t0 = time.perf_counter()
+        p = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", "-o", rss_file.name, *cmd],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            err = p.stderr.decode(errors="replace").strip()[-2000:]
+            sys.exit(f"{' '.join(cmd)} failed ({p.returncode}): {err}")
+        return wall, int(rss_file.read().split()[-1]) * 1024
 
 
 def main() -> None:
@@ -156,7 +162,7 @@ def main() -> None:
     ap.add_argument("--keep", help="work in this folder and keep it")
     ap.add_argument("--no-flatten", action="store_true", help="leave out the --flatten row")
     args = ap.parse_args()
-    for tool in ("tar", "mke2fs"):
+    for tool in ("tar", "mke2fs", "/usr/bin/time"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is needed")
     work = args.keep or tempfile.mkdtemp(prefix="obd-bench-convert-")
