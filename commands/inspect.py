@@ -68,9 +68,11 @@ _HELP += """
 \b
 An image reference (HOST[:PORT]/REPO[:TAG] or ...@sha256:...) in place of the files
 shows the image's overlaybd layers as its registry lists them (credentials and
-certificates from the global config). JSON: {"version": 1, "images": [{reference,
-digest, mediaType, platform, repoBlobUrl, layers [{digest, size, fsType,
-acceleration}]}]}
+certificates from the global config, --config or /etc/overlaybd/overlaybd.json).
+JSON: {"version": 1, "images": [{reference, digest, mediaType, platform, repoBlobUrl,
+layers [{digest, size, fsType, acceleration}]}]}. Exit codes for references: 2 a
+malformed reference, 6 not an overlaybd image, 7 a bad global config, 8 the registry
+failed (unreachable, 404, refused credentials): one line naming the URL and why.
 """
 
 
@@ -79,6 +81,12 @@ acceleration}]}]}
 @click.option("--map", "as_map", is_flag=True, help="Print the extents of the virtual disk.")
 @click.option("--plain-http", is_flag=True, help="Plain HTTP to an image reference's registry.")
 @click.option("--platform", metavar="OS/ARCH[/VARIANT]", help="Platform picked from an index.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Global config for image references (credentials, certificates, userAgent).",
+)
 @index_option
 @paths_argument
 def inspect(
@@ -86,13 +94,14 @@ def inspect(
     as_map: bool,
     plain_http: bool,
     platform: str | None,
+    config_path: str | None,
     index: str | None,
     paths: tuple[str, ...],
 ) -> None:
     from obd.image import inspect as ins
 
     if _references(paths):
-        _inspect_references(paths, as_json, plain_http, platform)
+        _inspect_references(paths, as_json, plain_http, platform, config_path)
         return
 
     if as_map:
@@ -121,23 +130,29 @@ def _references(paths: tuple[str, ...]) -> bool:
     import os
 
     from obd.errors import UsageError
-    from obd.oci.reference import is_reference
+    from obd.oci.reference import Reference, looks_like_reference
 
-    refs = [p for p in paths if not os.path.exists(p) and is_reference(p)]
+    refs = [p for p in paths if not os.path.exists(p) and looks_like_reference(p)]
     if refs and len(refs) != len(paths):
         raise UsageError("give image references or files, not both")
+    for r in refs:
+        Reference.parse(r)  # a mistyped reference: its error, not "no such file"
     return bool(refs)
 
 
 def _inspect_references(
-    refs: tuple[str, ...], as_json: bool, plain_http: bool, platform: str | None
+    refs: tuple[str, ...],
+    as_json: bool,
+    plain_http: bool,
+    platform: str | None,
+    config_path: str | None = None,
 ) -> None:
     from obd.oci.manifest import describe, resolve_image
     from obd.registry.auth import CredentialSource
     from obd.registry.client import RegistryClient
     from obd.serve.config import load_global_config
 
-    g = load_global_config()
+    g = load_global_config(config_path)
     creds = CredentialSource.from_config(g.credentialConfig, g.credentialFilePath)
     cert = (g.certConfig.certFile, g.certConfig.keyFile) if g.certConfig.certFile else None
     with RegistryClient(
@@ -309,6 +324,7 @@ def map_(ctx: click.Context, as_json: bool, index: str | None, paths: tuple[str,
         as_map=True,
         plain_http=False,
         platform=None,
+        config_path=None,
         index=index,
         paths=paths,
     )

@@ -100,8 +100,8 @@ def serve(
     the kernel it exits at once (3) saying how to load it.
 
     Exit codes: 0 stopped cleanly, 1 a flush failed at exit, 2 usage, 3 cannot listen,
-    no image file or no TCMU in the kernel, 4 corrupt image, 7 bad config, 8 the
-    registry of an image reference failed.
+    no image file or no TCMU in the kernel, 4 corrupt image, 6 not an overlaybd image,
+    7 bad config, 8 the registry of an image reference failed.
     """
     from obd.serve import NbdService
     from obd.serve.config import DEFAULT_PATH, load_global_config
@@ -141,7 +141,16 @@ def serve(
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: hup.set())
     try:
-        addresses = service.start() if service else []
+        try:
+            addresses = service.start() if service else []
+        except ObdError as e:
+            # no image opened, and each export's failure is already a line on stderr
+            ctx = click.get_current_context()
+            statuses = service.statuses if service is not None else []
+            logged = len(statuses) == len(specs) and not any(s.ok for s in statuses)
+            if logged and not (ctx.obj or {}).get("debug"):
+                sys.exit(e.exit_code)
+            raise
         for st in service.statuses if service else []:
             if st.ok:
                 mode = "read-only" if st.readonly else "writable"
@@ -175,8 +184,8 @@ def serve(
             service.stop()
         if tcmu_service is not None:
             tcmu_service.stop()
-        for s, h in old.items():
-            signal.signal(s, h)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         if pid_file:
             try:
                 os.unlink(pid_file)
@@ -186,11 +195,12 @@ def serve(
 
 def _spec(arg: str) -> Any:
     """An image config path, or an image reference (``REF`` or ``REF=NAME``)."""
-    from obd.oci.reference import is_reference
+    from obd.oci.reference import Reference, looks_like_reference
     from obd.serve import ImageSpec
 
     ref, _, name = arg.partition("=") if "=" in arg else (arg, "", "")
-    if not os.path.exists(arg) and is_reference(ref):
+    if not os.path.exists(arg) and looks_like_reference(ref):
+        Reference.parse(ref)  # a mistyped reference: its error, not "no such file"
         if not name:
             name = ref.split("@", 1)[0].rsplit("/", 1)[-1].split(":", 1)[0]
         return ImageSpec(ref, name, reference=True)

@@ -369,11 +369,11 @@ class CredentialServer:
             self.url = "http://localhost/auth"
         else:
             self._server = _ThreadingServer(("127.0.0.1", 0), Handler)
-            port = self._server.server_address[1]  # type: ignore[attr-defined]
+            port = self._server.server_address[1]
             self.url = f"http://127.0.0.1:{port}/auth"
             if ssl_context is not None:
                 srv = self._server
-                srv.socket = ssl_context.wrap_socket(srv.socket, server_side=True)  # type: ignore[attr-defined]
+                srv.socket = ssl_context.wrap_socket(srv.socket, server_side=True)
                 self.url = f"https://127.0.0.1:{port}/auth"
 
     def _handle(self, h: _QuietHandler) -> None:

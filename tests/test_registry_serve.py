@@ -280,13 +280,6 @@ def test_background_download_switches_to_the_local_file(tmp_path: Path, ext4_ima
         assert any(e.startswith("bk_download[") for e in audit_events(tmp_path))
 
 
-def test_inspect_and_serve_reference_errors_are_one_line(tmp_path: Path) -> None:
-    dead = free_port()
-    r = obd("inspect", f"127.0.0.1:{dead}/nothing/here:v1", "--json", check=False)
-    assert r.returncode == 8 and "Traceback" not in r.stderr
-    assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, r.stderr
-
-
 def test_remote_layer_without_repo_blob_url_says_so(tmp_path: Path) -> None:
     cfgp = tmp_path / "img.json"
     cfgp.write_text(json.dumps({

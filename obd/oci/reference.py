@@ -83,6 +83,21 @@ class Reference:
         return Reference(self.host, self.repo, self.tag, digest)
 
 
+def looks_like_reference(text: str) -> bool:
+    """Whether ``text`` is meant as an image reference rather than a path (for commands
+    that take either; the caller checks first that no such file exists): it parses, or it
+    starts with a host that has a port, ``localhost`` or ``[IPv6]``, or holds ``@sha256:``
+    (a path rarely does), so a mistyped reference gets :meth:`Reference.parse`'s error
+    instead of 'no such file'."""
+    if is_reference(text):
+        return True
+    first, slash, _ = text.partition("/")
+    if not slash:
+        return False
+    host_with_port = re.fullmatch(_HOST, first) is not None and (":" in first or "[" in first)
+    return host_with_port or first == "localhost" or "@sha256:" in text
+
+
 def is_reference(text: str) -> bool:
     """Whether ``text`` reads as an image reference rather than a path (for commands that
     take either): it parses, and names no existing file (the caller checks that)."""

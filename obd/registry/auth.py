@@ -149,10 +149,12 @@ class CredentialSource:
 
     def lookup(self, url: str) -> Credential | None:
         """The credential for ``url`` or None (a missing file, an unreachable service or a
-        ``success: false`` reply are logged without secrets and give None, as upstream)."""
+        ``success: false`` reply are logged without secrets and give None, as upstream).
+        Logged at INFO: a registry that then refuses the request says the same in its
+        error (:meth:`Authenticator.hint`), and one that needs no credentials is fine."""
         cred, problem = self.explain(url)
         if problem:
-            log.warning("%s: %s", self.describe(), problem)
+            log.info("%s: %s", self.describe(), problem)
         return cred
 
     def explain(self, url: str) -> tuple[Credential | None, str]:
