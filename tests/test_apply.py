@@ -364,3 +364,68 @@ def test_random_layers_match_the_model(tmp_path_factory: pytest.TempPathFactory,
         model_apply(tree, entries)
     check(cfg, tmp, tree)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _seed_raw(cfg: Path, raw: Path) -> None:
+    """Write the non-zero MiBs of a raw filesystem image into the image's upper."""
+    from obd.image import open_image
+
+    st_ = open_image(str(cfg))
+    try:
+        with open(raw, "rb") as f:
+            off = 0
+            while chunk := f.read(1 << 20):
+                if chunk.count(0) != len(chunk):
+                    st_.pwrite(off, chunk)
+                off += len(chunk)
+        st_.flush()
+    finally:
+        st_.close()
+
+
+def test_stock_mke2fs_filesystem_with_metadata_csum_and_journal(tmp_path: Path) -> None:
+    """A filesystem obd did not make (Debian's mke2fs defaults: metadata_csum, a journal):
+    libext2fs keeps every checksum right."""
+    import subprocess
+
+    raw0 = tmp_path / "stock.img"
+    with open(raw0, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", str(raw0)], check=True, timeout=60)
+    cfg = new_image(tmp_path, "c", size=64 << 20)
+    _seed_raw(cfg, raw0)
+    raw0.unlink()
+    tree: Tree = {}
+    small = [e for e in LAYERS[0] if e.path not in ("big", "sparse", "zeros")]
+    for entries in (small, LAYERS[1], LAYERS[2]):
+        apply_layer(io.BytesIO(layer_tar(entries)), cfg)
+        model_apply(tree, entries)
+    check(cfg, tmp_path, tree)
+
+
+def test_layer_over_upstreams_filesystem(tmp_path: Path) -> None:
+    """A layer applied on top of what upstream's overlaybd-apply wrote."""
+    vec = require_vectors()
+    for f in ("rw_apply.data", "rw_apply.index"):
+        shutil.copy(vec / f, tmp_path / f)
+        os.chmod(tmp_path / f, 0o644)
+    cfg = tmp_path / "up.json"
+    upper = {"data": str(tmp_path / "rw_apply.data"), "index": str(tmp_path / "rw_apply.index")}
+    cfg.write_text(json.dumps({"upper": upper}))
+    base = [E("dir", "etc"), E("file", "etc/hello.txt", b"x"), E("dir", "usr/lib"),
+            E("file", "usr/lib/blob.bin", b"x"), E("file", "usr/lib/zeros.bin", b"x"),
+            E("symlink", "usr/lib/link", target="blob.bin")]  # fmt: skip
+    top = [E("whiteout", "usr/lib/blob.bin"), E("opaque", "etc"), E("file", "etc/new", b"n"),
+           E("hardlink", "usr/lib/z2", target="usr/lib/zeros.bin")]  # fmt: skip
+    (tmp_path / "top.tar").write_bytes(layer_tar(top))
+    r = run_obd("apply", tmp_path / "top.tar", cfg)
+    assert r.code == 0, r.err
+    raw = export_raw(cfg, tmp_path / "raw.img")
+    e2fsck(raw)
+    got = debugfs_view(raw, tmp_path / "dbg")
+    tree: Tree = {}
+    model_apply(tree, base)
+    model_apply(tree, top)
+    assert sorted(got) == sorted(tree)
+    assert got["usr/lib/z2"][7] == 2 and got["usr/lib/zeros.bin"][7] == 2
+    assert got["usr/lib/link"][5] == "blob.bin" and got["etc/new"][0] == "file"
