@@ -9,8 +9,6 @@ import time
 
 import click
 
-_IMAGE_HELP = "IMAGE is an image config (its whole stack) or a read-only layer file."
-
 _TYPE_CHAR = {
     "file": "-",
     "dir": "d",
@@ -29,8 +27,9 @@ _TYPE_CHAR = {
 def ls(as_json: bool, image: str, path: str) -> None:
     """List PATH (default /) inside the ext4 filesystem of IMAGE, as ls -l does.
 
-    IMAGE is an image config (its whole stack) or a read-only layer file. Read in
-    userspace through libext2fs: no mount, no root.
+    IMAGE is an image config (its whole stack), a read-only layer file, or a
+    writable layer's data file (X.data, its index X.index). Read in userspace
+    through libext2fs: no mount, no root.
 
     \b
     JSON (--json): {"image", "path", "entries": [{name, type (file, dir, symlink,
@@ -79,9 +78,9 @@ def ls(as_json: bool, image: str, path: str) -> None:
 def cat(image: str, path: str) -> None:
     """Write the file PATH inside the ext4 filesystem of IMAGE to stdout.
 
-    IMAGE is an image config (its whole stack) or a read-only layer file. Symlinks
-    are followed inside the image. Read in userspace through libext2fs: no mount,
-    no root.
+    IMAGE is an image config (its whole stack), a read-only layer file, or a
+    writable layer's data file (X.data, its index X.index). Symlinks are followed
+    inside the image. Read in userspace through libext2fs: no mount, no root.
     """
     from obd.oci.ext4 import image_fs, read_path
 

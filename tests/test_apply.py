@@ -199,7 +199,8 @@ def test_ls_and_cat(tmp_path: Path) -> None:
     assert r.code == 0 and r.out.encode("latin-1", "replace")[:4] == b"\x7fELF"
     raw = run_obd("cat", cfg, "/var/lib/apt/a")
     assert raw.out == "a" * 70000
-    # a committed layer file is an IMAGE too
+    # a writable layer's data file and a committed layer file are IMAGEs too
+    assert run_obd("cat", tmp_path / "a.data", "etc/passwd").out.startswith("root:x:0:0")
     layer = tmp_path / "a.lsmt"
     commit(str(tmp_path / "a.data"), str(tmp_path / "a.index"), str(layer))
     assert run_obd("cat", layer, "etc/passwd").out == "root:x:0:0::/root:/bin/sh\n"

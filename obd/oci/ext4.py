@@ -1412,15 +1412,25 @@ __all__ = ["Ext4", "Stat", "image_fs", "list_path", "mkfs", "open_ext4", "read_p
 
 @contextlib.contextmanager
 def image_fs(path: str) -> Iterator[Ext4]:
-    """The ext4 filesystem of ``path``, read-only: an image config (its whole stack) or a
-    read-only layer file (tar-wrapped, ZFile or plain LSMT)."""
-    from obd.image import open_image, open_layers
+    """The ext4 filesystem of ``path``, read-only: an image config (its whole stack), a
+    read-only layer file (tar-wrapped, ZFile or plain LSMT) or a writable layer's data
+    file (its index found by name: X.data -> X.index)."""
+    from obd.formats.sniff import RW_DATA_KINDS, lsmt_kind
+    from obd.image import Stack, open_image, open_layers
     from obd.image.config import is_image_config
+    from obd.image.inspect import sibling_index
+    from obd.image.layers import open_rw_layer
     from obd.io.file import open_file
 
     with open_file(path) as f:
         head = f.pread(0, 64)
-    stack = open_image(path, readonly=True) if is_image_config(head) else open_layers([path])
+        kind = "" if is_image_config(head) else lsmt_kind(f)[0]
+    if is_image_config(head):
+        stack = open_image(path, readonly=True)
+    elif kind in RW_DATA_KINDS:
+        stack = Stack([], open_rw_layer(path, sibling_index(path), readonly=True), readonly=True)
+    else:
+        stack = open_layers([path])
     try:
         with Ext4(stack, name=path) as fs:
             yield fs
