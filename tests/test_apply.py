@@ -384,15 +384,17 @@ def _seed_raw(cfg: Path, raw: Path) -> None:
         st_.close()
 
 
-def test_stock_mke2fs_filesystem_with_metadata_csum_and_journal(tmp_path: Path) -> None:
-    """A filesystem obd did not make (Debian's mke2fs defaults: metadata_csum, a journal):
-    libext2fs keeps every checksum right."""
+@pytest.mark.parametrize("fstype", ["ext4", "ext2"])
+def test_stock_mke2fs_filesystems(tmp_path: Path, fstype: str) -> None:
+    """Filesystems obd did not make: Debian's mke2fs defaults for ext4 (metadata_csum, a
+    journal: libext2fs keeps every checksum right) and ext2 (no extents: file data goes
+    through ext2fs_file_write and block maps)."""
     import subprocess
 
     raw0 = tmp_path / "stock.img"
     with open(raw0, "wb") as f:
         f.truncate(64 << 20)
-    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", str(raw0)], check=True, timeout=60)
+    subprocess.run(["mke2fs", "-q", "-F", "-t", fstype, str(raw0)], check=True, timeout=60)
     cfg = new_image(tmp_path, "c", size=64 << 20)
     _seed_raw(cfg, raw0)
     raw0.unlink()

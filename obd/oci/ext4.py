@@ -29,7 +29,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -1348,8 +1348,10 @@ def mkfs(dev: Any, *, scratch_dir: str | None = None, name: str = "image") -> No
     size = dev.size() // 4096 * 4096
     with tempfile.TemporaryDirectory(prefix=".obd-mkfs-", dir=scratch_dir) as tmp:
         path = os.path.join(tmp, "fs.img")
-        with open(path, "wb") as f:
-            f.truncate(size)
+        from obd.io.file import open_file
+
+        with open_file(path, writable=True, create=True, exclusive=True) as f:
+            f.truncate(size)  # sparse: mke2fs writes only its metadata
         cmd = mkfs_command(path)
         cmd[0] = exe
         env = dict(os.environ, MKE2FS_CONFIG="/dev/null")
@@ -1398,13 +1400,7 @@ def _nonzero_blocks(buf: bytes, bs: int = 4096) -> Iterator[tuple[int, int]]:
         yield start, len(buf)
 
 
-def open_ext4(dev: ReadAt, *, writable: bool = False, name: str = "image") -> Ext4:
-    return Ext4(dev, writable=writable, name=name)
-
-
-ProgressFn = Callable[[int], None] | None
-
-__all__ = ["Ext4", "Stat", "image_fs", "list_path", "mkfs", "open_ext4", "read_path"]
+__all__ = ["Ext4", "Stat", "image_fs", "list_path", "mkfs", "read_path"]
 
 
 # reading an image's filesystem (obd ls / obd cat) ------------------------------------
