@@ -29,6 +29,7 @@ BLOCK_SIZES_KIB = (4, 8, 16, 32, 64)
     "block_kib",
     type=click.Choice([str(b) for b in BLOCK_SIZES_KIB]),
     default="4",
+    show_default=True,
     help="ZFile block size in KiB.",
 )
 @click.option(
@@ -50,7 +51,7 @@ BLOCK_SIZES_KIB = (4, 8, 16, 32, 64)
     "--platform",
     metavar="OS/ARCH[/VARIANT]",
     default=None,
-    help="Image to take from a multi-platform index (default: this machine's).",
+    help="Image to take from a multi-platform index (default linux/amd64).",
 )
 @click.option("--plain-http", is_flag=True, help="Talk to the registries over plain HTTP.")
 @click.option(
