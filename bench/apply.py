@@ -25,7 +25,7 @@ import tarfile
 import tempfile
 import time
 
-from obd.oci.ext4 import MKFS_FEATURES
+from obd.oci.ext4 import mkfs_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = [0, 100, 700, 2_000, 6_000, 15_000, 40_000, 120_000]
@@ -104,31 +104,9 @@ def main() -> None:
                 os.unlink(img)
             with open(img, "wb") as f:
                 f.truncate(size)
-            rows["mke2fs -d"].append(
-                measure(
-                    [
-                        "mke2fs",
-                        "-F",
-                        "-q",
-                        "-t",
-                        "ext4",
-                        "-b",
-                        "4096",
-                        "-I",
-                        "256",
-                        "-i",
-                        "16384",
-                        "-O",
-                        MKFS_FEATURES,
-                        "-E",
-                        "assume_storage_prezeroed=1,root_owner=0:0",
-                        "-d",
-                        tree,
-                        img,
-                    ],
-                    env,
-                )
-            )
+            mke2fs = mkfs_command(img)
+            mke2fs[-1:-1] = ["-d", tree]
+            rows["mke2fs -d"].append(measure(mke2fs, env))
             subprocess.run(["sync"], check=True)
             for ext in (".data", ".index"):
                 if os.path.exists(up + ext):

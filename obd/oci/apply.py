@@ -18,6 +18,7 @@ from typing import IO, Any, BinaryIO
 
 from obd.errors import ConfigError, FileAccessError, UnsupportedError
 from obd.image import load_image_config, open_image
+from obd.io.file import open_file
 from obd.oci import ext4
 from obd.oci.layer import CHUNK, Op, apply_ops, parse_checksum, read_layer
 
@@ -81,13 +82,8 @@ def _open_source(source: BinaryIO | str | os.PathLike[str]) -> tuple[IO[bytes], 
         p = os.fspath(source)
         try:
             f = open(p, "rb", buffering=0)  # noqa: SIM115 - closed by apply_layer; FIFOs stream
-        except FileNotFoundError:
-            raise FileAccessError("no such file", path=p) from None
-        except IsADirectoryError:
-            raise FileAccessError("is a directory", path=p) from None
-        except PermissionError:
-            raise FileAccessError("permission denied", path=p) from None
         except OSError as e:
+            open_file(p).close()  # raises the FileAccessError that names the problem
             raise FileAccessError(e.strerror or str(e), path=p) from None
         return f, p, True
     name = getattr(source, "name", None)

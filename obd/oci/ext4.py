@@ -29,7 +29,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -281,6 +281,10 @@ class _Channel:
         self.reads = self.writes = 0
         self.data: _DataWriter | None = None
 
+    def check_writable(self) -> None:
+        if not self.writable:
+            raise ObdError("write to a read-only ext4 filesystem")
+
     def _sync_data(self, offset: int, length: int) -> None:
         """File data written past the cache goes out before a cached access to its range."""
         d = self.data
@@ -414,6 +418,25 @@ class _DataWriter:
         self.channel.writes += 1
 
 
+def _guarded(code: int) -> Callable[[Callable[..., None]], Callable[..., int]]:
+    """A channel callback: the channel found from its address; a Python error is kept on
+    the channel (raised again when libext2fs returns) and libext2fs gets ``code``."""
+
+    def wrap(fn: Callable[..., None]) -> Callable[..., int]:
+        def callback(self: _Manager, p: int, *args: Any) -> int:
+            ch = self.open_channels[p]
+            try:
+                fn(self, ch, *args)
+            except BaseException as e:
+                ch.error = e
+                return code
+            return 0
+
+        return callback
+
+    return wrap
+
+
 class _Manager:
     """The ctypes io_manager: ``ext2fs_open2("obd:N")`` finds channel N in ``pending``."""
 
@@ -478,56 +501,30 @@ class _Manager:
             self.open_channels.pop(ctypes.addressof(s), None)
         return 0
 
-    def _set_blksize(self, p: Any, bs: int) -> int:
-        ch = self._ch(p)
-        try:
-            ch.set_bs(bs)
-        except BaseException as e:
-            ch.error = e
-            return ET_SHORT_WRITE
+    @_guarded(ET_SHORT_WRITE)
+    def _set_blksize(self, ch: _Channel, bs: int) -> None:
+        ch.set_bs(bs)
         assert ch.struct is not None
         ch.struct.block_size = bs
-        return 0
 
-    def _read(self, p: Any, block: int, count: int, data: int) -> int:
-        ch = self._ch(p)
-        try:
-            buf = ch.read(block, count)
-        except BaseException as e:
-            ch.error = e
-            return ET_SHORT_READ
+    @_guarded(ET_SHORT_READ)
+    def _read(self, ch: _Channel, block: int, count: int, data: int) -> None:
+        buf = ch.read(block, count)
         ctypes.memmove(data, buf, len(buf))
-        return 0
 
-    def _write(self, p: Any, block: int, count: int, data: int) -> int:
-        ch = self._ch(p)
-        n = count * ch.bs if count > 0 else -count
-        try:
-            if not ch.writable:
-                raise ObdError("write to a read-only ext4 filesystem")
-            ch.write(block, count, ctypes.string_at(data, n))
-        except BaseException as e:
-            ch.error = e
-            return ET_SHORT_WRITE
-        return 0
+    @_guarded(ET_SHORT_WRITE)
+    def _write(self, ch: _Channel, block: int, count: int, data: int) -> None:
+        ch.check_writable()
+        ch.write(block, count, ctypes.string_at(data, count * ch.bs if count > 0 else -count))
 
-    def _write_byte(self, p: Any, offset: int, count: int, data: int) -> int:
-        ch = self._ch(p)
-        try:
-            ch.write_bytes(offset, ctypes.string_at(data, count))
-        except BaseException as e:
-            ch.error = e
-            return ET_SHORT_WRITE
-        return 0
+    @_guarded(ET_SHORT_WRITE)
+    def _write_byte(self, ch: _Channel, offset: int, count: int, data: int) -> None:
+        ch.check_writable()
+        ch.write_bytes(offset, ctypes.string_at(data, count))
 
-    def _flush(self, p: Any) -> int:
-        ch = self._ch(p)
-        try:
-            ch.write_back()
-        except BaseException as e:
-            ch.error = e
-            return ET_SHORT_WRITE
-        return 0
+    @_guarded(ET_SHORT_WRITE)
+    def _flush(self, ch: _Channel) -> None:
+        ch.write_back()
 
     def _set_option(self, p: Any, option: bytes, arg: bytes) -> int:
         return ET_UNIMPLEMENTED
