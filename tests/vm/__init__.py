@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.vm.build import CACHE, boot_files, missing
 
@@ -149,16 +150,16 @@ def run_vm(
     return VmResult(rc, output, ctl, seconds, dmesg)
 
 
-def stop_pid(proc: subprocess.Popen[bytes]) -> None:
-    """Stop qemu by its pid: SIGTERM, then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def stop_pid(proc: subprocess.Popen[Any], timeout: float = 5) -> int:
+    """Stop a child by its pid: SIGTERM, then SIGKILL after ``timeout`` s; its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
-__all__ = ["NO_STATUS", "VmResult", "qemu_argv", "run_vm", "skip_reason"]
+__all__ = ["NO_STATUS", "VmResult", "qemu_argv", "run_vm", "skip_reason", "stop_pid"]

@@ -33,6 +33,30 @@ def require(*tools: str) -> None:
         pytest.skip(f"{', '.join(missing)} not installed in the VM's root")
 
 
+def check_apply_ext4(dev: str, mnt: Path, tar_path: Path) -> None:
+    """Mount ``dev`` (the apply vector's ext4) read-only at ``mnt``; every file of the
+    vector's tar reads back the same; unmount."""
+    import tarfile
+
+    sh(f"mount -t ext4 -o ro,noload {dev} {mnt}")
+    try:
+        with tarfile.open(tar_path) as tar:
+            members = tar.getmembers()
+            assert members
+            for m in members:
+                p = mnt / m.name
+                if m.isfile():
+                    f = tar.extractfile(m)
+                    assert f is not None
+                    assert p.read_bytes() == f.read(), m.name
+                elif m.issym():
+                    assert os.readlink(p) == m.linkname
+                elif m.isdir():
+                    assert p.is_dir()
+    finally:
+        sh(f"umount {mnt}")
+
+
 @pytest.fixture(scope="session")
 def scratch() -> Path:
     p = Path(os.environ.get("OBD_VM_SCRATCH", "/tmp/obd-vm-scratch"))
@@ -51,7 +75,7 @@ def mnt(tmp_path: Path) -> Iterator[Path]:
 class TcmuServe:
     """``obd serve --tcmu`` as a child process, logging to ``log``; stopped by its pid."""
 
-    def __init__(self, folder: Path, timeout: float = 90) -> None:
+    def __init__(self, folder: Path, *args: str, timeout: float = 90) -> None:
         import json
         import sys
         import time
@@ -66,7 +90,7 @@ class TcmuServe:
         env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
         with open(self.err, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "commands.main", "serve", "--tcmu", "--config", str(cfg)],
+                [sys.executable, "-m", "commands.main", "serve", "--tcmu", "--config", str(cfg), *args],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env,
             )  # fmt: skip
         deadline = time.monotonic() + timeout
@@ -84,13 +108,6 @@ class TcmuServe:
         return self.proc.poll() is None
 
     def stop(self, timeout: float = 60) -> int:
-        import signal
+        from tests.vm import stop_pid
 
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_pid(self.proc, timeout)

@@ -4,31 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tarfile
 from pathlib import Path
 
 import pytest
 
 from tests.nbd_helpers import ServeProcess, image_config
 from tests.vectors import require_vectors, vector_named
-from tests.vm_tests.conftest import require, sh
-
-
-def check_apply_tree(root: Path, tar_path: Path) -> None:
-    """Every file of the apply vector's tar reads back the same from the mounted ext4."""
-    with tarfile.open(tar_path) as tar:
-        members = tar.getmembers()
-        assert members
-        for m in members:
-            p = root / m.name
-            if m.isfile():
-                f = tar.extractfile(m)
-                assert f is not None
-                assert p.read_bytes() == f.read(), m.name
-            elif m.issym():
-                assert os.readlink(p) == m.linkname
-            elif m.isdir():
-                assert p.is_dir()
+from tests.vm_tests.conftest import check_apply_ext4, require, sh
 
 
 def _nbd_free() -> str:
@@ -58,10 +40,6 @@ def test_nbd_client_reads_and_mounts(tmp_path: Path, mnt: Path) -> None:
         dev = _nbd_free()
         sh(f"nbd-client -N ext4 127.0.0.1 {srv.port} {dev} -b 4096")
         try:
-            sh(f"mount -t ext4 -o ro,noload {dev} {mnt}")
-            try:
-                check_apply_tree(mnt, d / "apply_layer.tar")
-            finally:
-                sh(f"umount {mnt}")
+            check_apply_ext4(dev, mnt, d / "apply_layer.tar")
         finally:
             sh(f"nbd-client -d {dev}")

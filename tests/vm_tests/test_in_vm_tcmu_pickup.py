@@ -24,8 +24,8 @@ SPARSE_SHA = "89042de7ad23f8234885778b26edffba9e6314e474e304dc5d1baaf05c19c710"
 def test_devices_there_at_start_are_served(tmp_path: Path) -> None:
     """Enabled with no handler running (the previous service told the kernel not to wait
     for replies when it stopped), a good and a broken image; the service starting next
-    opens both (resultFile success / failed:...), serves the good one's disk, and stops
-    cleanly with both detached."""
+    opens both (resultFile success / failed:...), serves the good one's disk (and the
+    same image as an NBD export beside it), and stops cleanly with both detached."""
     d = require_vectors()
     good = image_config(tmp_path, "good", lowers=[str(d / "ro_sparse.lsmt")])
     bad = image_config(tmp_path, "bad", lowers=[str(tmp_path / "missing.lsmt")])
@@ -35,8 +35,10 @@ def test_devices_there_at_start_are_served(tmp_path: Path) -> None:
     ]
     serve = None
     try:
-        serve = TcmuServe(tmp_path)
+        # NBD beside TCMU in one process
+        serve = TcmuServe(tmp_path, "--listen", "127.0.0.1:0", f"{good}=nbdgood")
         assert "tcmu: serving 2 devices" in serve.stderr, serve.stderr
+        assert "listening on nbd://127.0.0.1:" in serve.stderr, serve.stderr
         assert (tmp_path / "good.result").read_text() == "success"
         assert (tmp_path / "bad.result").read_text().startswith("failed:failed to open local")
         block = configfs.link_lun(atts[0])

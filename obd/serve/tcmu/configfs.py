@@ -27,6 +27,8 @@ SUBTYPE = "overlaybd"
 CONFIG_LEN = 256  # the kernel's TCMU_CONFIG_LEN, with the NUL
 DEFAULT_HBA = 1
 DEFAULT_MAX_DATA_AREA_MB = 64
+DEFAULT_HW_MAX_SECTORS = 2048
+"""1 MiB commands (the kernel's default, 128 sectors, makes 64 KiB ones: 5x slower)."""
 MODPROBE_HINT = "modprobe target_core_user tcm_loop"
 
 
@@ -220,6 +222,7 @@ def attach(
     name: str | None = None,
     max_data_area_mb: int = DEFAULT_MAX_DATA_AREA_MB,
     cmd_ring_size_mb: int | None = None,
+    hw_max_sectors: int | None = DEFAULT_HW_MAX_SECTORS,
     wait: float = 30.0,
     lun: bool = True,
     target: str = TARGET,
@@ -246,6 +249,8 @@ def attach(
         write_attr(f"{d}/control", f"max_data_area_mb={max_data_area_mb}")
         if cmd_ring_size_mb is not None:  # kernel memory, 8 MiB per device by default
             write_attr(f"{d}/control", f"cmd_ring_size_mb={cmd_ring_size_mb}")
+        if hw_max_sectors is not None:  # the largest command the disk advertises (VPD B0)
+            write_attr(f"{d}/control", f"hw_max_sectors={hw_max_sectors}")
         write_attr(f"{d}/wwn/vpd_unit_serial", _hex(key, 32))
         write_attr(f"{d}/enable", "1")
         if lun:

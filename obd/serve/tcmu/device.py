@@ -169,7 +169,7 @@ class TcmuDevice:
         img = self.opened.image
         log.info(
             "%s: %s, %d bytes, %s, opened in %.3f s",
-            self.label, self.config_path, img.size,
+            self.label, self.config_path, img.size(),
             "read-only" if img.readonly else "writable", self.opened.seconds,
         )  # fmt: skip
         return 0

@@ -199,7 +199,7 @@ class TcmuService:
             log.error("%s: a new dev_config (%s) is not supported", dev.label, ev.dev_cfg)
             return -errno.EINVAL
         image = dev.opened.image if dev.opened else None
-        if ev.dev_size is not None and (image is None or ev.dev_size != image.size):
+        if ev.dev_size is not None and (image is None or ev.dev_size != image.size()):
             log.error("%s: dev_size %d is not the image's size", dev.label, ev.dev_size)
             return -errno.EINVAL
         return 0
