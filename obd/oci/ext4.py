@@ -65,6 +65,9 @@ INCOMPAT_JOURNAL_DEV = 0x0008
 INCOMPAT_EXTENTS = 0x0040
 FEATURE_EXTENTS = INCOMPAT_EXTENTS
 RO_COMPAT_BIGALLOC = 0x0200
+RO_COMPAT_METADATA_CSUM = 0x0400
+INCOMPAT_FILETYPE = 0x0002
+INLINE_DATA_FL = 0x10000000
 DIR_LINK_MAX = 65000  # EXT4_LINK_MAX: a folder past it counts 1 link (dir_nlink)
 EXTENTS_FL = 0x80000
 FALLOCATE_FORCE_INIT = 0x2
@@ -241,6 +244,7 @@ class _Lib:
             "ext2fs_extent_get": (errcode_t, [P, c_int, P]),
             "ext2fs_extent_free": (None, [P]),
             "ext2fs_alloc_range": (errcode_t, [P, c_int, ctypes.c_uint64, U32, P]),
+            "ext2fs_bmap2": (errcode_t, [P, U32, P, P, c_int, ctypes.c_uint64, P, P]),
         }
         for fname, (res, args) in sig.items():
             f = getattr(lib, fname)
@@ -660,6 +664,12 @@ class Ext4:
             struct.pack_into("<H", self._template, I_EXTRA_ISIZE, EXTRA_ISIZE)
             struct.pack_into("<I", self._template, I_CRTIME, self.now)
         self._dir_paths: dict[str, int] = {}  # resolved directory paths; cleared on removals
+        # folders' last block and last entry, for _append (not with block checksums)
+        self._tails: dict[int, tuple[int, int]] = {}
+        self.append_dirents = bool(
+            self.sb.feature_incompat & INCOMPAT_FILETYPE
+            and not self.sb.feature_ro_compat & RO_COMPAT_METADATA_CSUM
+        )
         try:
             self._check(self.L.lib.ext2fs_read_bitmaps(fs), "reading the bitmaps")
         except BaseException:
@@ -816,9 +826,7 @@ class Ext4:
         if (
             st.size < 60
             and not struct.unpack_from("<I", b, I_BLOCKS)[0]
-            and not (
-                struct.unpack_from("<I", b, I_FLAGS)[0] & 0x10000000  # inline data
-            )
+            and not (struct.unpack_from("<I", b, I_FLAGS)[0] & INLINE_DATA_FL)
         ):
             return bytes(b[I_BLOCK : I_BLOCK + st.size])
         return self._read_all(ino, st.size)
@@ -882,13 +890,74 @@ class Ext4:
         return pino, name, ent[0], ent[1]
 
     def _link(self, parent: int, name: bytes, ino: int, kind: Kind) -> None:
-        for _ in range(2):
-            err = self.L.lib.ext2fs_link(self.fs, parent, name, ino, FT[kind])
-            if err != ET_DIR_NO_SPACE:
-                break
-            self._check(self.L.lib.ext2fs_expand_dir(self.fs, parent), "growing a directory")
-        self._check(err, f"linking {name!r}")
+        if not (self.append_dirents and self._append(parent, name, ino, FT[kind])):
+            self._tails.pop(parent, None)
+            for _ in range(2):
+                err = self.L.lib.ext2fs_link(self.fs, parent, name, ino, FT[kind])
+                if err != ET_DIR_NO_SPACE:
+                    break
+                self._check(self.L.lib.ext2fs_expand_dir(self.fs, parent), "growing a directory")
+            self._check(err, f"linking {name!r}")
         self._listing(parent)[name] = (ino, FT[kind])
+
+    def _append(self, dino: int, name: bytes, ino: int, ft: int) -> bool:
+        """Add an entry after the last one of folder ``dino``'s last block (a new block
+        when it is full): what ext2fs_link finds after scanning every block, which makes
+        filling a folder of N names O(N^2). Only for linear folders with file types and
+        no block checksums; False: use ext2fs_link."""
+        need = (8 + len(name) + 3) & ~3
+        for grown in (False, True):
+            tail = self._tails.get(dino) or self._load_tail(dino)
+            if tail is None:
+                return False
+            pblk, last = tail
+            blk = bytearray(self.channel.read(pblk, 1))
+            lino, rec, nlen = struct.unpack_from("<IHB", blk, last)
+            used = (8 + nlen + 3) & ~3 if lino else 0
+            if rec - used >= need:
+                if used:
+                    struct.pack_into("<H", blk, last + 4, used)
+                at = last + used
+                struct.pack_into("<IHBB", blk, at, ino, rec - used, len(name), ft)
+                blk[at + 8 : at + 8 + len(name)] = name
+                self.channel.write(pblk, 1, bytes(blk))
+                self._tails[dino] = (pblk, at)
+                return True
+            if grown:
+                return False
+            self._tails.pop(dino, None)
+            self._check(self.L.lib.ext2fs_expand_dir(self.fs, dino), "growing a directory")
+        return False
+
+    def _load_tail(self, dino: int) -> tuple[int, int] | None:
+        """(physical block, offset of the last entry) of folder ``dino``'s last block."""
+        b = self.read_inode(dino)
+        if struct.unpack_from("<I", b, I_FLAGS)[0] & (INDEX_FL | INLINE_DATA_FL):
+            return None
+        bs = self.sb.block_size
+        size = (
+            struct.unpack_from("<I", b, I_SIZE)[0]
+            | struct.unpack_from("<I", b, I_SIZE_HIGH)[0] << 32
+        )
+        if not size or size % bs:
+            return None
+        pblk = ctypes.c_uint64()
+        err = self.L.lib.ext2fs_bmap2(
+            self.fs, dino, None, None, 0, size // bs - 1, None, ctypes.byref(pblk)
+        )
+        if err or not pblk.value:
+            return None
+        blk = self.channel.read(pblk.value, 1)
+        off = 0
+        while True:
+            rec = struct.unpack_from("<H", blk, off + 4)[0]
+            if rec < 12 or rec % 4 or off + rec > bs:
+                return None  # not a plain block (a checksum tail, damage): leave it to libext2fs
+            if off + rec == bs:
+                break
+            off += rec
+        self._tails[dino] = (pblk.value, off)
+        return pblk.value, off
 
     # Target: reads --------------------------------------------------------------------
     def kind_of(self, path: str) -> Kind | None:
@@ -928,6 +997,8 @@ class Ext4:
             for cname, (cino, cft) in list(self._listing(ino).items()):
                 self._remove_entry(ino, cname, cino, self._kind_of_dirent(cino, cft))
         self._check(self.L.lib.ext2fs_unlink(self.fs, pino, name, ino, 0), f"unlinking {name!r}")
+        self._tails.pop(pino, None)
+        self._tails.pop(ino, None)
         self._listing(pino).pop(name, None)
         if kind is Kind.DIR:
             self._dirs.pop(ino, None)
@@ -974,19 +1045,17 @@ class Ext4:
         if kind is Kind.DIR:
             ino = self._alloc_inode(pino, kind)
             plinks = struct.unpack_from("<H", self.read_inode(pino), I_LINKS)[0]
-            for _ in range(2):
-                err = self.L.lib.ext2fs_mkdir(self.fs, pino, ino, name)
-                if err != ET_DIR_NO_SPACE:
-                    break
-                self._check(self.L.lib.ext2fs_expand_dir(self.fs, pino), "growing a directory")
-            self._check(err, f"making directory {entry.path}")
+            # no name: libext2fs would look it up and link it by scanning the folder
+            self._check(
+                self.L.lib.ext2fs_mkdir(self.fs, pino, ino, None), f"making folder {entry.path}"
+            )
+            self._link(pino, name, ino, kind)
             if plinks == 1 or plinks >= DIR_LINK_MAX:
                 # dir_nlink: past 65000 subfolders a folder's link count stays 1, as the
                 # kernel keeps it (ext2fs_mkdir would count on and wrap)
                 pb = self.read_inode(pino)
                 struct.pack_into("<H", pb, I_LINKS, 1)
                 self.write_inode(pino, pb)
-            self._listing(pino)[name] = (ino, FT[kind])
             self._dirs[ino] = {}
             b = self.read_inode(ino)
             self._set_meta(b, entry, kind)
@@ -998,13 +1067,11 @@ class Ext4:
                 raise CorruptError(
                     f"symlink {entry.path}: target of {len(target)} bytes", path=self.name
                 )
-            for _ in range(2):
-                err = self.L.lib.ext2fs_symlink(self.fs, pino, ino, name, target)
-                if err != ET_DIR_NO_SPACE:
-                    break
-                self._check(self.L.lib.ext2fs_expand_dir(self.fs, pino), "growing a directory")
-            self._check(err, f"making symlink {entry.path}")
-            self._listing(pino)[name] = (ino, FT[kind])
+            self._check(
+                self.L.lib.ext2fs_symlink(self.fs, pino, ino, None, target),
+                f"making symlink {entry.path}",
+            )
+            self._link(pino, name, ino, kind)
             b = self.read_inode(ino)
             self._set_meta(b, entry, kind)
             self.write_inode(ino, b)
