@@ -172,3 +172,82 @@ def test_tcmu_systemd_unit_ships_in_the_package() -> None:
     unit = files("obd").joinpath("data/obd-tcmu.service").read_text()
     assert "ExecStart=/usr/bin/env obd serve --tcmu" in unit
     assert "Restart=always" in unit and "modprobe target_core_user" in unit
+
+
+# -- host-side checks of the kernel-facing parts that need no kernel ------------------------
+
+
+def test_netlink_messages_round_trip() -> None:
+    """An ADDED_DEVICE message as the kernel builds it parses into its DeviceEvent; an
+    NLMSG_ERROR becomes its errno."""
+    import struct
+
+    from obd.serve.tcmu import netlink as nl
+    from obd.serve.tcmu import uapi
+
+    name = b"tcm-user/1/dev_x/overlaybd//a/b.json;7\0"
+    attrs = (
+        nl.pack_attr(uapi.TCMU_ATTR_DEVICE, name)
+        + nl.pack_attr(uapi.TCMU_ATTR_MINOR, struct.pack("=I", 3))
+        + nl.pack_attr(uapi.TCMU_ATTR_DEVICE_ID, struct.pack("=I", 42))
+        + nl.pack_attr(uapi.TCMU_ATTR_DEV_SIZE, struct.pack("=Q", 1 << 30))
+    )
+    body = nl.GENLMSGHDR.pack(uapi.TCMU_CMD_ADDED_DEVICE, 2, 0) + attrs
+    msg = nl.NLMSGHDR.pack(nl.NLMSGHDR.size + len(body), 0x1A, 0, 9, 0) + body
+    err = (
+        nl.NLMSGHDR.pack(nl.NLMSGHDR.size + 20, nl.NLMSG_ERROR, 0, 9, 0)
+        + struct.pack("=i", -19)
+        + bytes(16)
+    )
+    parsed = nl.parse_messages(msg + err)
+    assert parsed[1] == -19
+    m = parsed[0]
+    assert isinstance(m, nl.Message) and m.type == 0x1A and m.seq == 9
+    ev = nl.DeviceEvent.from_message(m)
+    assert (ev.device, ev.minor, ev.dev_id, ev.dev_size) == (name[:-1].decode(), 3, 42, 1 << 30)
+    # a truncated attribute ends the parse instead of raising
+    assert nl.parse_attrs(attrs[:-3])[uapi.TCMU_ATTR_DEVICE] == name
+
+
+def test_uio_names_and_cfgstrings() -> None:
+    from obd.errors import ObdError
+    from obd.serve.tcmu.configfs import cfgstring, parse_cfgstring
+    from obd.serve.tcmu.uio import UioName
+
+    n = UioName.parse("tcm-user/3/dev_a/overlaybd//root/config.v1.json;dev9")
+    assert n == UioName(3, "dev_a", "overlaybd", "/root/config.v1.json;dev9")
+    assert parse_cfgstring(f"overlaybd/{n.cfgstring}") == ("/root/config.v1.json", "dev9")
+    assert parse_cfgstring("overlaybd//x.json") == ("/x.json", None)
+    assert UioName.parse("uio_pdrv_genirq") is None
+    assert UioName.parse("tcm-user/x/dev/overlaybd/c") is None
+    assert cfgstring("/a.json", "7") == "overlaybd//a.json;7"
+    with pytest.raises(ObdError, match="256"):
+        cfgstring("/" + "a" * 300)
+    with pytest.raises(ObdError, match=","):
+        cfgstring("/a,b.json")
+
+
+def test_configfs_failures_name_path_and_errno(tmp_path: Path) -> None:
+    """Against a plain folder standing in for configfs: a step that fails says which
+    path, which step and which errno, and what attach made is removed again."""
+    from obd.serve.tcmu import configfs
+
+    target = tmp_path / "target"
+    (target / "core").mkdir(parents=True)
+    with pytest.raises(configfs.ConfigfsError) as ei:
+        configfs.write_attr(str(tmp_path / "no" / "control"), "x")
+    assert "no/control: open failed" in str(ei.value) and "ENOENT" in str(ei.value)
+    assert ei.value.exit_code == 3
+    # a plain folder has no control file: the first write fails, the device dir goes
+    with pytest.raises(configfs.ConfigfsError, match=r"/control: open failed: .*ENOENT"):
+        configfs.attach(str(tmp_path / "c.json"), 1 << 20, target=str(target))
+    assert os.listdir(target / "core") == []
+
+
+def test_tcmu_missing_says_how_to_load(tmp_path: Path) -> None:
+    from obd.serve.tcmu import configfs
+
+    why = configfs.tcmu_missing(str(tmp_path))
+    assert why and "modprobe target_core_user" in why
+    with pytest.raises(configfs.TcmuUnavailableError):
+        configfs.require_tcmu(str(tmp_path))

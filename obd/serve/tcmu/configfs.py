@@ -83,6 +83,17 @@ def _rmdir(path: str, *, quiet: tuple[int, ...] = (errno.ENOENT,)) -> None:
             raise _fail("rmdir", path, e) from None
 
 
+def _module_present(name: str) -> bool:
+    """Loaded, or built into the running kernel."""
+    if os.path.isdir(f"/sys/module/{name}"):
+        return True
+    try:
+        with open(f"/lib/modules/{os.uname().release}/modules.builtin") as f:
+            return any(line.rstrip().endswith(f"/{name}.ko") for line in f)
+    except OSError:
+        return False
+
+
 def tcmu_missing(target: str = TARGET) -> str | None:
     """Why TCMU devices cannot be made on this machine (one line), or None."""
     if not os.path.isdir(f"{target}/core"):
@@ -90,7 +101,7 @@ def tcmu_missing(target: str = TARGET) -> str | None:
             f"{target}/core is missing: the kernel module target_core_user is not loaded "
             f"(load it with `{MODPROBE_HINT}`; configfs must be mounted on /sys/kernel/config)"
         )
-    if not os.path.isdir("/sys/module/target_core_user"):
+    if target == TARGET and not _module_present("target_core_user"):
         return f"the kernel module target_core_user is not loaded (load it with `{MODPROBE_HINT}`)"
     return None
 
