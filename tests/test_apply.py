@@ -329,6 +329,24 @@ def test_bad_input_one_line_errors(tmp_path: Path) -> None:
     e2fsck(raw)
 
 
+def test_one_big_folder(tmp_path: Path) -> None:
+    """8,000 names in one folder (appended block after block), a third removed, new ones
+    added into the freed room and at the end: e2fsck clean, every name there."""
+    cfg = new_image(tmp_path, "f", size=256 << 20)
+    names = [f"big/{'n' * (i % 40)}{i:05d}" for i in range(8000)]
+    apply_layer(io.BytesIO(layer_tar([E("file", n, n.encode()) for n in names])), cfg, mkfs=True)
+    gone = names[::3]
+    new = [f"big/new{i}" for i in range(500)]
+    top = [E("whiteout", n) for n in gone] + [E("file", n, b"") for n in new]
+    apply_layer(io.BytesIO(layer_tar(top)), cfg)
+    raw = export_raw(cfg, tmp_path / "raw.img")
+    e2fsck(raw)
+    r = run_obd("ls", "--json", cfg, "/big")
+    got = {e["name"] for e in json.loads(r.out)["entries"]}
+    want = {n.split("/")[1] for n in (set(names) - set(gone)) | set(new)}
+    assert got == want
+
+
 @pytest.mark.slow
 def test_many_files(tmp_path: Path) -> None:
     """A 100,000-file layer (in 1,000 folders), whose result e2fsck passes."""
