@@ -333,3 +333,27 @@ def test_missing_parents_are_made() -> None:
     apply_ops(read_layer(io.BytesIO(layer_tar([E("file", "x/y/z", b"1")]))).ops(), DictTarget(tree))
     assert tree["x"].kind == "dir" and tree["x"].mode == 0o755 and tree["x/y"].mtime == MTIME
     assert join("x", "y") in tree
+
+
+def test_a_pipe_that_hands_over_one_byte_at_a_time() -> None:
+    """The compression magic is read fully even when a pipe gives it byte by byte."""
+    import os
+    import threading
+
+    data = gzip.compress(layer_tar([E("file", "a", b"x" * 10000)]))
+    r, w = os.pipe()
+
+    def feed() -> None:
+        for i in range(8):
+            os.write(w, data[i : i + 1])
+        os.write(w, data[8:])
+        os.close(w)
+
+    t = threading.Thread(target=feed)
+    t.start()
+    with os.fdopen(r, "rb", buffering=0) as src:
+        ls = read_layer(src, name="pipe")
+        got = [(op, d.read() if d else None) for op, d in ls.ops()]
+        ls.finish()
+    t.join(10)
+    assert ls.compression == "gzip" and len(got) == 1 and got[0][1] == b"x" * 10000

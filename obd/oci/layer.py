@@ -31,7 +31,7 @@ import urllib.parse
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any, BinaryIO, Protocol, cast
+from typing import IO, Any, BinaryIO, Protocol
 
 from obd.errors import CorruptError, UnsupportedError, UsageError
 
@@ -438,11 +438,37 @@ class _Hashing(io.RawIOBase):
             pass
 
 
+class _Prefixed(io.RawIOBase):
+    """``head`` (bytes already read), then the rest of ``src``."""
+
+    def __init__(self, head: bytes, src: IO[bytes]) -> None:
+        self.head = head
+        self.src = src
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self.head:
+            n = min(len(b), len(self.head))
+            b[:n] = self.head[:n]
+            self.head = self.head[n:]
+            return n
+        data = self.src.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
 def _peek(src: IO[bytes], n: int) -> tuple[IO[bytes], bytes]:
-    if not hasattr(src, "peek"):
-        src = io.BufferedReader(cast(Any, src), CHUNK)
-    head: bytes = cast(Any, src).peek(n)[:n]
-    return src, head
+    """The first ``n`` bytes of ``src`` (fewer at its end) and a stream from its start;
+    a pipe may hand them over one read at a time."""
+    head = b""
+    while len(head) < n:
+        more = src.read(n - len(head))
+        if not more:
+            break
+        head += more
+    return io.BufferedReader(_Prefixed(head, src), CHUNK), head
 
 
 def compression_of(head: bytes) -> str:
