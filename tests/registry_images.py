@@ -45,7 +45,7 @@ def _gen_files(root: Path, total: int, seed: int, small: int = 40) -> dict[str, 
         out[f"etc/conf{i}.txt"] = f"setting{i} = {i * 7}\n".encode() * (1 + i % 5)
     left, n = total, 0
     while left > 0:
-        size = int(min(left, rng.integers(256 << 10, 8 << 20)))
+        size = min(left, int(rng.integers(256 << 10, 8 << 20)))
         # half random (incompressible), half repetitive: like real binaries and data
         body = rng.integers(0, 256, size // 2, dtype=np.uint8).tobytes()
         body += (b"obd-registry-bench-%d " % n) * ((size - len(body)) // 24 + 1)

@@ -51,6 +51,7 @@ from tests.registry_helpers import (
     registry_token,
     sha256_digest,
     start_registry,
+    stop_process,
 )
 
 __all__ = ["registry", "registry_basic", "registry_redirect", "registry_token"]
@@ -735,7 +736,6 @@ def test_credentials_never_leak(registry_token: Registry, registry_basic: Regist
 
 def _serve_debug(cfg: Path, ref: str, timeout: float = 20) -> tuple[int, str, str]:
     """``obd --debug serve`` of ``ref`` until it listens (or exits), then SIGTERM."""
-    import signal
     import subprocess
     import sys
 
@@ -760,13 +760,7 @@ def _serve_debug(cfg: Path, ref: str, timeout: float = 20) -> tuple[int, str, st
             time.sleep(0.3)
             break
         time.sleep(0.05)
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+    stop_process(proc, 15)
     out = proc.stdout.read() if proc.stdout else ""
     reader.join(5)
     return proc.returncode, out, "".join(err)

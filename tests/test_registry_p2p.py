@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.nbd_helpers import ServeProcess, require_tools, run
-from tests.registry_helpers import fault_proxy, free_port, start_registry
+from tests.registry_helpers import fault_proxy, free_port, start_registry, stop_process
 from tests.registry_images import Ext4Image, layered_ext4
 from tests.test_registry_serve import global_config, push
 
@@ -86,13 +85,7 @@ http {{
                 time.sleep(0.05)
         yield f"http://127.0.0.1:{port}/accelerator"
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")

@@ -78,7 +78,7 @@ def mounted(uri: str, folder: Path) -> Iterator[Path]:
     loop = ""
     try:
         if not wait_until(lambda: (fuse_dir / "nbd").exists(), 20):
-            pytest.skip(f"nbdfuse did not attach: {fuse.stderr.read() if fuse.poll() is not None and fuse.stderr else ''}")  # fmt: skip
+            pytest.skip(f"nbdfuse did not attach: {fuse.stderr.read().decode(errors='replace') if fuse.poll() is not None and fuse.stderr else ''}")  # fmt: skip
         r = run(["losetup", "-r", "--find", "--show", str(fuse_dir / "nbd")], check=False)
         if r.returncode:
             pytest.skip(f"losetup failed: {r.stderr.strip()}")
@@ -110,7 +110,7 @@ def bottom_data(image: Ext4Image, start: int) -> list[int]:
     from obd.image import open_layers
     from obd.io.base import ExtentKind
 
-    out = []
+    out: list[int] = []
     with open_layers([str(p) for p in image.layers]) as stack:
         for e in stack.extents():
             at = max(e.offset, start)
