@@ -25,7 +25,7 @@ fsync cover every fill since the previous round). Concurrent readers of one miss
 fetch it once. A write that fails (ENOSPC...) still returns the data, uncached. A miss
 that continues the units just before it (cached or being fetched) is sequential: it also
 starts fetching the next units in the background, a window that doubles with each
-sequential miss up to 32 units and drops to none on a miss elsewhere; a read that reaches
+sequential miss up to READAHEAD_UNITS and drops to none on a miss elsewhere; a read that reaches
 the first unit of the last window starts the next one, so a sequential reader does not
 stall at each window's end (registries answer a range in milliseconds whatever its size:
 one large request beats many small ones).
@@ -74,7 +74,7 @@ DROP = 1 << 31
 JOURNAL_SUFFIX = ".units"
 PAGE = 4096
 MAX_SPAN_UNITS = 16  # units per fetch request (4 MiB with the default refill size)
-READAHEAD_UNITS = 32  # the most a run of sequential misses fetches ahead (8 MiB)
+READAHEAD_UNITS = 128  # the most a run of sequential misses fetches ahead (32 MiB)
 _KEY = re.compile(r"^[A-Za-z0-9_+.-]+:[A-Za-z0-9=_-]+$")
 
 Fetch = Callable[[int, int], bytes]
