@@ -251,3 +251,18 @@ def test_tcmu_missing_says_how_to_load(tmp_path: Path) -> None:
     assert why and "modprobe target_core_user" in why
     with pytest.raises(configfs.TcmuUnavailableError):
         configfs.require_tcmu(str(tmp_path))
+
+
+def test_netlink_family_lookup_on_this_kernel() -> None:
+    """CTRL_CMD_GETFAMILY against the host's real kernel: without target_core_user the
+    family is unknown, a NetlinkError (exit 3) naming TCM-USER and ENOENT."""
+    from obd.serve.tcmu.netlink import NetlinkError, TcmuNetlink
+
+    try:
+        nl = TcmuNetlink()
+    except NetlinkError as e:
+        assert "TCM-USER" in str(e) and "ENOENT" in str(e), str(e)
+        assert e.exit_code == 3
+        return
+    nl.close()
+    pytest.skip("this kernel has the TCM-USER family (target_core_user loaded)")

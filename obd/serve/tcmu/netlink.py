@@ -22,6 +22,7 @@ import struct
 import threading
 from dataclasses import dataclass
 
+from obd.errors import ObdError
 from obd.serve.tcmu import uapi
 
 NETLINK_GENERIC = 16
@@ -50,8 +51,16 @@ GENLMSGHDR = struct.Struct("=BBH")
 NLATTR = struct.Struct("=HH")
 
 
-class NetlinkError(OSError):
-    """A netlink call failed; the message names the call and the errno."""
+class NetlinkError(ObdError):
+    """A netlink call failed (exit code 3); the message names the call and the errno
+    (EPERM: the TCMU family's commands need CAP_NET_ADMIN)."""
+
+    exit_code = 3
+
+    def __init__(self, err: int | None, message: str) -> None:
+        self.errno = err or 0
+        name = errno.errorcode.get(self.errno, "")
+        super().__init__(f"{message} (errno {self.errno} {name})" if err else message)
 
 
 def _align(n: int) -> int:
@@ -201,9 +210,7 @@ class TcmuNetlink:
                     for m in parse_messages(self._req.recv(65536)):
                         if isinstance(m, int):
                             if m < 0:
-                                raise NetlinkError(
-                                    -m, f"netlink {what}: {os.strerror(-m)} (errno {-m})"
-                                )
+                                raise NetlinkError(-m, f"netlink {what}: {os.strerror(-m)}")
                             return reply or Message(kind, 0, seq, cmd, {})
                         if m.seq == seq:
                             reply = m

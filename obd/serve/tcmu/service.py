@@ -107,6 +107,8 @@ class TcmuService:
                     return
                 log.warning("tcmu: %s; rescanning /sys/class/uio", e)
                 self.rescan()
+                if e.errno != errno.ENOBUFS:
+                    self._stop.wait(0.5)
                 continue
             for ev in events:
                 parsed = uio.UioName.parse(ev.device)
