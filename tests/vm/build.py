@@ -88,7 +88,11 @@ def boot_files() -> BootFiles:
     kver = kernel_version()
     if kver is None:
         raise RuntimeError(missing() or "no kernel")
-    d = CACHE / _key(kver)
+    key = _key(kver)
+    d = CACHE / key
+    if not d.exists():  # an older init or module list: its files are no use any more
+        for old in CACHE.glob(f"{kver}-*"):
+            shutil.rmtree(old, ignore_errors=True)
     d.mkdir(parents=True, exist_ok=True)
     kernel = d / "vmlinux"
     if not kernel.exists():
