@@ -299,7 +299,11 @@ def link_lun(att: Attachment, *, wait: float = 30.0, target: str = TARGET) -> st
         if att.block and os.path.exists(att.block):
             return att.block
         if time.monotonic() > deadline:
-            raise ConfigfsError(f"no SCSI disk appeared in {wait:g} s", path=naa_dir)
+            raise ConfigfsError(
+                f"no SCSI disk appeared in {wait:g} s (is a handler for {SUBTYPE} devices, "
+                "`obd serve --tcmu`, running and answering?)",
+                path=naa_dir,
+            )
         time.sleep(0.05)
 
 
