@@ -321,6 +321,9 @@ def test_bad_input_one_line_errors(tmp_path: Path) -> None:
     noup.write_text(json.dumps({"lowers": []}))
     assert_one_line_error(run_obd("apply", tar, noup), 7, "noup.json", "upper")
     assert_one_line_error(run_obd("apply", tmp_path / "missing.tar", cfg), 3, "missing.tar")
+    longname = tmp_path / "longname.tar"
+    longname.write_bytes(layer_tar([E("file", "d/" + "x" * 256, b"")]))
+    assert_one_line_error(run_obd("apply", longname, cfg), 4, "256 bytes", "255")
     big = tmp_path / "big.tar"
     big.write_bytes(layer_tar([E("file", "huge", b"\x01" * (40 << 20))]))
     assert_one_line_error(run_obd("apply", big, cfg), 1, "full")

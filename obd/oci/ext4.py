@@ -890,6 +890,10 @@ class Ext4:
         return pino, name, ent[0], ent[1]
 
     def _link(self, parent: int, name: bytes, ino: int, kind: Kind) -> None:
+        if len(name) > 255:
+            raise CorruptError(
+                f"a name of {len(name)} bytes (ext4 takes 255): {name[:40]!r}...", path=self.name
+            )
         if not (self.append_dirents and self._append(parent, name, ino, FT[kind])):
             self._tails.pop(parent, None)
             for _ in range(2):
