@@ -321,6 +321,9 @@ def test_bad_input_one_line_errors(tmp_path: Path) -> None:
     noup.write_text(json.dumps({"lowers": []}))
     assert_one_line_error(run_obd("apply", tar, noup), 7, "noup.json", "upper")
     assert_one_line_error(run_obd("apply", tmp_path / "missing.tar", cfg), 3, "missing.tar")
+    bigx = tmp_path / "bigx.tar"
+    bigx.write_bytes(layer_tar([E("file", "a", b"", xattrs={"user.big": b"v" * 9000})]))
+    assert_one_line_error(run_obd("apply", bigx, cfg), 6, "xattrs do not fit")
     longname = tmp_path / "longname.tar"
     longname.write_bytes(layer_tar([E("file", "d/" + "x" * 256, b"")]))
     assert_one_line_error(run_obd("apply", longname, cfg), 4, "256 bytes", "255")

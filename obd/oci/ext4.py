@@ -52,7 +52,7 @@ ET_INODE_ALLOC_FAIL = ET_BASE + 73
 ET_FILE_NOT_FOUND = ET_BASE + 76
 ET_EA_NO_SPACE = ET_BASE + 163
 ET_EXTENT_NO_NEXT = ET_BASE + 124
-FULL_ERRORS = (ET_BLOCK_ALLOC_FAIL, ET_INODE_ALLOC_FAIL, ET_DIR_NO_SPACE, ET_EA_NO_SPACE)
+FULL_ERRORS = (ET_BLOCK_ALLOC_FAIL, ET_INODE_ALLOC_FAIL, ET_DIR_NO_SPACE)
 
 FLAG_RW = 0x01
 FLAG_64BITS = 0x20000
@@ -1259,10 +1259,16 @@ class Ext4:
         try:
             self._check(self.L.lib.ext2fs_xattrs_read(h), f"reading the xattrs of {path}")
             for k, v in xattrs:
-                self._check(
-                    self.L.lib.ext2fs_xattr_set(h, k.encode("utf-8", "surrogateescape"), v, len(v)),
-                    f"setting xattr {k} of {path}",
+                err = self.L.lib.ext2fs_xattr_set(
+                    h, k.encode("utf-8", "surrogateescape"), v, len(v)
                 )
+                if err == ET_EA_NO_SPACE:
+                    raise UnsupportedError(
+                        f"{path}: its xattrs do not fit in the inode and one block ({k}, "
+                        f"{len(v)} bytes)",
+                        path=self.name,
+                    )
+                self._check(err, f"setting xattr {k} of {path}")
         finally:
             err = self.L.lib.ext2fs_xattrs_close(ctypes.byref(h))
         self._check(err, f"writing the xattrs of {path}")
