@@ -61,6 +61,7 @@ import httpx
 import pytest
 
 from obd.oci import annotations as A
+from obd.registry.url import sha256_digest
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 USER = "obduser"
@@ -90,10 +91,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
-import hashlib
 import logging
 import os
 import random
@@ -51,6 +50,7 @@ from obd.registry.url import (
     repo_blob_url,
     safe_url,
     scheme_for,
+    sha256_digest,
 )
 
 log = logging.getLogger(__name__)
@@ -708,7 +708,7 @@ class RegistryClient:
             )
         data = self.read_range(loc, 0, size) if size else b""
         if loc.digest.startswith("sha256:"):
-            got = "sha256:" + hashlib.sha256(data).hexdigest()
+            got = sha256_digest(data)
             if got != loc.digest:
                 raise BlobError(f"blob content hashes to {got}", url=loc.url, kind="unexpected")
         return data
@@ -753,7 +753,7 @@ class RegistryClient:
                 resp.close()
 
         data, media_type = self._attempts(attempt, url)
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = sha256_digest(data)
         if is_digest(reference) and reference != digest:
             raise BlobError(
                 f"manifest digest is {digest}, not {reference}", url=url, kind="unexpected"
@@ -866,7 +866,7 @@ class RegistryClient:
 
     def push_manifest(self, host: str, repo: str, ref: str, data: bytes, media_type: str) -> str:
         url = f"{self.scheme(host)}://{host}/v2/{repo}/manifests/{ref}"
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = sha256_digest(data)
 
         def attempt() -> None:
             r = self._send(

@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from obd.errors import CorruptError, ObdError
-from obd.io.file import LocalFile, _fsync_dir, _replace, data_extents, open_file
+from obd.io.file import _fsync_dir, _replace, data_extents, open_file
 from obd.io.lock import lock_writer
 from obd.registry.blob import DownloadProgress, RegistryStats, RemoteBlob
 from obd.registry.cache import Audit, Fetch
@@ -184,7 +184,8 @@ class BackgroundDownloader:
                     if ahead > 0 and self.stopping.wait(ahead):
                         raise ObdError("stopped")
             out.flush()
-            got = _sha256(out, job.size)
+            with open(part, "rb") as fp:  # the whole file: it was truncated to the size
+                got = hashlib.file_digest(fp, "sha256").hexdigest()
             if "sha256:" + got != job.digest.lower():
                 job.force = True
                 raise CorruptError(
@@ -194,18 +195,6 @@ class BackgroundDownloader:
             _fsync_dir(job.dir)
         finally:
             out.close()
-
-
-def _sha256(f: LocalFile, size: int) -> str:
-    h = hashlib.sha256()
-    pos = 0
-    while pos < size:
-        data = f.pread(pos, min(8 << 20, size - pos))
-        if not data:
-            break
-        h.update(data)
-        pos += len(data)
-    return h.hexdigest()
 
 
 __all__ = ["COMMIT_NAME", "PARTIAL_NAME", "BackgroundDownloader", "DownloadSettings"]

@@ -8,6 +8,7 @@ caller's ``plain_http=True`` forces it for every host; HTTPS otherwise.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 import urllib.parse
@@ -16,6 +17,11 @@ from obd.errors import ConfigError
 
 DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}$")
 SHA256_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def sha256_digest(data: bytes) -> str:
+    """``sha256:<hex>`` of ``data`` (an OCI digest)."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def is_digest(s: str) -> bool:
