@@ -80,9 +80,10 @@ def _key_of(entry_key: str) -> str:
     return k.rstrip("/")
 
 
-def match_auths(auths: Any, url: str) -> Credential | None:
+def match_auths(auths: Any, url: str, problems: list[str] | None = None) -> Credential | None:
     """The first ``auths`` entry, in file order, whose key equals any §6.4 prefix of
-    ``url``, with ``auth`` (base64 ``user:pass``) or ``username`` and ``password``."""
+    ``url``, with ``auth`` (base64 ``user:pass``) or ``username`` and ``password``. A
+    matching entry that holds neither is passed over and said in ``problems``."""
     if not isinstance(auths, dict):
         return None
     prefixes = set(url_prefixes(url))
@@ -93,15 +94,23 @@ def match_auths(auths: Any, url: str) -> Credential | None:
             try:
                 user, colon, pw = base64.b64decode(entry["auth"]).decode().partition(":")
             except (binascii.Error, UnicodeDecodeError, ValueError):
-                log.warning("credentials for %s: 'auth' is not base64 of user:pass", key)
+                _problem(problems, f"entry {key!r}: 'auth' is not base64 of user:pass")
                 continue
             if not colon:
-                log.warning("credentials for %s: 'auth' holds no ':'", key)
+                _problem(problems, f"entry {key!r}: 'auth' holds no ':'")
                 continue
             return Credential(user, pw)
         if isinstance(entry.get("username"), str) and isinstance(entry.get("password"), str):
             return Credential(entry["username"], entry["password"])
+        _problem(problems, f"entry {key!r} has neither 'auth' nor 'username' and 'password'")
     return None
+
+
+def _problem(problems: list[str] | None, text: str) -> None:
+    if problems is None:
+        log.warning("credentials: %s", text)
+    else:
+        problems.append(text)
 
 
 @dataclass(frozen=True)
@@ -178,7 +187,7 @@ class CredentialSource:
             raise _LookupProblem(e.strerror or "cannot read") from None
         except ValueError:
             raise _LookupProblem("not valid JSON") from None
-        return match_auths(doc.get("auths") if isinstance(doc, dict) else None, url)
+        return _matched(doc.get("auths") if isinstance(doc, dict) else None, url)
 
     def _from_service(self, url: str) -> Credential | None:
         if not self.path:
@@ -210,11 +219,20 @@ class CredentialSource:
         if not isinstance(doc, dict) or not doc.get("success"):
             raise _LookupProblem(f"success is false (traceId {doc.get('traceId')!r})")
         data = doc.get("data")
-        return match_auths(data.get("auths") if isinstance(data, dict) else None, url)
+        return _matched(data.get("auths") if isinstance(data, dict) else None, url)
 
 
 class _LookupProblem(Exception):
     pass
+
+
+def _matched(auths: Any, url: str) -> Credential | None:
+    """:func:`match_auths`; when no entry answers, a matching entry's flaw is the problem."""
+    problems: list[str] = []
+    cred = match_auths(auths, url, problems)
+    if cred is None and problems:
+        raise _LookupProblem("; ".join(problems))
+    return cred
 
 
 class AuthError(RemoteError):
