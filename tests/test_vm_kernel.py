@@ -32,7 +32,7 @@ MODULES = [
     "crc32c_generic",
     "ext4",
 ]
-VM_TIMEOUT = float(os.environ.get("OBD_VM_TIMEOUT", "220"))
+VM_TIMEOUT = float(os.environ.get("OBD_VM_TIMEOUT", "330"))
 # the module fixture boots the VM inside the first test's time limit
 pytestmark = pytest.mark.timeout(VM_TIMEOUT + 60)
 
