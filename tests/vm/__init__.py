@@ -138,6 +138,10 @@ def run_vm(
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             pass
+        except BaseException:  # interrupted (e.g. the test's time limit): leave nothing
+            stop_pid(proc)
+            shutil.rmtree(ctl, ignore_errors=True)
+            raise
         finally:
             stop_pid(proc)
     seconds = time.monotonic() - t0
