@@ -306,8 +306,20 @@ def _copy_runs(
     sizes = [s.size() for s in sources]
     fds = [s.fd if isinstance(s, LocalFile) else -1 for s in sources]
     copy_from = getattr(sink, "copy_from", None)
+    preadv = os.preadv
     for at, length, tag in zip(r_at, r_len, r_tag, strict=True):
         fd = fds[tag]
+        fill = g.fill
+        if (  # the common case, inline: a short run of a local file into the buffer
+            fd >= 0
+            and length < COPY_MIN
+            and fill + length < GATHER
+            and at + length <= sizes[tag]
+            and preadv(fd, [g.view[fill : fill + length]], at) == length
+        ):
+            g.fill = fill + length
+            g.done += length
+            continue
         if (
             copy_from is not None
             and fd >= 0
