@@ -1049,6 +1049,12 @@ RAW_DURABLE = re.compile(
 RAW_ALLOWED = {
     ("obd/serve/nbd/server.py", "os.unlink("): "removes the server's own Unix socket, not data",
     ("obd/serve/nbd/wire.py", "os.sendfile("): "sends layer bytes to a client's socket; writes no file",
+    # configfs and /dev/uioN are the kernel's control interfaces, not stored data
+    ("obd/serve/tcmu/configfs.py", "os.write("): "writes a configfs attribute",
+    ("obd/serve/tcmu/configfs.py", "os.rmdir("): "removes a configfs object",
+    ("obd/serve/tcmu/configfs.py", "os.symlink("): "links a LUN to its device in configfs",
+    ("obd/serve/tcmu/configfs.py", "os.unlink("): "removes a configfs link",
+    ("obd/serve/tcmu/uio.py", "os.write("): "kicks the kernel (4 bytes to /dev/uioN)",
     ("obd/formats/zfile/reader.py", "os.posix_fallocate("): (
         "reserves blocks of a temporary output that is fsynced before its rename; "
         "a crash cannot show it"
