@@ -178,3 +178,25 @@ def test_debug_shows_traceback(tmp_path: Path) -> None:
     r = run_obd("--debug", "inspect", "--config", gconfig(tmp_path), ref)
     assert r.code == 8
     assert "Traceback" in r.err and "connection failed" in r.err
+
+
+def test_config_image_result_file_reasons(reg: Registry, reg_basic: Registry, tmp_path: Path) -> None:  # fmt: skip
+    """An image config whose layer lives only in a registry: the resultFile says §6.5's
+    'failed to open remote file <url>: <reason>' and the command one line, exit 8."""
+    secured = reg_basic.push_blob("obd/cli", LAYER)
+    cases = [
+        (reg_basic.blob_url("obd/cli"), secured, "Authentication failed"),
+        (reg.blob_url("obd/cli"), "sha256:" + "ab" * 32, "No such file or directory"),
+        (f"http://127.0.0.1:{free_port()}/v2/obd/cli/blobs", secured, "Connection failed"),
+    ]
+    for i, (repo_blob_url, digest, reason) in enumerate(cases):
+        result = tmp_path / f"img{i}.result"
+        cfgp = tmp_path / f"img{i}.json"
+        cfgp.write_text(json.dumps({
+            "repoBlobUrl": repo_blob_url,
+            "lowers": [{"digest": digest, "size": len(LAYER)}],
+            "resultFile": str(result),
+        }))  # fmt: skip
+        url = f"{repo_blob_url}/{digest}"
+        one_line(serve(gconfig(tmp_path / f"g{i}"), str(cfgp)), 8, url, reason)
+        assert result.read_text() == f"failed:failed to open remote file {url}: {reason}"
