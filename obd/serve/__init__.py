@@ -24,10 +24,10 @@ from obd.serve.config import GlobalConfig
 from obd.serve.nbd import Export, NbdServer, ReadHook, flush_all
 from obd.serve.result import (
     REASON_CREATE,
+    config_failure_reason,
     failure_reason,
     reason_duplicated,
-    write_failure,
-    write_success,
+    report,
 )
 
 if TYPE_CHECKING:
@@ -193,9 +193,6 @@ class NbdService:
         for spec in self.images:
             st = ExportStatus(spec.name, spec.config_path, ok=False)
             self.statuses.append(st)
-            layer_files: list[str] = []
-            upper_files: list[str] = []
-            repo = None
             try:
                 if spec.reference:
                     if self.resolve is None:
@@ -204,12 +201,6 @@ class NbdService:
                 else:
                     cfg = load_image_config(spec.config_path)
                 st.result_file = cfg.resultFile
-                from obd.image.layers import local_layer_path
-
-                # "" for a layer read from the registry (§6.5's empty repoBlobUrl case)
-                layer_files = [local_layer_path(lc) or "" for lc in cfg.lowers]
-                upper_files = [cfg.upper.data, cfg.upper.index]
-                repo = cfg.repoBlobUrl
             except ObdError as e:
                 st.error = e
                 st.reason = failure_reason(e) if spec.reference else REASON_CREATE
@@ -227,7 +218,7 @@ class NbdService:
                 device = self._open(spec, cfg)
             except (ObdError, OSError) as e:
                 st.error = e
-                st.reason = failure_reason(e, layer_files, upper_files, repo)
+                st.reason = config_failure_reason(e, cfg)
                 self._result(st)
                 log.error("export %r: %s (%s)", spec.name, st.reason, e)
                 continue
@@ -252,15 +243,7 @@ class NbdService:
             )  # fmt: skip
 
     def _result(self, st: ExportStatus) -> None:
-        if not st.result_file:
-            return
-        try:
-            if st.ok:
-                write_success(st.result_file)
-            else:
-                write_failure(st.result_file, st.reason)
-        except OSError as e:
-            log.error("export %r: cannot write resultFile %s: %s", st.name, st.result_file, e)
+        report(st.result_file, st.ok, st.reason, log, f"export {st.name!r}: ")
 
     def _read_hook(self) -> ReadHook | None:
         hooks: list[ReadHook] = []

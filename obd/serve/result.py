@@ -8,11 +8,16 @@ fsync of the folder), so a reader never sees half of it, nor loses it in a crash
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from obd.errors import CorruptError, FileAccessError, ObdError, RemoteError, UnsupportedError
 from obd.io.file import AtomicOutput
+
+if TYPE_CHECKING:
+    from obd.image.config import ImageConfig
 
 SUCCESS = "success"
 FAILED_PREFIX = "failed:"
@@ -60,6 +65,21 @@ def write_failure(path: str, reason: str) -> None:
     write_result(path, FAILED_PREFIX + reason.replace("\n", " "))
 
 
+def report(path: str, ok: bool, reason: str, log: logging.Logger, who: str = "") -> None:
+    """Write ``success`` (``ok``) or ``failed:<reason>`` to the resultFile ``path`` ("": the
+    config names none). A file that cannot be written is logged on ``log`` (the line starts
+    with ``who``), not raised: the device is served, or refused, all the same."""
+    if not path:
+        return
+    try:
+        if ok:
+            write_success(path)
+        else:
+            write_failure(path, reason)
+    except OSError as e:
+        log.error("%scannot write resultFile %s: %s", who, path, e)
+
+
 def failure_reason(
     err: BaseException,
     layer_files: Sequence[str] = (),
@@ -95,3 +115,16 @@ def failure_reason(
     if isinstance(err, ObdError | OSError) and index is not None:
         return reason_open_layer(index)
     return REASON_CREATE
+
+
+def config_failure_reason(err: BaseException, cfg: ImageConfig) -> str:
+    """:func:`failure_reason` for the image of ``cfg`` that failed to open with ``err``."""
+    from obd.image.layers import local_layer_path
+
+    return failure_reason(
+        err,
+        # "" for a layer read from the registry (§6.5's empty repoBlobUrl case)
+        [local_layer_path(lc) or "" for lc in cfg.lowers],
+        [cfg.upper.data, cfg.upper.index],
+        cfg.repoBlobUrl,
+    )

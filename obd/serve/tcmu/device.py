@@ -26,12 +26,7 @@ from dataclasses import dataclass, field
 
 from obd.errors import ObdError
 from obd.io.base import BlockDevice
-from obd.serve.result import (
-    REASON_CREATE,
-    failure_reason,
-    write_failure,
-    write_success,
-)
+from obd.serve.result import REASON_CREATE, config_failure_reason, report
 from obd.serve.tcmu import scsi
 from obd.serve.tcmu.configfs import SUBTYPE, TARGET, parse_cfgstring
 from obd.serve.tcmu.ring import Command, CommandRing
@@ -105,27 +100,10 @@ def open_image_for(config_path: str, opener: Opener) -> OpenResult:
         res.ok = True
     except (ObdError, OSError) as e:
         res.error = e
-        res.reason = failure_reason(
-            e,
-            [lc.file or lc.dir for lc in cfg.lowers],
-            [cfg.upper.data, cfg.upper.index],
-            cfg.repoBlobUrl,
-        )
+        res.reason = config_failure_reason(e, cfg)
     res.seconds = time.monotonic() - t0
-    write_result(res)
+    report(res.result_file, res.ok, res.reason, log)
     return res
-
-
-def write_result(res: OpenResult) -> None:
-    if not res.result_file:
-        return
-    try:
-        if res.ok:
-            write_success(res.result_file)
-        else:
-            write_failure(res.result_file, res.reason)
-    except OSError as e:
-        log.error("cannot write resultFile %s: %s", res.result_file, e)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from obd.io.base import BlockDevice
 from obd.serve.audit import Logs, setup_logs
 from obd.serve.config import GlobalConfig
-from obd.serve.result import reason_duplicated, write_failure
+from obd.serve.result import reason_duplicated, report
 from obd.serve.tcmu import uapi, uio
 from obd.serve.tcmu.configfs import SUBTYPE, require_tcmu
 from obd.serve.tcmu.device import (
@@ -180,10 +180,10 @@ class TcmuService:
 
         try:
             path = load_image_config(dev.config_path).resultFile
-            if path:
-                write_failure(path, reason)
         except Exception as e:
             log.error("%s: cannot write its resultFile: %s", dev.label, e)
+            return
+        report(path, False, reason, log, f"{dev.label}: ")
 
     def _remove(self, minor: int) -> None:
         with self._lock:
