@@ -7,13 +7,17 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import click
 
 from commands._util import SizeType, progress
 
-ALGORITHMS = ("lz4", "zstd")
-BLOCK_SIZES_KIB = (4, 8, 16, 32, 64)
+# the layers are committed as obd commit commits them: the same choices
+from commands.commit import ALGORITHMS, BLOCK_SIZES_KIB
+
+if TYPE_CHECKING:
+    from obd.oci.convert import Bars
 
 
 @click.command(short_help="Convert an OCI image into an overlaybd image.")
@@ -135,7 +139,7 @@ def convert(
     )
 
 
-def _bars() -> Callable[[int | None, str], object]:
+def _bars() -> Bars:
     enabled = sys.stderr.isatty()
 
     @contextmanager
