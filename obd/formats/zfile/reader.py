@@ -222,7 +222,9 @@ class ZFileReader:
         fills it in place: no fresh allocation, no page faults per fetch)."""
         buf: bytearray | None = getattr(_LOCAL, "stored", None)
         if buf is None or len(buf) < n:
-            buf = _LOCAL.stored = bytearray(max(n, self._BULK_STORED + (1 << 17)))
+            # grown by powers of two from 256 KiB as reads need it: a server thread that
+            # only ever reads 128 KiB holds 256 KiB, not the 4 MiB of a bulk fetch
+            buf = _LOCAL.stored = bytearray(max(1 << 18, 1 << (n - 1).bit_length()))
         return memoryview(buf)[:n]
 
     def _retry_block(self, b: int, problem: str) -> bytes:
