@@ -141,28 +141,36 @@ class Stack:
     def pread(self, offset: int, length: int) -> bytes:
         return self._pread(offset, length)
 
-    def read_plan(self, offset: int, length: int) -> list[bytes | FileRange] | None:
-        """``[offset, offset+length)`` as parts to send in order: zeros as ``bytes`` and
-        data as :class:`FileRange` of the local layer files holding it, or ``None`` when
-        some of it is not a plain local file (compressed, remote) or the stack has an
-        upper (whose data may move under a concurrent write): then use :meth:`pread`.
-        Whole sectors inside the disk only."""
+    def read_plan(self, offset: int, length: int) -> list[bytes | memoryview | FileRange] | None:
+        """``[offset, offset+length)`` as parts to send in order, without copying what
+        need not be copied: zeros as ``bytes``, data of plain local layer files as
+        :class:`FileRange`, data of compressed layers as the views their readers decode
+        into (``pread_view``). ``None`` when a layer's file offers neither, or when the
+        stack has an upper (whose data may move under a concurrent write): then use
+        :meth:`pread`. Whole sectors inside the disk only."""
         if self.upper is not None or (offset | length) & (SECTOR - 1):
             return None
         if offset < 0 or length <= 0 or offset + length > self._vsize:
             return None
         files = self.lower_files
-        parts: list[bytes | FileRange] = []
+        parts: list[bytes | memoryview | FileRange] = []
         for kind, _sec, cnt, moff, tag in self.lower_index.runs(
             offset >> 9, (offset + length) >> 9
         ):
-            if kind == RUN_DATA:
-                f = files[tag]
-                if not isinstance(f, LocalFile):
-                    return None
-                parts.append(FileRange(f.fd, moff << 9, cnt << 9))
-            else:
+            if kind != RUN_DATA:
                 parts.append(bytes(cnt << 9))
+                continue
+            f = files[tag]
+            if isinstance(f, LocalFile):
+                parts.append(FileRange(f.fd, moff << 9, cnt << 9))
+                continue
+            view = getattr(f, "pread_view", None)
+            if view is None:
+                return None
+            data = view(moff << 9, cnt << 9)
+            if len(data) != cnt << 9:
+                return None  # short: pread says why
+            parts.append(data)
         return parts
 
     def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:

@@ -108,6 +108,12 @@ class ZFileReader:
         return min(self.block_size, self.original_file_size - block * self.block_size)
 
     def pread(self, offset: int, length: int) -> bytes:
+        data = self.pread_view(offset, length)
+        return data if isinstance(data, bytes) else bytes(data)
+
+    def pread_view(self, offset: int, length: int) -> bytes | memoryview:
+        """:meth:`pread` without the final copy of a bulk read: a view of the freshly
+        decoded blocks (never shared, never reused), for a server to send as it is."""
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
         end = min(offset + length, self.original_file_size)
@@ -124,7 +130,7 @@ class ZFileReader:
                 parts.append(blk[lo:hi] if lo or hi != len(blk) else blk)
             return parts[0] if len(parts) == 1 else b"".join(parts)
         data = self.read_blocks(b0, b1 + 1)
-        return bytes(data[offset - b0 * bs : end - b0 * bs])
+        return data[offset - b0 * bs : end - b0 * bs]
 
     def close(self) -> None:
         if not self._closed:
