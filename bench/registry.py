@@ -124,6 +124,9 @@ def main() -> None:
               file=sys.stderr)  # fmt: skip
         with start_registry(work / "registry") as reg:
             pushed = reg.push_overlaybd_image("bench/ext4", "v1", [str(p) for p in image.layers])
+            # the image build and push leave ~2 GB to write back; a cache fill's fsync would
+            # wait behind it (curl and nbdkit write nothing): flush it before measuring
+            os.sync()
             proxy = FaultProxy("127.0.0.1", reg.port)
             with proxy.running():
                 # -- cold start through the counting proxy
@@ -147,6 +150,7 @@ def main() -> None:
                 else:
                     rows.append(("cold start", "skipped", "needs root and loop devices"))
             # -- sequential reads, straight to the registry
+            os.sync()
             ref = pushed.ref
             cfg = global_config(work / "seq", work / "seq" / "cache")
             with serve(cfg, ref) as sp:
