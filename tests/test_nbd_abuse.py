@@ -163,6 +163,8 @@ class _GatedDevice:
         self.events: list[str] = []
         self.results: list[bytes | BaseException] = []
 
+    read_plan = None  # every read goes through pread (the gate), not a send plan
+
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
 
