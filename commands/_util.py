@@ -81,3 +81,32 @@ paths_argument = click.argument("paths", metavar="FILE|IMAGE_CONFIG...", nargs=-
 def threads_option(help: str) -> Any:
     """``--threads N`` (at least 1; default None: let the library pick), with ``help``."""
     return click.option("--threads", type=click.IntRange(min=1), default=None, help=help)
+
+
+# ZFile choices of every command that writes ZFiles (commit -z, zfile, merge, convert), as
+# overlaybd's tools take them: the algorithm by name, the block size in KiB
+ALGORITHMS = ("lz4", "zstd")
+BLOCK_SIZES_KIB = ("4", "8", "16", "32", "64")
+
+
+def algorithm_option(help: str, default: str | None = "lz4") -> Any:
+    """``--algorithm lz4|zstd`` (any case)."""
+    return click.option(
+        "--algorithm",
+        type=click.Choice(ALGORITHMS, case_sensitive=False),
+        default=default,
+        show_default=default is not None,
+        help=help,
+    )
+
+
+def block_size_option(help: str, default: str | None = "4", dest: str = "block_kib") -> Any:
+    """``--bs KIB`` (4, 8, 16, 32 or 64), into ``dest``."""
+    return click.option(
+        "--bs",
+        dest,
+        type=click.Choice(BLOCK_SIZES_KIB),
+        default=default,
+        show_default=default is not None,
+        help=help,
+    )

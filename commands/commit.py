@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import click
 
-from commands._util import progress
-
-ALGORITHMS = ("lz4", "zstd")
-BLOCK_SIZES_KIB = (4, 8, 16, 32, 64)
+from commands._util import algorithm_option, block_size_option, progress
 
 
 @click.command(short_help="Commit a writable layer into a read-only layer.")
@@ -21,24 +18,13 @@ BLOCK_SIZES_KIB = (4, 8, 16, 32, 64)
     "-p", "--parent-uuid", "parent_uuid", metavar="UUID", help="Override the parent uuid."
 )
 @click.option("-z", "compress", is_flag=True, help="Compress the output as a ZFile.")
-@click.option(
-    "--algorithm",
-    type=click.Choice(ALGORITHMS),
-    default=None,
-    help="ZFile algorithm (with -z; default lz4).",
-)
-@click.option(
-    "--bs",
-    "block_kib",
-    type=click.Choice([str(b) for b in BLOCK_SIZES_KIB]),
-    default=None,
-    help="ZFile block size in KiB (with -z; default 4).",
-)
+@algorithm_option("ZFile algorithm (with -z; default lz4).", default=None)
+@block_size_option("ZFile block size in KiB (with -z; default 4).", default=None)
 @click.option(
     "--compress_threads",
     "--threads",
     "threads",
-    type=click.IntRange(1, 256),
+    type=click.IntRange(min=1),
     default=None,
     help="ZFile compression threads (default: all cores).",
 )

@@ -11,10 +11,9 @@ from typing import TYPE_CHECKING
 
 import click
 
-from commands._util import SizeType, progress
+from commands._util import SizeType, algorithm_option, block_size_option, progress, threads_option
 
 # the layers are committed as obd commit commits them: the same choices
-from commands.commit import ALGORITHMS, BLOCK_SIZES_KIB
 
 if TYPE_CHECKING:
     from obd.oci.convert import Bars
@@ -27,15 +26,8 @@ if TYPE_CHECKING:
     default=True,
     help="Commit the layers as ZFiles (the default, as ACI); --no-z: plain LSMT layers.",
 )
-@click.option("--algorithm", type=click.Choice(ALGORITHMS), default="lz4", help="ZFile algorithm.")
-@click.option(
-    "--bs",
-    "block_kib",
-    type=click.Choice([str(b) for b in BLOCK_SIZES_KIB]),
-    default="4",
-    show_default=True,
-    help="ZFile block size in KiB.",
-)
+@algorithm_option("ZFile algorithm.")
+@block_size_option("ZFile block size in KiB.")
 @click.option(
     "--vsize",
     type=SizeType(),
@@ -58,12 +50,7 @@ if TYPE_CHECKING:
     help="Image to take from a multi-platform index (default linux/amd64).",
 )
 @click.option("--plain-http", is_flag=True, help="Talk to the registries over plain HTTP.")
-@click.option(
-    "--threads",
-    type=click.IntRange(1, 256),
-    default=None,
-    help="ZFile compression threads (default: all cores).",
-)
+@threads_option("ZFile compression threads (default: all cores).")
 @click.option(
     "--config-out",
     type=click.Path(dir_okay=False),

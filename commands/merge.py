@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from commands._util import progress
+from commands._util import algorithm_option, block_size_option, progress, threads_option
 
 
 def _bool(value: str) -> bool:
@@ -32,27 +32,9 @@ def _bool(value: str) -> bool:
     show_default=True,
     help="Write a ZFile (lz4, 4 KiB) layer; --compress=false writes a plain layer.",
 )
-@click.option(
-    "--algorithm",
-    type=click.Choice(("lz4", "zstd")),
-    default="lz4",
-    show_default=True,
-    help="ZFile algorithm.",
-)
-@click.option(
-    "--bs",
-    "block_kib",
-    type=click.Choice(["4", "8", "16", "32", "64"]),
-    default="4",
-    show_default=True,
-    help="ZFile block size in KiB.",
-)
-@click.option(
-    "--threads",
-    type=click.IntRange(1, 256),
-    default=None,
-    help="Compression threads (default: all cores).",
-)
+@algorithm_option("ZFile algorithm.")
+@block_size_option("ZFile block size in KiB.")
+@threads_option("Compression threads (default: all cores).")
 @click.option("--raw", is_flag=True, help="Write the flattened virtual disk as a sparse raw file.")
 @click.option("-t", "tar", is_flag=True, help="Wrap the output in overlaybd's tar header.")
 @click.option("-f", "--force", is_flag=True, help="Replace an existing output.")

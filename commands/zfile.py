@@ -15,10 +15,9 @@ from collections.abc import Iterator
 
 import click
 
-from commands._util import progress, threads_option
+from commands._util import algorithm_option, block_size_option, progress, threads_option
 from obd.errors import CorruptError, UsageError
 
-_BLOCK_KIB = ("4", "8", "16", "32", "64")
 _STDIN_CHUNK = 4 << 20
 
 
@@ -31,20 +30,8 @@ _STDIN_CHUNK = 4 << 20
     is_flag=True,
     help="Wrap the output in a tar container (compress); read SOURCE through it (extract).",
 )
-@click.option(
-    "--algorithm",
-    type=click.Choice(["lz4", "zstd"], case_sensitive=False),
-    default="lz4",
-    show_default=True,
-    help="Block compression algorithm.",
-)
-@click.option(
-    "--bs",
-    type=click.Choice(_BLOCK_KIB),
-    default="4",
-    show_default=True,
-    help="Block size in KiB.",
-)
+@algorithm_option("Block compression algorithm.")
+@block_size_option("Block size in KiB.", dest="bs")
 @threads_option("Threads, the one doing I/O included (default: every CPU this process may use).")
 @click.option("--verify", is_flag=True, help="Check every block CRC of SOURCE (tar auto-detected).")
 @click.argument("source")

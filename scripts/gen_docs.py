@@ -90,7 +90,10 @@ def man_page(name: str, cmd: click.Command, parent: click.Context | None) -> str
             lines += [".TP", f"\\fB{code}\\fR", cls_name]
         lines += [".TP", "\\fB130\\fR", "interrupted"]
     lines.append(".SH SEE ALSO")
-    lines.append(", ".join(f"\\fBobd\\-{n}\\fR(1)" for n in SUBCOMMANDS if n != name and _available(n)) or "obd(1)")
+    lines.append(
+        ", ".join(f"\\fBobd\\-{n}\\fR(1)" for n in SUBCOMMANDS if n != name and _available(n))
+        or "obd(1)"
+    )
     return "\n".join(lines) + "\n"
 
 

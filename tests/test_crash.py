@@ -1048,7 +1048,10 @@ RAW_DURABLE = re.compile(
 # (file, call) -> why it may bypass obd.io
 RAW_ALLOWED = {
     ("obd/serve/nbd/server.py", "os.unlink("): "removes the server's own Unix socket, not data",
-    ("obd/serve/nbd/wire.py", "os.sendfile("): "sends layer bytes to a client's socket; writes no file",
+    (
+        "obd/serve/nbd/wire.py",
+        "os.sendfile(",
+    ): "sends layer bytes to a client's socket; writes no file",
     # configfs and /dev/uioN are the kernel's control interfaces, not stored data
     ("obd/serve/tcmu/configfs.py", "os.write("): "writes a configfs attribute",
     ("obd/serve/tcmu/configfs.py", "os.rmdir("): "removes a configfs object",
