@@ -154,14 +154,27 @@ class LayerStore:
         except BaseException:
             td.cleanup()  # the process may be about to exit: not in a daemon thread
             raise
-        t = threading.Thread(target=td.cleanup, name="obd-scratch-cleanup", daemon=True)
-        t.start()
-        self._cleanups.append(t)
+        try:
+            t = threading.Thread(target=td.cleanup, name="obd-scratch-cleanup", daemon=True)
+            t.start()
+            self._cleanups.append(t)
+        except BaseException:  # an interrupt right here: no thread will remove it
+            td.cleanup()
+            raise
 
     def wait_scratch(self) -> None:
+        """Wait for the background removals; an interrupt meanwhile is raised only once
+        they are done (their threads are daemons: the exit would cut them short)."""
+        interrupted: BaseException | None = None
         for t in self._cleanups:
-            t.join()
+            while t.is_alive():
+                try:
+                    t.join()
+                except KeyboardInterrupt as e:
+                    interrupted = e
         self._cleanups.clear()
+        if interrupted is not None:
+            raise interrupted
 
     def stale_scratch(self) -> list[str]:
         """Scratch folders whose process is gone (a convert killed mid-layer)."""
