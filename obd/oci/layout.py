@@ -27,19 +27,18 @@ from obd.errors import CorruptError, FileAccessError, UsageError
 from obd.io.file import AtomicOutput, LocalFile, open_file
 from obd.oci import annotations as A
 from obd.oci.manifest import Descriptor
+from obd.registry.url import SHA256_RE, sha256_digest
 
 CHUNK = 1 << 20
 # small JSON blobs (manifests, configs, index.json) are read whole; anything larger is refused
 MAX_JSON = 16 << 20
-_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 
 
 def digest_hex(digest: Any, where: str) -> str:
     """The hex part of a ``sha256:<64 hex>`` digest (anything else is corrupt input)."""
-    m = _DIGEST.fullmatch(digest) if isinstance(digest, str) else None
-    if m is None:
+    if not isinstance(digest, str) or not SHA256_RE.fullmatch(digest):
         raise CorruptError(f"bad digest {digest!r} (expected sha256:<64 hex digits>)", path=where)
-    return m.group(1)
+    return digest[len("sha256:") :]
 
 
 def parse_json(data: bytes, where: str, what: str) -> dict[str, Any]:
@@ -59,7 +58,7 @@ def check_blob(data: bytes, desc: Descriptor, where: str) -> bytes:
             f"blob {desc.digest} is {len(data)} bytes, the descriptor says {desc.size}",
             path=where,
         )
-    got = "sha256:" + hashlib.sha256(data).hexdigest()
+    got = sha256_digest(data)
     if got != desc.digest:
         raise CorruptError(f"blob {desc.digest} has digest {got}", path=where)
     return data
@@ -343,7 +342,7 @@ def docker_manifest(src: DockerArchiveSource, tag: str | None) -> Selected:
     if not isinstance(cfg_name, str) or not isinstance(layer_names, list):
         raise CorruptError("manifest.json entry lacks Config or Layers", path=src.path)
     cfg = src.member(cfg_name)
-    cfg_digest = "sha256:" + hashlib.sha256(cfg).hexdigest()
+    cfg_digest = sha256_digest(cfg)
     cfg_desc = {"mediaType": A.MT_DOCKER_CONFIG, "digest": cfg_digest, "size": len(cfg)}
     src.add_blob(cfg_digest, cfg_name)
     rootfs = parse_json(cfg, src.where, cfg_name).get("rootfs")
@@ -380,7 +379,7 @@ def docker_manifest(src: DockerArchiveSource, tag: str | None) -> Selected:
         "layers": layers,
     }
     data = json.dumps(manifest).encode()
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    digest = sha256_digest(data)
     return Selected(Descriptor(A.MT_DOCKER_MANIFEST, digest, len(data)), data)
 
 

@@ -224,11 +224,12 @@ class NbdService:
                 continue
             try:
                 export = Export(spec.name, device, description=spec.config_path)
-            except BaseException as e:
+            except Exception as e:
                 with contextlib.suppress(Exception):
                     device.close()
                 st.error = e
                 st.reason = REASON_CREATE
+                log.error("export %r: %s", spec.name, e)
                 self._result(st)
                 continue
             self.exports.append(export)
