@@ -27,8 +27,8 @@ def sha256_digest(data: bytes) -> str:
 def is_digest(s: str) -> bool:
     """Whether ``s`` is an OCI digest (``algorithm:encoded``); sha256 must be 64 hex."""
     if s.startswith("sha256:"):
-        return SHA256_RE.match(s) is not None
-    return DIGEST_RE.match(s) is not None
+        return SHA256_RE.fullmatch(s) is not None
+    return DIGEST_RE.fullmatch(s) is not None
 
 
 def blob_url(repo_blob_url: str, digest: str) -> str:
