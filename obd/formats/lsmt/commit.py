@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import queue
-import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -30,7 +28,7 @@ from obd.formats.lsmt import (
     encode_entries,
 )
 from obd.io.base import ReadAt
-from obd.io.file import LocalFile, start_writeback
+from obd.io.file import LocalFile, Writeback
 
 COPY_STEP_SECTORS = 64  # data is indexed in 32 KiB steps (§1.8 step 3)
 INDEX_PAD_ENTRIES = 256
@@ -45,29 +43,6 @@ _NO_KERNEL_COPY = frozenset(
 
 class Sink(Protocol):
     def write(self, data: bytes | bytearray | memoryview) -> object: ...
-
-
-class _Writeback:
-    """Starts the writeback of ranges of a file (``sync_file_range``) in a thread of its
-    own: the call may wait for room in the disk's queue, and the copy must not wait."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.queue: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name="obd-writeback", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            start_writeback(self.fd, *item)
-
-    def add(self, offset: int, length: int) -> None:
-        self.queue.put((offset, length))
-
-    def stop(self) -> None:
-        """Wait until every range asked for has been handed to the disk."""
-        self.queue.put(None)
-        self.thread.join()
 
 
 class FileSink:
@@ -87,7 +62,7 @@ class FileSink:
         self.copy_ok = hasattr(os, "copy_file_range") and isinstance(out, LocalFile)
         self._fd = out.fd if isinstance(out, LocalFile) else -1
         self._synced = 0  # output bytes whose writeback has been asked for
-        self._writeback: _Writeback | None = None
+        self._writeback: Writeback | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         n = len(memoryview(data).cast("B"))
@@ -124,7 +99,7 @@ class FileSink:
         self.pos += n
         if self._fd >= 0 and self.pos - self._synced >= WRITEBACK_STEP:
             if self._writeback is None:
-                self._writeback = _Writeback(self._fd)
+                self._writeback = Writeback(self._fd)
             self._writeback.add(self._synced, self.pos - self._synced)
             self._synced = self.pos
 
