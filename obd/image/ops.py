@@ -104,27 +104,6 @@ def zfile_compress(
     )
 
 
-def zfile_extract(
-    source: str,
-    target: str,
-    *,
-    tar: bool = False,
-    force: bool = False,
-    threads: int | None = None,
-    meter: Meter | None = None,
-) -> None:
-    """Decompress the ZFile ``source`` into ``target`` (mode 0644), every block checked.
-
-    A tar wrapper is peeled when there is one; with ``tar`` it must be there.
-    """
-    zfiles.extract_path(source, target, tar=tar, force=force, threads=threads, meter=meter)
-
-
-def zfile_verify(source: str) -> list[tuple[int, int, str]]:
-    """Every bad block of the ZFile ``source`` (tar peeled): ``(block, offset, problem)``."""
-    return zfiles.verify_path(source)
-
-
 @dataclass(frozen=True)
 class LayerMeta:
     """What commit writes into the new layer's header besides the data (§1.8 step 1)."""
