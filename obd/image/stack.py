@@ -77,6 +77,12 @@ class Stack:
         else:
             self._vsize = lower_vsize
         self._readonly = readonly or upper is None or upper.readonly
+        # a sparse upper over lowers is written in whole blocks of this size (0: as is)
+        self._grain = (
+            max(SECTOR, min(upper.data.block_size(), 1 << 20))
+            if upper is not None and upper.sparse and lowers and not self._readonly
+            else 0
+        )
         self._lock = upper.lock if upper is not None else threading.RLock()
         # any byte range: the readers' one run-walker over :meth:`runs`, whose depth
         # indexes these files (the upper's data file is depth 0); bound once, no frame
@@ -208,11 +214,6 @@ class Stack:
     # lowers, a sparse upper is written in whole blocks, the sectors around a write
     # filled with what the disk reads there now (under the upper's lock).
 
-    def _sparse_grain(self, up: LSMTWritable) -> int:
-        if not up.sparse or not self.lowers:
-            return 0
-        return max(SECTOR, min(up.data.block_size(), 1 << 20))
-
     def _write_blocks(self, up: LSMTWritable, offset: int, data: bytes | bytearray | memoryview, grain: int) -> None:  # fmt: skip
         end = offset + len(data)
         a = offset - offset % grain
@@ -227,7 +228,7 @@ class Stack:
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         up = self._writable()
         self._bounds(offset, len(data))
-        grain = self._sparse_grain(up)
+        grain = self._grain
         if not grain:
             up.pwrite(offset, data)
             return
@@ -237,7 +238,7 @@ class Stack:
     def discard(self, offset: int, length: int) -> None:
         up = self._writable()
         self._bounds(offset, length)
-        grain = self._sparse_grain(up)
+        grain = self._grain
         if not grain:
             up.discard(offset, length)
             return
@@ -259,7 +260,7 @@ class Stack:
     def write_zeroes(self, offset: int, length: int) -> None:
         up = self._writable()
         self._bounds(offset, length)
-        grain = self._sparse_grain(up)
+        grain = self._grain
         if not grain:
             up.write_zeroes(offset, length)
             return
