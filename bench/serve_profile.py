@@ -20,13 +20,14 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+
+from serve import free_port, wait_port  # bench/serve.py (run as python3 bench/serve_profile.py)
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -48,24 +49,6 @@ def stage_of(frames: list[str]) -> str:
             if any(n in frame for n in needles):
                 return stage
     return "other"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            sys.exit(f"server exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    sys.exit("server did not start")
 
 
 def profile(tree: Path, work: Path, size: int, rate: int) -> tuple[float, Counter[str], int]:
