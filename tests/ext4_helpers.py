@@ -19,7 +19,6 @@ import re
 import shutil
 import subprocess
 import tarfile
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -392,58 +391,13 @@ def walk_view(root: Path) -> View:
     return view
 
 
-def kernel_mount_ready() -> str | None:
-    """Why the kernel-mount reader cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "mounting needs root"
-    for tool in ("nbdfuse", "losetup", "mount", "umount", "fusermount3"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    if not os.path.exists("/dev/fuse") or not os.path.exists("/dev/loop-control"):
-        return "no /dev/fuse or /dev/loop-control"
-    return None
-
-
 @contextlib.contextmanager
 def kernel_mount(config: Path, tmp: Path) -> Iterator[Path]:
     """The image served by ``obd serve``, attached with nbdfuse + losetup, mounted ro."""
-    from tests.nbd_helpers import ServeProcess
+    from tests.nbd_helpers import ServeProcess, kernel_mounted
 
-    fuse_dir, mnt = tmp / "fuse", tmp / "mnt"
-    fuse_dir.mkdir(parents=True)
-    mnt.mkdir()
-    with ServeProcess(["--listen", "127.0.0.1:0", f"{config}=disk"]) as sp:
-        pidfile = tmp / "nbdfuse.pid"
-        fuse = subprocess.Popen(
-            ["nbdfuse", "-r", "-P", str(pidfile), f"{fuse_dir}/disk", sp.uri("disk")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        loop = ""
-        mounted = False
-        try:
-            deadline = time.monotonic() + 20
-            while not pidfile.exists():
-                assert fuse.poll() is None, f"nbdfuse failed: {fuse.stderr.read()!r}"  # type: ignore[union-attr]
-                assert time.monotonic() < deadline, "nbdfuse did not start"
-                time.sleep(0.05)
-            loop = subprocess.run(
-                ["losetup", "-r", "-f", "--show", f"{fuse_dir}/disk"],
-                capture_output=True, text=True, check=True, timeout=30,
-            ).stdout.strip()  # fmt: skip
-            subprocess.run(
-                ["mount", "-t", "ext4", "-o", "ro", loop, str(mnt)], check=True, timeout=30
-            )
-            mounted = True
-            yield mnt
-        finally:
-            if mounted:
-                subprocess.run(["umount", str(mnt)], check=False, timeout=30)
-            if loop:
-                subprocess.run(["losetup", "-d", loop], check=False, timeout=30)
-            subprocess.run(["fusermount3", "-u", str(fuse_dir)], check=False, timeout=30)
-            try:
-                fuse.wait(10)
-            except subprocess.TimeoutExpired:
-                fuse.kill()
-                fuse.wait(5)
+    with (
+        ServeProcess(["--listen", "127.0.0.1:0", f"{config}=disk"]) as sp,
+        kernel_mounted(sp.uri("disk"), tmp) as mnt,
+    ):
+        yield mnt

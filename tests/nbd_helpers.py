@@ -38,6 +38,57 @@ def require_tools(*names: str) -> None:
         )
 
 
+def kernel_mount_ready() -> str | None:
+    """Why this process cannot attach an NBD export as a loop device and mount it, or None."""
+    if os.geteuid() != 0:
+        return "mounting needs root (losetup, mount)"
+    for tool in ("nbdfuse", "losetup", "mount", "umount", "fusermount3"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (apt-get install libnbd-bin fuse3 util-linux)"
+    if not os.path.exists("/dev/fuse") or not os.path.exists("/dev/loop-control"):
+        return "no /dev/fuse or no loop devices"
+    return None
+
+
+def require_kernel_mount() -> None:
+    """Skip unless this process can attach an NBD export as a loop device and mount it."""
+    why = kernel_mount_ready()
+    if why:
+        pytest.skip(why)
+
+
+@contextlib.contextmanager
+def kernel_mounted(uri: str, folder: Path, *, writable: bool = False) -> Iterator[Path]:
+    """The NBD export ``uri`` attached with nbdfuse + losetup and mounted as ext4 under
+    ``folder`` (read-only unless ``writable``); everything undone afterwards."""
+    require_kernel_mount()
+    fuse_dir, mnt = folder / "fuse", folder / "mnt"
+    fuse_dir.mkdir(parents=True)
+    mnt.mkdir()
+    ro = [] if writable else ["-r"]
+    fuse = subprocess.Popen(["nbdfuse", *ro, str(fuse_dir), uri], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    loop = ""
+    mounted = False
+    try:
+        attached = wait_until(lambda: (fuse_dir / "nbd").exists() or fuse.poll() is not None, 20)
+        assert attached and fuse.poll() is None, f"nbdfuse did not attach: {fuse.stderr.read() if fuse.poll() is not None and fuse.stderr else b''!r}"  # fmt: skip
+        loop = run(["losetup", *ro, "--find", "--show", str(fuse_dir / "nbd")]).stdout.strip()
+        run(["mount", "-t", "ext4", "-o", "rw" if writable else "ro,noload", loop, str(mnt)])
+        mounted = True
+        yield mnt
+    finally:
+        if mounted:
+            run(["umount", str(mnt)], check=False)
+        if loop:
+            run(["losetup", "-d", loop], check=False)
+        run(["fusermount3", "-u", str(fuse_dir)], check=False)
+        try:
+            fuse.wait(10)
+        except subprocess.TimeoutExpired:
+            fuse.kill()
+            fuse.wait(5)
+
+
 def run(cmd: Sequence[str], timeout: float = 30, check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:  # fmt: skip
     r = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, **kw)  # type: ignore[call-overload]
     if check and r.returncode != 0:

@@ -30,12 +30,12 @@ from tests.ext4_helpers import (
     e2fsck,
     export_raw,
     kernel_mount,
-    kernel_mount_ready,
     layer_tar,
     model_apply,
     model_view,
     walk_view,
 )
+from tests.nbd_helpers import kernel_mount_ready
 from tests.test_oci_layer import layer_sequences, valid_sequence
 from tests.vectors import require_vectors
 

@@ -30,8 +30,10 @@ from tests.nbd_helpers import (
     image_config,
     image_of_raw,
     in_process_server,
+    kernel_mounted,
     make_raw,
     obd,
+    require_kernel_mount,
     require_tools,
     run,
     writable_image,
@@ -765,11 +767,8 @@ def test_service_in_process_with_metrics(tmp_path: Path) -> None:
 
 
 def test_ext4_through_nbdfuse_and_loop(tmp_path: Path) -> None:
-    require_tools("nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "debugfs", "nbdcopy")
-    if os.geteuid() != 0:
-        pytest.skip("needs root (losetup, mount)")
-    if not os.path.exists("/dev/fuse") or not os.path.exists("/dev/loop-control"):
-        pytest.skip("/dev/fuse or loop devices missing")
+    require_tools("mkfs.ext4", "debugfs", "nbdcopy")
+    require_kernel_mount()
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     files = {"a.bin": os.urandom(300_000), "sub/b.txt": b"hello overlaybd\n" * 1000, "empty": b""}
@@ -778,45 +777,14 @@ def test_ext4_through_nbdfuse_and_loop(tmp_path: Path) -> None:
     fs = tmp_path / "fs.img"
     run(["mkfs.ext4", "-q", "-F", "-d", str(src), str(fs), "32M"])
     cfg = writable_image(tmp_path, "fsdisk", "32M")
-    mnt, fuse_dir = tmp_path / "mnt", tmp_path / "fuse"
-    mnt.mkdir()
-    fuse_dir.mkdir()
     with ServeProcess(["--listen", "127.0.0.1:0", str(cfg)]) as sp:
         uri = sp.uri("fsdisk")
         run(["nbdcopy", str(fs), uri])  # the filesystem goes in through NBD writes
-        fuse = subprocess.Popen(["nbdfuse", str(fuse_dir / "disk"), uri],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        loop = ""
-        mounted = False
-        try:
-            deadline = time.monotonic() + 10
-            while not (fuse_dir / "disk").exists():
-                if fuse.poll() is not None or time.monotonic() > deadline:
-                    pytest.skip(f"nbdfuse could not mount: {fuse.communicate()[0]}")
-                time.sleep(0.05)
-            r = run(["losetup", "-f", "--show", str(fuse_dir / "disk")], check=False)
-            if r.returncode != 0:
-                pytest.skip(f"losetup failed: {r.stderr.strip()}")
-            loop = r.stdout.strip()
-            r = run(["mount", "-t", "ext4", loop, str(mnt)], check=False)
-            if r.returncode != 0:
-                pytest.skip(f"mount failed: {r.stderr.strip()}")
-            mounted = True
+        with kernel_mounted(uri, tmp_path, writable=True) as mnt:
             for rel, data in files.items():
                 assert (mnt / rel).read_bytes() == data, rel
             (mnt / "new.txt").write_bytes(b"written through the kernel\n" * 100)
             os.sync()
-        finally:
-            if mounted:
-                run(["umount", str(mnt)], check=False)
-            if loop:
-                run(["losetup", "-d", loop], check=False)
-            run(["fusermount3", "-u", str(fuse_dir)], check=False)
-            try:
-                fuse.wait(10)
-            except subprocess.TimeoutExpired:
-                fuse.kill()
-                fuse.wait(5)
         assert sp.stop() == 0
     obd(
         "commit",

@@ -8,18 +8,23 @@ proxy in front of the registry.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.nbd_helpers import RawClient, ServeProcess, obd, require_tools, run, wait_until
+from tests.nbd_helpers import (
+    RawClient,
+    ServeProcess,
+    kernel_mounted,
+    obd,
+    require_tools,
+    run,
+    wait_until,
+)
 from tests.registry_helpers import PushedImage, Registry, fault_proxy, free_port, start_registry
 from tests.registry_images import Ext4Image, layered_ext4
 
@@ -61,42 +66,6 @@ def nbdcopy(uri: str, out: Path) -> bytes:
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-@contextlib.contextmanager
-def mounted(uri: str, folder: Path) -> Iterator[Path]:
-    """The export attached with nbdfuse + losetup and mounted read-only as ext4."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting needs root")
-    require_tools("nbdfuse", "losetup", "mount", "fusermount3")
-    if not os.path.exists("/dev/fuse") or not os.path.exists("/dev/loop-control"):
-        pytest.skip("no /dev/fuse or no loop devices")
-    fuse_dir, mnt = folder / "fuse", folder / "mnt"
-    fuse_dir.mkdir()
-    mnt.mkdir()
-    fuse = subprocess.Popen(["nbdfuse", "-r", str(fuse_dir), uri], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    loop = ""
-    try:
-        if not wait_until(lambda: (fuse_dir / "nbd").exists(), 20):
-            pytest.skip(f"nbdfuse did not attach: {fuse.stderr.read().decode(errors='replace') if fuse.poll() is not None and fuse.stderr else ''}")  # fmt: skip
-        r = run(["losetup", "-r", "--find", "--show", str(fuse_dir / "nbd")], check=False)
-        if r.returncode:
-            pytest.skip(f"losetup failed: {r.stderr.strip()}")
-        loop = r.stdout.strip()
-        run(["mount", "-t", "ext4", "-o", "ro,noload", loop, str(mnt)])
-        try:
-            yield mnt
-        finally:
-            run(["umount", str(mnt)], check=False)
-    finally:
-        if loop:
-            run(["losetup", "-d", loop], check=False)
-        run(["fusermount3", "-u", str(fuse_dir)], check=False)
-        try:
-            fuse.wait(10)
-        except subprocess.TimeoutExpired:
-            fuse.kill()
-            fuse.wait(5)
 
 
 def serve(folder: Path, *images: str, config: Path | None = None, workers: int = 8) -> ServeProcess:
@@ -143,7 +112,7 @@ def test_serve_reference_read_mount_and_reread_from_cache(tmp_path: Path, ext4_i
             uri = sp.uri("ext4")
             want = ext4_image.raw.read_bytes()
             # mount first: a cold start reads a small part of the image
-            with mounted(uri, tmp_path) as mnt:
+            with kernel_mounted(uri, tmp_path) as mnt:
                 small = mnt / "etc" / "conf3.txt"
                 assert sha(small.read_bytes()) == ext4_image.files["etc/conf3.txt"]
                 cached = sum(os.stat(p).st_blocks * 512 for p in (tmp_path / "cache").glob("sha256:*") if not p.name.endswith(".units"))  # fmt: skip
