@@ -50,9 +50,9 @@ class VmResult:
 
 
 def _check_path(p: str) -> str:
-    # kernel command-line words: a dot would make it a module parameter, a space splits it
-    if not os.path.isabs(p) or any(c in p for c in " .\"'"):
-        raise ValueError(f"VM share path must be absolute, without spaces or dots: {p!r}")
+    # a qemu -fsdev option value (a comma would end it) and a line of ctl/rw
+    if not os.path.isabs(p) or any(c in p for c in ",\n"):
+        raise ValueError(f"VM share path must be absolute, without commas or newlines: {p!r}")
     return p
 
 
@@ -88,13 +88,17 @@ def qemu_argv(
     ]  # fmt: skip
     if len(rw) > 10:
         raise ValueError("at most 10 read-write shares")
+    # where each rw share goes, in the control dir (not on the kernel command line, where
+    # a dot in a path, as in mktemp's tmp.XXXX, would make it a module parameter)
+    places = []
     for i, d in enumerate(rw):
         p = _check_path(os.path.realpath(d))
-        append.append(f"vmrw{i}={p}")
+        places.append(f"{i} {p}\n")
         fs += [
             "-fsdev", f"local,id=rw{i},path={p},security_model=none",
             "-device", f"virtio-9p-pci,fsdev=rw{i},mount_tag=rw{i}",
         ]  # fmt: skip
+    (ctl / "rw").write_text("".join(places))
     return [
         "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-cpu", "max",
         "-smp", str(smp), "-m", mem,

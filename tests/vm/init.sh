@@ -4,8 +4,8 @@
 # 9p shares (virtio), found by mount tag:
 #   ctl        control dir: cmd.sh is run; rc, dmesg and timing are written back
 #   hostroot   the host's "/" read-only: the command runs chrooted in it
-#   rw0..rw9   read-write host dirs, bind-mounted at their host paths (kernel
-#              cmdline vmrw0=PATH ... vmrw9=PATH, passed to init as env vars)
+#   rw0..rw9   read-write host dirs, bind-mounted at their host paths (ctl/rw:
+#              one line "N PATH" each)
 # Kernel cmdline: vmmods=a,b modules to modprobe before the command.
 export PATH=/bin:/sbin
 mount -t proc proc /proc
@@ -39,7 +39,7 @@ for d in tmp run var/tmp; do [ -d $R/$d ] && mount -t tmpfs tmpfs $R/$d; done
 mkdir -p $R/run/vm/ctl && mount --bind /ctl $R/run/vm/ctl
 i=0
 while [ $i -le 9 ]; do
-  eval "P=\${vmrw$i:-}"
+  P=$(sed -n "s/^$i //p" /ctl/rw 2>/dev/null)
   if [ -n "$P" ] && echo "$TAGS" | grep -qx "rw$i"; then
     mkdir -p /rw$i
     mount -t 9p -o $OPT,cache=none rw$i /rw$i || echo "VM: cannot mount rw$i"
