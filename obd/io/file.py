@@ -29,6 +29,7 @@ if _sync_file_range is not None:
     _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _SYNC_FILE_RANGE_WRITE = 2
 WRITEBACK_CHUNK = 32 << 20
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
@@ -141,6 +142,39 @@ class LocalFile:
         t = _trace.tracer
         if t is not None:
             t.pwrite(self.fd, offset, data)
+        self._wrote(offset, total)
+
+    def pwritev(self, offset: int, buffers: list[bytes | bytearray | memoryview]) -> int:
+        """Write ``buffers`` back to back at ``offset``: one ``pwritev`` per ``IOV_MAX``
+        of them, where a loop of ``pwrite`` would make a call per buffer (a commit's
+        gather of many short runs). Returns the bytes written."""
+        at = offset
+        for i in range(0, len(buffers), IOV_MAX):
+            part = buffers[i : i + IOV_MAX]
+            want = sum(len(b) for b in part)
+            n = os.pwritev(self.fd, part, at)
+            if n < want:  # short (rare): the rest one buffer at a time
+                skip = n
+                pos = at + n
+                for b in part:
+                    if skip >= len(b):
+                        skip -= len(b)
+                        continue
+                    rest = memoryview(b)[skip:]
+                    skip = 0
+                    while rest:
+                        k = os.pwrite(self.fd, rest, pos)
+                        rest = rest[k:]
+                        pos += k
+            at += want
+        t = _trace.tracer
+        if t is not None:
+            t.pwrite(self.fd, offset, b"".join(buffers))
+        self._wrote(offset, at - offset)
+        return at - offset
+
+    def _wrote(self, offset: int, total: int) -> None:
+        """Account ``total`` bytes just written at ``offset`` for the output's writeback."""
         if self._writeback:
             self._unsynced += total
             self._wb_lo = offset if self._wb_lo < 0 else min(self._wb_lo, offset)
@@ -187,6 +221,7 @@ class LocalFile:
         t = _trace.tracer
         if t is not None:
             t.pwrite(self.fd, offset, os.pread(src_fd, length, src_offset))
+        self._wrote(offset, length)
 
     def data_extents(self, start: int, end: int) -> Iterator[tuple[int, int]]:
         return data_extents(self.fd, start, end)

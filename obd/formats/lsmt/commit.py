@@ -7,6 +7,7 @@ The output is streamed (header, data, index, trailer in order) into a sink with
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -28,13 +29,12 @@ from obd.formats.lsmt import (
     encode_entries,
 )
 from obd.io.base import ReadAt
-from obd.io.file import LocalFile, Writeback
+from obd.io.file import IOV_MAX, LocalFile
 
 COPY_STEP_SECTORS = 64  # data is indexed in 32 KiB steps (§1.8 step 3)
 INDEX_PAD_ENTRIES = 256
 GATHER = 8 << 20  # data is gathered into buffers of this size (a multiple of a ZFile batch)
 COPY_MIN = 1 << 20  # a source run at least this long is copied in the kernel when it can be
-WRITEBACK_STEP = 8 << 20  # the output is handed to the disk every this many bytes
 # copy_file_range cannot copy between these two files: copy by reading instead
 _NO_KERNEL_COPY = frozenset(
     {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.EBADF}
@@ -48,10 +48,10 @@ class Sink(Protocol):
 class FileSink:
     """A sequential writer over a WriteAt, with a buffer.
 
-    Over a :class:`LocalFile` it starts the writeback of every ``WRITEBACK_STEP`` bytes
-    as the output grows (``sync_file_range``, from a thread), so that the final fsync
-    finds little left to write: the disk works while the copy goes on. The fsync itself
-    is the owner's (:class:`AtomicOutput`), after :meth:`close` or :meth:`abort`.
+    Over a :class:`LocalFile` it can also take a gather list (:meth:`write_vec`, one
+    ``pwritev`` for many short pieces) and kernel copies (:meth:`copy_from`). The
+    writeback of an output as it grows, and its fsync, are the output's own
+    (:class:`AtomicOutput`).
     """
 
     def __init__(self, out: object, buffer_size: int = 4 << 20) -> None:
@@ -59,10 +59,8 @@ class FileSink:
         self.pos = 0
         self.buf = bytearray()
         self.limit = buffer_size
-        self.copy_ok = hasattr(os, "copy_file_range") and isinstance(out, LocalFile)
-        self._fd = out.fd if isinstance(out, LocalFile) else -1
-        self._synced = 0  # output bytes whose writeback has been asked for
-        self._writeback: Writeback | None = None
+        self.local = isinstance(out, LocalFile)
+        self.copy_ok = hasattr(os, "copy_file_range") and self.local
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         n = len(memoryview(data).cast("B"))
@@ -73,6 +71,15 @@ class FileSink:
         if len(self.buf) >= self.limit:
             self._drain()
         return n
+
+    def write_vec(self, buffers: list[bytes | bytearray | memoryview], nbytes: int) -> None:
+        """Append ``buffers`` (``nbytes`` in all) back to back."""
+        self._drain()
+        if self.local:
+            self.out.pwritev(self.pos, buffers)  # type: ignore[attr-defined]
+        else:
+            self.out.pwrite(self.pos, b"".join(buffers))  # type: ignore[attr-defined]
+        self.pos += nbytes
 
     def copy_from(self, fd: int, offset: int, length: int) -> bool:
         """Copy ``length`` bytes at ``offset`` of ``fd`` in the kernel (``copy_file_range``);
@@ -88,20 +95,12 @@ class FileSink:
                 raise
             self.copy_ok = False
             return False
-        self._advance(length)
+        self.pos += length
         return True
 
     def _put(self, data: bytes | bytearray | memoryview, n: int) -> None:
         self.out.pwrite(self.pos, data)  # type: ignore[attr-defined]
-        self._advance(n)
-
-    def _advance(self, n: int) -> None:
         self.pos += n
-        if self._fd >= 0 and self.pos - self._synced >= WRITEBACK_STEP:
-            if self._writeback is None:
-                self._writeback = Writeback(self._fd)
-            self._writeback.add(self._synced, self.pos - self._synced)
-            self._synced = self.pos
 
     def _drain(self) -> None:
         if self.buf:
@@ -109,16 +108,10 @@ class FileSink:
             self._put(buf, len(buf))
 
     def close(self) -> None:
-        try:
-            self._drain()
-        finally:
-            self.abort()
+        self._drain()
 
     def abort(self) -> None:
-        """Stop the writeback thread (the output is being dropped, or was closed)."""
-        if self._writeback is not None:
-            self._writeback.stop()
-            self._writeback = None
+        """Nothing to stop (kept for the sinks that have a thread to stop)."""
 
 
 def commit_header(
@@ -276,6 +269,10 @@ def _copy_runs(
         r_tag = tags[starts].tolist()
     else:
         r_at, r_len, r_tag = [], [], []
+    write_vec = getattr(sink, "write_vec", None)
+    if write_vec is not None and getattr(sink, "local", False):
+        _copy_mapped(r_at, r_len, r_tag, sources, head, sink, write_vec, progress)
+        return
     g = _Gather(sink, progress)
     g.put(head)
     sizes = [s.size() for s in sources]
@@ -308,6 +305,82 @@ def _copy_runs(
             continue
         g.read(sources[tag], fd, at, length, sizes[tag])
     g.flush_partial()
+
+
+def _copy_mapped(
+    r_at: list[int],
+    r_len: list[int],
+    r_tag: list[int],
+    sources: Sequence[ReadAt],
+    head: bytes,
+    sink: Sink,
+    write_vec: Callable[[list[bytes | bytearray | memoryview], int], None],
+    progress: Callable[[int], None] | None,
+) -> None:
+    """:func:`_copy_runs` into a local output: the short runs of local sources are
+    written straight from read-only mappings of the sources, up to ``IOV_MAX`` of them
+    in one ``pwritev`` (one copy, page cache to page cache, where a read into a buffer
+    and a write from it made two, and a system call per run); a long run is copied in
+    the kernel (docs/commit.md).
+
+    A source is mapped only once it is known to hold the run; a run past its end, or of
+    a source that is not a local file, is read (bytes past the end read as zeros).
+    """
+    maps: dict[int, mmap.mmap] = {}
+    views: dict[int, memoryview] = {}
+    sizes = [s.size() for s in sources]
+    fds = [s.fd if isinstance(s, LocalFile) else -1 for s in sources]
+    copy_from = getattr(sink, "copy_from", None)
+    iov: list[bytes | bytearray | memoryview] = [head]
+    fill = len(head)
+    done = 0  # data bytes in iov
+    try:
+        for at, length, tag in zip(r_at, r_len, r_tag, strict=True):
+            fd = fds[tag]
+            inside = fd >= 0 and at + length <= sizes[tag]
+            if inside and length >= COPY_MIN and copy_from is not None:
+                if iov:
+                    write_vec(iov, fill)
+                    iov, fill = [], 0
+                if copy_from(fd, at, length):
+                    done += length
+                    continue
+            if inside:
+                view = views.get(tag)
+                if view is None:
+                    m = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+                    m.madvise(mmap.MADV_SEQUENTIAL)
+                    maps[tag], view = m, memoryview(m)
+                    views[tag] = view
+                piece: bytes | memoryview = view[at : at + length]
+            else:
+                piece = _read_padded(sources[tag], at, length)
+            iov.append(piece)
+            fill += length
+            done += length
+            if len(iov) >= IOV_MAX or fill >= GATHER:
+                write_vec(iov, fill)
+                iov, fill = [], 0
+                if progress is not None:
+                    progress(done)
+                    done = 0
+        if iov:
+            write_vec(iov, fill)
+        if progress is not None and done:
+            progress(done)
+    finally:
+        iov = []
+        piece = b""
+        for v in views.values():
+            v.release()
+        for m in maps.values():
+            m.close()
+
+
+def _read_padded(src: ReadAt, at: int, length: int) -> bytes:
+    """``length`` bytes at ``at`` of ``src``; past its end, zeros."""
+    data = src.pread(at, length)
+    return data + bytes(length - len(data)) if len(data) < length else data
 
 
 class _Gather:
