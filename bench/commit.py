@@ -39,6 +39,8 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from pyc import compile_checkout  # noqa: E402  (bench/pyc.py)
+
 from obd.image.layers import open_rw_layer  # noqa: E402
 from obd.image.ops import create  # noqa: E402
 
@@ -123,6 +125,7 @@ def main() -> int:
     ap.add_argument("--dir", default="/work/benchtmp", help="parent of the working folder")
     ap.add_argument("--keep", help="folder to build in and keep (reused when it has a layer)")
     args = ap.parse_args()
+    compile_checkout(REPO)  # as an installed package has its .pyc
     os.makedirs(args.dir, exist_ok=True)
     folder = args.keep or tempfile.mkdtemp(prefix="obd-bench-commit-", dir=args.dir)
     os.makedirs(folder, exist_ok=True)

@@ -30,6 +30,8 @@ import numpy as np
 # the checkout this file lives in, not whatever obd is installed (before/after worktrees)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pyc import compile_checkout  # bench/pyc.py
+
 import obd
 from obd.formats.codecs import Codec, fallback_codec, get_codec, have_extension
 from obd.formats.zfile import ZFileReader, compress_file, decompress_to
@@ -266,6 +268,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=cores())
     ap.add_argument("--keep", help="folder to use and keep (default: a temp folder)")
     args = ap.parse_args()
+    compile_checkout(
+        os.path.dirname(os.path.dirname(obd.__file__))
+    )  # as an installed package has its .pyc
     folder = args.keep or tempfile.mkdtemp(prefix="obd-bench-")
     os.makedirs(folder, exist_ok=True)
     size = args.size_mib << 20
