@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from obd.errors import UnsupportedError
+from obd.formats._ext import load_ext as _load_ext
 from obd.formats.crc import block_crc
 
 ALGO_MINI_LZO = 0
@@ -83,18 +84,6 @@ def _load(name: str) -> Any:
         return ctypes.CDLL(name)
     except OSError:
         return None
-
-
-def _load_ext() -> Any:
-    """The compiled batch path (``_zbatch.c``), or None when it is not built or when
-    ``OBD_NO_EXT`` (or ``OBD_NO_SYSTEM_CODECS``) is set."""
-    if os.environ.get("OBD_NO_EXT") or os.environ.get("OBD_NO_SYSTEM_CODECS"):
-        return None
-    try:
-        from obd.formats import _zbatch  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return _zbatch
 
 
 class Codec:
