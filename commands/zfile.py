@@ -56,8 +56,8 @@ def zfile(
     ZFile, bad blocks), 5 TARGET exists (use -f), 6 unsupported (e.g. --verify of a
     ZFile without block CRCs), 130 interrupted.
     """
-    # obd.formats.zfile.files, not obd.image.ops: compressing then never loads numpy or
-    # the LSMT/image code (the start-up of a short run is a large part of its time)
+    # obd.formats.zfile.files, not obd.image.ops: a short run loads no LSMT/image code,
+    # and numpy only for a big jump table (start-up is a large part of its time)
     from obd.formats.zfile import files
 
     if verify:

@@ -28,8 +28,8 @@ def test_help_and_completion_import_no_heavy_modules():
         "    cli.main(args=['--help'], prog_name='obd', standalone_mode=False)\n"
         "except SystemExit:\n"
         "    pass\n"
-        "heavy = [m for m in ('numpy', 'zstandard', 'lz4', 'http', 'socketserver', 'rich',"
-        " 'prometheus_client', 'obd.formats', 'obd.serve') if m in sys.modules]\n"
+        "heavy = [m for m in ('numpy', 'zstandard', 'lz4', 'http', 'httpx', 'socketserver',"
+        " 'rich', 'prometheus_client', 'obd.formats', 'obd.serve') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO))

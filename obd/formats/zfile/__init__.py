@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from obd.formats.zfile.reader import ZFileReader, decompress_to, verify_blocks
     from obd.formats.zfile.writer import ZFileWriter, compress_file
 
-# The reader (numpy, the validator) and the writer load on first use: ``obd zfile``
+# The reader (and the validator) and the writer load on first use: ``obd zfile``
 # compressing never needs the reader, and commands that only sniff a file need neither.
 _LAZY = {
     "ZFileReader": "reader",

@@ -1,7 +1,8 @@
 """Whole files in and out of ZFiles: what ``obd zfile`` does (docs/formats.md §4.8).
 
-Kept apart from :mod:`obd.image` so that the command imports only what it runs: the
-compress path never loads numpy, the reader or the LSMT code. Outputs are
+Kept apart from :mod:`obd.image` so that the command imports only what it runs: no
+LSMT code, and numpy only to extract or verify a file of more than
+:data:`~obd.formats.zfile.validate.SMALL_TABLE` blocks (the reader's jump table). Outputs are
 :class:`AtomicOutput` files (mode 0644): written to a temporary name, fsynced (the
 kernel is asked to write back as the file grows, so the final fsync is short), renamed.
 """

@@ -81,6 +81,7 @@ INDEX_FIELDS = ("index_offset", "index_size", "original_file_size", "index_crc")
 SHAPE_FIELDS = ("block_size", "algo", "verify", "dict_size")
 
 _LITTLE = sys.byteorder == "little"
+assert array("I").itemsize == 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,9 +180,17 @@ def is_zfile(head: bytes | bytearray | memoryview) -> bool:
 
 
 def _u32_table(data: bytes | bytearray | memoryview) -> np.ndarray:
-    import numpy as np  # only readers need it (writers start faster without)
+    import numpy as np  # only big jump tables need it (see _u32_array)
 
     return np.frombuffer(data, dtype="<u4")
+
+
+def _u32_array(data: bytes | bytearray | memoryview) -> array:
+    """A little-endian u32 table as an ``array('I')`` (a copy; no numpy)."""
+    entries = array("I", data)
+    if not _LITTLE:
+        entries.byteswap()
+    return entries
 
 
 def _table_bytes(entries: array) -> bytes:

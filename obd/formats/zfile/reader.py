@@ -5,10 +5,11 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+from array import array
+from bisect import bisect_right
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from obd.errors import CorruptError, UnsupportedError
 from obd.formats.codecs import (
@@ -23,6 +24,13 @@ from obd.formats.zfile.validate import ZFacts, raise_first_zfile, validate_zfile
 from obd.io import trace as _trace
 from obd.io.base import ReadAt, WriteAt
 from obd.io.file import WRITEBACK_CHUNK, LocalFile, start_writeback
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy is imported only where it is needed (big jump tables, ``read_blocks``, the
+# ``offsets`` / ``lengths`` attributes): extracting or verifying a small ZFile, and
+# ``obd inspect`` of one, run without it (its import is ~50 ms of a ~0.2 s command).
 
 # ----------------------------------------------------------------------------- reader
 
@@ -84,11 +92,31 @@ class ZFileReader:
         self.data_start = facts.data_start
         self.original_file_size = info.original_file_size
         self.index_offset = info.index_offset
-        self.lengths = facts.lengths
-        self.offsets = offsets = facts.offsets
+        self._lengths: array[int] | np.ndarray = facts.lengths
+        offsets = facts.offsets
+        self._offsets_np = None if isinstance(offsets, list) else offsets
+        self._lengths_np: np.ndarray | None = None
         self.nblocks = info.index_size
-        # plain ints for the one-block path (no numpy scalars per request)
-        self._offsets_list: list[int] = offsets.tolist()
+        # plain ints (no numpy scalars per request); bisect finds blocks in it
+        self._offsets_list: list[int] = offsets if isinstance(offsets, list) else offsets.tolist()
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """File offset of each block and of the end of the last one (numpy int64)."""
+        if self._offsets_np is None:
+            import numpy as np
+
+            self._offsets_np = np.asarray(self._offsets_list, dtype=np.int64)
+        return self._offsets_np
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Stored length of each block, CRC included (numpy u32): the jump table."""
+        if self._lengths_np is None:
+            import numpy as np
+
+            self._lengths_np = np.asarray(self._lengths, dtype=np.uint32)
+        return self._lengths_np
 
     # -- ReadAt ----------------------------------------------------------------------
 
@@ -186,6 +214,8 @@ class ZFileReader:
 
     def read_blocks(self, first: int, end: int) -> memoryview:
         """Decoded content of blocks ``[first, end)``, checked, as one writable buffer."""
+        import numpy as np
+
         # uninitialised memory: every byte is overwritten by the decoded blocks
         out = np.empty(self.blocks_span(first, end), dtype=np.uint8).data
         self.read_blocks_into(first, end, out)
@@ -199,17 +229,16 @@ class ZFileReader:
         view = memoryview(out).cast("B")
         if len(view) < self.blocks_span(first, end):
             raise ValueError("output buffer too small")
-        offsets = self.offsets
+        offsets = self._offsets_list
         s = first
         while s < end:
             # as many blocks as fit in one bulk fetch (at least one)
-            limit = int(offsets[s]) + self._BULK_STORED
-            e = int(np.searchsorted(offsets, limit, side="right")) - 1
+            e = bisect_right(offsets, offsets[s] + self._BULK_STORED) - 1
             e = min(max(e, s + 1), end)
-            so, eo = int(offsets[s]), int(offsets[e])
+            so, eo = offsets[s], offsets[e]
             stored = self._stored_buffer(eo - so)
             got = read_into(self._src, so, stored)
-            lengths = self.lengths[s:e]
+            lengths = self._lengths[s:e]
             dst = view[(s - first) * bs :]
             if got < eo - so:
                 bad = [(i, "truncated") for i in range(len(lengths))]
@@ -235,7 +264,7 @@ class ZFileReader:
 
     def _retry_block(self, b: int, problem: str) -> bytes:
         """Re-read block ``b`` up to RETRIES times; raise CorruptError if it stays bad."""
-        so, n = int(self.offsets[b]), int(self.lengths[b])
+        so, n = self._offsets_list[b], int(self._lengths[b])
         evict = getattr(self._src, "evict", None)
         want = self.raw_size(b)
         for _ in range(self.RETRIES):
@@ -284,7 +313,7 @@ def decompress_to(
         try:
             buf = free.pop()
         except IndexError:
-            buf = np.empty(per * bs, dtype=np.uint8).data
+            buf = memoryview(bytearray(per * bs))
         length = reader.blocks_span(b, e)
         reader.read_blocks_into(b, e, buf[:length])
         return buf, length
@@ -408,25 +437,24 @@ def verify_blocks(src: ReadAt, *, path: str | None = None) -> list[tuple[int, in
             path=r.path,
         )
     problems: list[tuple[int, int, str]] = []
-    offsets, lengths = r.offsets, r.lengths
+    offsets, lengths = r._offsets_list, r._lengths
     n = r.nblocks
     s = 0
     room = bytearray()  # recycled: each run's stored bytes are read into it in place
     while s < n:
-        limit = int(offsets[s]) + (8 << 20)
-        e = min(max(int(np.searchsorted(offsets, limit, side="right")) - 1, s + 1), n)
-        so, eo = int(offsets[s]), int(offsets[e])
+        e = min(max(bisect_right(offsets, offsets[s] + (8 << 20)) - 1, s + 1), n)
+        so, eo = offsets[s], offsets[e]
         if len(room) < eo - so:
             room = bytearray(max(eo - so, (8 << 20) + (1 << 17)))
         stored = memoryview(room)[: read_into(src, so, memoryview(room)[: eo - so])]
         if len(stored) < eo - so:  # the source shrank under us: the rest is missing
             got = so + len(stored)
-            e = max(int(np.searchsorted(offsets, got, side="right")) - 1, s)
-            for i in bad_crcs(stored[: int(offsets[e]) - so], lengths[s:e]):
-                problems.append((s + i, int(offsets[s + i]), PROBLEM_CRC))
-            problems.extend((b, int(offsets[b]), "truncated") for b in range(e, n))
+            e = max(bisect_right(offsets, got) - 1, s)
+            for i in bad_crcs(stored[: offsets[e] - so], lengths[s:e]):
+                problems.append((s + i, offsets[s + i], PROBLEM_CRC))
+            problems.extend((b, offsets[b], "truncated") for b in range(e, n))
             break
         for i in bad_crcs(stored, lengths[s:e]):
-            problems.append((s + i, int(offsets[s + i]), PROBLEM_CRC))
+            problems.append((s + i, offsets[s + i], PROBLEM_CRC))
         s = e
     return problems

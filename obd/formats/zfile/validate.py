@@ -10,12 +10,12 @@ reader's decode path (:meth:`Codec.decompress_blocks`).
 from __future__ import annotations
 
 import threading
+from array import array
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
+from itertools import accumulate
+from typing import TYPE_CHECKING, Any
 
 from obd.errors import UnsupportedError
 from obd.formats import crc
@@ -31,13 +31,21 @@ from obd.formats.zfile.layout import (
     SHAPE_FIELDS,
     SLOT_SIZE,
     HeaderTrailer,
+    _u32_array,
     _u32_table,
     slot_digest,
 )
 from obd.io.base import ReadAt
 
+if TYPE_CHECKING:
+    import numpy as np
+
 UNSUPPORTED = "unsupported"  # the code of an ERROR problem: a reader raises UnsupportedError
 _TABLE_CHUNK = 16 << 20  # the jump table is read in pieces of this size
+# Jump tables of up to this many blocks (512 MiB of 4 KiB blocks) are decoded without
+# numpy, whose import costs a CLI run ~50 ms, more than such a table takes in Python
+# (~15 ms at the limit; a 4 KiB file: microseconds); bigger ones are decoded with numpy.
+SMALL_TABLE = 1 << 17
 
 
 @dataclass
@@ -49,8 +57,10 @@ class ZFacts:
     info: HeaderTrailer | None = None  # where the jump table is described
     codec: Codec | None = None
     data_start: int = SLOT_SIZE
-    lengths: np.ndarray | None = None  # stored length of each block (u32)
-    offsets: np.ndarray | None = None  # file offset of each block, and the end (int64)
+    # stored length of each block (u32), and the file offset of each block and of the
+    # end (int64): array('I') and list for small tables, numpy arrays for big ones
+    lengths: array[int] | np.ndarray | None = None
+    offsets: list[int] | np.ndarray | None = None
     structure_ok: bool = False  # every block can be located
 
 
@@ -194,20 +204,20 @@ def validate_zfile(
                 f"computed {got:#010x}",
                 ioff,
             )  # fmt: skip
-    lengths = _u32_table(table)
     minimum = 5 if verify else 1
     maximum = (codec.bound(bs) if codec else bs + bs // 8 + 64) + (4 if verify else 0)
-    wrong = np.flatnonzero((lengths < minimum) | (lengths > maximum)).tolist()
+    lengths: array[int] | np.ndarray
+    offsets: list[int] | np.ndarray
+    if n <= SMALL_TABLE:
+        lengths, offsets, wrong = _small_table(table, data_start, minimum, maximum)
+    else:
+        lengths, offsets, wrong = _numpy_table(table, data_start, minimum, maximum)
     for b in wrong:
         yield Problem(
             CORRUPTION, "zfile_jump_table",
             f"ZFile jump table entry {b} has impossible stored length {int(lengths[b])}",
             ioff + 4 * b,
         )  # fmt: skip
-    offsets = np.empty(n + 1, dtype=np.int64)
-    offsets[0] = data_start
-    np.cumsum(lengths, dtype=np.int64, out=offsets[1:])
-    offsets[1:] += data_start
     blocks_end = int(offsets[-1])
     if blocks_end > ioff:
         yield Problem(
@@ -227,6 +237,32 @@ def validate_zfile(
         return
     facts.lengths, facts.offsets = lengths, offsets
     facts.structure_ok = True
+
+
+def _small_table(
+    table: bytearray, data_start: int, minimum: int, maximum: int
+) -> tuple[array[int], list[int], list[int]]:
+    """Lengths, offsets and out-of-range entries of a jump table, without numpy."""
+    lengths = _u32_array(table)
+    wrong: list[int] = []
+    if lengths and (min(lengths) < minimum or max(lengths) > maximum):
+        wrong = [b for b, x in enumerate(lengths) if not minimum <= x <= maximum]
+    return lengths, list(accumulate(lengths, initial=data_start)), wrong
+
+
+def _numpy_table(
+    table: bytearray, data_start: int, minimum: int, maximum: int
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """:func:`_small_table` for big tables: the same, vectorised."""
+    import numpy as np
+
+    lengths = _u32_table(table)
+    wrong: list[int] = np.flatnonzero((lengths < minimum) | (lengths > maximum)).tolist()
+    offsets = np.empty(len(lengths) + 1, dtype=np.int64)
+    offsets[0] = data_start
+    np.cumsum(lengths, dtype=np.int64, out=offsets[1:])
+    offsets[1:] += data_start
+    return lengths, offsets, wrong
 
 
 def raise_first_zfile(problems: Iterator[Problem], path: str | None) -> None:
@@ -273,17 +309,17 @@ def block_problems(
         if room is None or len(room) < eo - so:
             room = local.stored = bytearray(eo - so + (1 << 16))
         stored = memoryview(room)[: read_into(src, so, memoryview(room)[: eo - so])]
-        lens = lengths[s:e]  # a numpy slice: the batch call takes the buffer as it is
+        lens = lengths[s:e]  # an array or numpy slice: the batch call takes it as it is
         if len(stored) < eo - so:
             # truncated: check what is there, report the rest
-            lens = lens.tolist()
+            sizes: list[int] = lens.tolist()
             have, pos, k = len(stored), 0, 0
-            while k < len(lens) and pos + lens[k] <= have:
-                pos += lens[k]
+            while k < len(sizes) and pos + sizes[k] <= have:
+                pos += sizes[k]
                 k += 1
-            bad = [(i, "truncated (past the end of the file)") for i in range(k, len(lens))]
+            bad = [(i, "truncated (past the end of the file)") for i in range(k, len(sizes))]
             if k:
-                bad = codec.decompress_blocks(stored[:pos], lens[:k], buf, bs, bs, verify) + bad
+                bad = codec.decompress_blocks(stored[:pos], sizes[:k], buf, bs, bs, verify) + bad
             return s, bad, eo - so
         lr = last_raw if e == n else bs
         return s, codec.decompress_blocks(stored, lens, buf, bs, lr, verify), eo - so
