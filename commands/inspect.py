@@ -129,6 +129,8 @@ def inspect(
 def _references(paths: tuple[str, ...]) -> bool:
     import os
 
+    if all(os.path.exists(p) for p in paths):
+        return False  # local files only: the reference parser is not needed
     from obd.errors import UsageError
     from obd.oci.reference import Reference, looks_like_reference
 
@@ -181,8 +183,9 @@ def _inspect_references(
 def _console() -> Any:
     from rich.console import Console
 
-    # piped output is not cut to 80 columns
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+    # piped output is not cut to 80 columns; no emoji codes: a ":name:" in a path or tag
+    # stays as it is (and rich does not load its ~4,000-entry emoji table)
+    return Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 200)
 
 
 def _file_rows(info: Any) -> list[tuple[str, str]]:
