@@ -14,9 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from obd.formats.sniff import open_zfile, peel_tar
-from obd.formats.tar import TarWriter
 from obd.formats.zfile.layout import DEFAULT_BLOCK_SIZE, Progress
-from obd.formats.zfile.writer import ZFileWriter, compress_file
 from obd.io.cpu import cores
 from obd.io.file import AtomicOutput, open_file
 
@@ -40,6 +38,9 @@ def compress_path(
     """Compress the file ``source`` (or, when it is None, the byte ``chunks``) into the
     ZFile ``target``, block CRCs on, tar-wrapped with ``tar``. ``threads`` counts the
     caller (None: every CPU this process may use)."""
+    from obd.formats.tar import TarWriter
+    from obd.formats.zfile.writer import ZFileWriter, compress_file
+
     src = open_file(source) if source is not None else None
     try:
         with AtomicOutput(target, force=force, mode=0o644) as out:
