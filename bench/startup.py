@@ -2,13 +2,15 @@
 """Start-up cost of the ``obd`` CLI: wall time of short commands.
 
 Not a test. Times ``obd --help``, ``obd --version``, ``obd zfile --help``, ``obd inspect``
-of a small ZFile and ``obd zfile`` of a 64 KiB file (the interpreter's start, imports,
-the work) as ``python -m commands.main ...`` run in the checkout the bench lives in, and,
-with ``--before DIR``, in a second checkout (e.g. a worktree of an older commit), the
-runs of both interleaved so machine noise falls on both. Uses ``hyperfine`` when it is
-installed, else repeated subprocess runs (best and median). It also lists which heavy
-modules (numpy, zstandard, lz4, httpx, rich) each command imported. Target (issue 10):
-``obd --help`` under 150 ms.
+of a small ZFile, ``obd zfile`` (compress), ``obd zfile -x`` (extract) and ``obd zfile
+--verify`` of a 4 KiB file (the interpreter's start, imports, the work), beside a bare
+``python3 -c pass``, as ``python -m commands.main ...`` run in the checkout the bench
+lives in, and, with ``--before DIR``, in a second checkout (e.g. a worktree of an older
+commit), the runs of both interleaved so machine noise falls on both. Each checkout's
+``obd`` and ``commands`` are compiled to ``.pyc`` first (bench/pyc.py), as an installed
+package is. Uses ``hyperfine`` when it is installed, else repeated subprocess runs (best
+and median). It also lists which heavy modules (numpy, zstandard, lz4, httpx, rich, the
+``crc32c`` package) each command imported. Target (issue 10): ``obd --help`` under 150 ms.
 
     python3 bench/startup.py [--before /work/wt/b-before] [--runs 15]
 """
@@ -26,8 +28,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from pyc import compile_checkout  # bench/pyc.py
+
 REPO = str(Path(__file__).resolve().parent.parent)
-HEAVY = ("numpy", "zstandard", "lz4", "httpx", "rich", "obd.image", "obd.formats.lsmt")
+HEAVY = (
+    "numpy",
+    "zstandard",
+    "lz4",
+    "httpx",
+    "rich",
+    "crc32c",
+    "obd.image",
+    "obd.formats.lsmt",
+)
+BARE = ["-c", "pass"]  # the interpreter alone (site included), not obd
 # Prints the heavy modules loaded once the command is done (runs it through main()).
 PROBE = (
     "import sys, atexit\n"
@@ -46,18 +60,29 @@ def commands(folder: str) -> list[tuple[str, list[str]]]:
     small = os.path.join(folder, "small.bin")
     zsmall = os.path.join(folder, "small.zfile")
     out = os.path.join(folder, "out.zfile")
+    plain = os.path.join(folder, "out.bin")
     return [
+        ("python3 -c pass", BARE),
         ("obd --help", ["--help"]),
         ("obd --version", ["--version"]),
         ("obd zfile --help", ["zfile", "--help"]),
         ("obd inspect SMALL.zfile", ["inspect", zsmall]),
         ("obd zfile SMALL OUT", ["zfile", "-f", small, out]),
+        ("obd zfile -x SMALL.zfile OUT", ["zfile", "-x", "-f", zsmall, plain]),
+        ("obd zfile --verify SMALL.zfile", ["zfile", "--verify", zsmall]),
     ]
 
 
+def argv_of(args: list[str]) -> list[str]:
+    """The command line that runs ``obd ARGS`` (or, for BARE, the bare interpreter)."""
+    return (
+        [sys.executable, *args] if args is BARE else [sys.executable, "-m", "commands.main", *args]
+    )
+
+
 def prepare(folder: str) -> None:
-    """A 64 KiB mixed file and its ZFile (made with the checkout under test)."""
-    data = (b"overlaybd block device layer " * 1200)[:32768] + os.urandom(32768)
+    """A 4 KiB file, half text, half random, and its ZFile (made with this checkout)."""
+    data = (b"overlaybd block device layer " * 80)[:2048] + os.urandom(2048)
     with open(os.path.join(folder, "small.bin"), "wb") as f:
         f.write(data)
     subprocess.run(
@@ -71,7 +96,7 @@ def prepare(folder: str) -> None:
 def run_once(tree: str, argv: list[str]) -> float:
     t = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "commands.main", *argv],
+        argv_of(argv),
         cwd=tree,
         env={**os.environ, "PYTHONPATH": tree},
         stdout=subprocess.DEVNULL,
@@ -82,6 +107,8 @@ def run_once(tree: str, argv: list[str]) -> float:
 
 
 def heavy_modules(tree: str, argv: list[str]) -> str:
+    if argv is BARE:
+        return "-"
     p = subprocess.run(
         [sys.executable, "-c", PROBE.format(heavy=HEAVY, argv=argv)],
         cwd=tree,
@@ -100,7 +127,7 @@ def hyperfine(trees: dict[str, str], argv: list[str], runs: int) -> dict[str, li
     got: dict[str, list[float]] = {}
     for name, tree in trees.items():
         with tempfile.NamedTemporaryFile(suffix=".json") as js:
-            cmd = " ".join([sys.executable, "-m", "commands.main", *argv])
+            cmd = " ".join(argv_of(argv))
             subprocess.run(
                 ["hyperfine", "-N", "-w", "2", "-r", str(runs), "--export-json", js.name, cmd],
                 cwd=tree,
@@ -122,6 +149,7 @@ def main() -> None:
     if args.before:
         trees = {"before": os.path.abspath(args.before), "after": REPO}
     for name, tree in trees.items():
+        compile_checkout(tree)  # as an installed package has its .pyc
         where = subprocess.run(
             [sys.executable, "-c", "import obd; print(obd.__file__)"],
             cwd=tree,
@@ -129,7 +157,7 @@ def main() -> None:
             capture_output=True,
             text=True,
         ).stdout.strip()
-        print(f"{name}: {tree} (obd from {where})")
+        print(f"{name}: {tree} (obd from {where}; obd and commands compiled to .pyc first)")
     folder = tempfile.mkdtemp(prefix="obd-startup-", dir=os.environ.get("OBD_BENCH_DIR"))
     use_hf = shutil.which("hyperfine") is not None
     try:
@@ -154,14 +182,14 @@ def main() -> None:
         f"{', interleaved' if not use_hf and len(trees) > 1 else ''}); load average "
         f"{os.getloadavg()[0]:.1f}; target: obd --help < 150 ms"
     )
-    head = f"{'command':26}"
+    head = f"{'command':32}"
     for name in trees:
         head += f" {name + ' best':>12} {name + ' median':>13}"
     if len(trees) > 1:
         head += f" {'after/before':>13}"
     print(head + "  heavy modules loaded")
     for label, times, heavy in rows:
-        line = f"{label:26}"
+        line = f"{label:32}"
         for name in trees:
             line += f" {min(times[name]) * 1e3:12.1f} {statistics.median(times[name]) * 1e3:13.1f}"
         if len(trees) > 1:
