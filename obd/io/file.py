@@ -29,6 +29,7 @@ if _sync_file_range is not None:
     _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _SYNC_FILE_RANGE_WRITE = 2
 WRITEBACK_CHUNK = 32 << 20
+DIRECT_ALIGN = 4096  # offsets and sizes of direct writes: a file system block
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
@@ -97,6 +98,23 @@ def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
         pos = h
 
 
+def _finish_pwritev(
+    fd: int, buffers: list[bytes | bytearray | memoryview], offset: int, done: int
+) -> None:
+    """Write what a short ``pwritev(fd, buffers, offset)`` that wrote ``done`` bytes left."""
+    pos = offset + done
+    for b in buffers:
+        if done >= len(b):
+            done -= len(b)
+            continue
+        rest = memoryview(b)[done:]
+        done = 0
+        while rest:
+            k = os.pwrite(fd, rest, pos)
+            rest = rest[k:]
+            pos += k
+
+
 class LocalFile:
     """A local file opened for positional I/O (implements ReadAt and WriteAt)."""
 
@@ -112,6 +130,7 @@ class LocalFile:
         self._wb_lo = -1
         self._wb_hi = 0
         self._wb: Writeback | None = None
+        self._direct_fd: int | None = None  # an O_DIRECT descriptor: None untried, -1 none
 
     def size(self) -> int:
         st = os.fstat(self.fd)
@@ -154,24 +173,60 @@ class LocalFile:
             want = sum(len(b) for b in part)
             n = os.pwritev(self.fd, part, at)
             if n < want:  # short (rare): the rest one buffer at a time
-                skip = n
-                pos = at + n
-                for b in part:
-                    if skip >= len(b):
-                        skip -= len(b)
-                        continue
-                    rest = memoryview(b)[skip:]
-                    skip = 0
-                    while rest:
-                        k = os.pwrite(self.fd, rest, pos)
-                        rest = rest[k:]
-                        pos += k
+                _finish_pwritev(self.fd, part, at, n)
             at += want
         t = _trace.tracer
         if t is not None:
             t.pwrite(self.fd, offset, b"".join(buffers))
         self._wrote(offset, at - offset)
         return at - offset
+
+    def pwritev_direct(self, offset: int, buffers: list[bytes | bytearray | memoryview]) -> bool:
+        """Write ``buffers`` back to back at ``offset`` with direct I/O (``O_DIRECT``, a
+        second descriptor of the same file): the disk reads them where they are, with no
+        copy into the page cache and no writeback later. ``offset`` and the total must be
+        multiples of :data:`DIRECT_ALIGN`, every buffer's address and length multiples of
+        512. Durable only after :meth:`flush`, like any write. False (nothing written)
+        when the file system takes no direct I/O; then write otherwise. A range written
+        so must not also be written through the page cache before the flush."""
+        dfd = self._direct_fd
+        if dfd is None:
+            try:
+                dfd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            except (OSError, AttributeError):
+                dfd = -1
+            self._direct_fd = dfd
+        if dfd < 0:
+            return False
+        at = offset
+        for i in range(0, len(buffers), IOV_MAX):
+            part = buffers[i : i + IOV_MAX]
+            want = sum(len(b) for b in part)
+            n = 0
+            if dfd >= 0:
+                try:
+                    n = os.pwritev(dfd, part, at)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    # not takeable after all (an alignment this file system wants
+                    # bigger): this and every later write go through the page cache
+                    self._close_direct()
+                    dfd = -1
+                    if at == offset:
+                        return False
+            if n < want:  # short, or refused midway: the rest through the page cache
+                _finish_pwritev(self.fd, part, at, n)
+            at += want
+        t = _trace.tracer
+        if t is not None:  # the same file: durable at this file's fsync, as any write
+            t.pwrite(self.fd, offset, b"".join(buffers))
+        return True
+
+    def _close_direct(self) -> None:
+        if self._direct_fd is not None and self._direct_fd >= 0:
+            os.close(self._direct_fd)
+        self._direct_fd = -1
 
     def _wrote(self, offset: int, total: int) -> None:
         """Account ``total`` bytes just written at ``offset`` for the output's writeback."""
@@ -243,6 +298,7 @@ class LocalFile:
 
     def close(self) -> None:
         self._stop_writeback()
+        self._close_direct()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
