@@ -38,15 +38,30 @@ def _pick() -> tuple[str, Callable[[Buffer, int], int]]:
     return "crc32c", _package_raw()
 
 
-#: which implementation :func:`raw` runs: "zbatch" (the extension) or "crc32c" (package)
-BACKEND, _raw = _pick()
+# Picked at the first checksum, not at import: a command that computes none (a plain
+# commit) then loads neither the extension (which maps liblz4 and libzstd) nor the package.
+_backend: tuple[str, Callable[[Buffer, int], int]] | None = None
+
+
+def _impl() -> Callable[[Buffer, int], int]:
+    global _backend
+    if _backend is None:
+        _backend = _pick()
+    return _backend[1]
+
+
+def backend() -> str:
+    """Which implementation :func:`raw` runs: "zbatch" (the extension) or "crc32c"."""
+    _impl()
+    assert _backend is not None
+    return _backend[0]
 
 
 def raw(data: Buffer, seed: int = 0) -> int:
     """Raw CRC32C of ``data`` starting from register value ``seed``."""
-    return _raw(data, seed & _MASK)
+    return (_backend[1] if _backend is not None else _impl())(data, seed & _MASK)
 
 
 def block_crc(data: Buffer) -> int:
     """The ZFile per-block checksum (seed 100007) of the stored compressed bytes."""
-    return _raw(data, SEED_BLOCK)
+    return (_backend[1] if _backend is not None else _impl())(data, SEED_BLOCK)
