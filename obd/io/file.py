@@ -181,6 +181,16 @@ class LocalFile:
         self._wrote(offset, at - offset)
         return at - offset
 
+    def can_direct(self) -> bool:
+        """Whether this file takes direct I/O (:meth:`pwritev_direct`); opens its
+        descriptor on the first call."""
+        if self._direct_fd is None:
+            try:
+                self._direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            except (OSError, AttributeError):
+                self._direct_fd = -1
+        return self._direct_fd >= 0
+
     def pwritev_direct(self, offset: int, buffers: list[bytes | bytearray | memoryview]) -> bool:
         """Write ``buffers`` back to back at ``offset`` with direct I/O (``O_DIRECT``, a
         second descriptor of the same file): the disk reads them where they are, with no
@@ -189,15 +199,10 @@ class LocalFile:
         512. Durable only after :meth:`flush`, like any write. False (nothing written)
         when the file system takes no direct I/O; then write otherwise. A range written
         so must not also be written through the page cache before the flush."""
-        dfd = self._direct_fd
-        if dfd is None:
-            try:
-                dfd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-            except (OSError, AttributeError):
-                dfd = -1
-            self._direct_fd = dfd
-        if dfd < 0:
+        if not self.can_direct():
             return False
+        dfd = self._direct_fd
+        assert dfd is not None
         at = offset
         for i in range(0, len(buffers), IOV_MAX):
             part = buffers[i : i + IOV_MAX]
