@@ -33,7 +33,7 @@ from obd.formats.zfile import (
     is_zfile,
     verify_blocks,
 )
-from obd.io.file import open_file
+from obd.io.file import LocalFile, open_file
 from tests.vectors import VECTORS, fill_mixed, fill_text, require_vectors, vector_params
 
 
@@ -322,9 +322,10 @@ def test_threads_identical_and_streaming() -> None:
 
 
 def test_compress_file_from_local_file_identical(tmp_path: Any) -> None:
-    """compress_file reads a local file into recycled buffers handed to the writer without
-    a copy (feed): same bytes for 1-3 threads as plain writes, a size that is not a
-    multiple of the read chunk or the batch, and every buffer given back."""
+    """compress_file compresses a local file straight from a mapping of it (feed, no
+    copy): same bytes for 1-3 threads as plain writes, a size that is not a multiple of
+    the read chunk or the batch; a source without a descriptor is read into recycled
+    buffers, same bytes."""
     data = mixed(9 << 20) + b"tail" * 1000
     p = tmp_path / "src.bin"
     p.write_bytes(data)
@@ -356,26 +357,85 @@ def test_feed_releases_every_buffer_once() -> None:
         assert bytes(out.buf) == zcompress(data)
 
 
+def _takes_direct_io(folder: Any) -> bool:
+    try:
+        fd = os.open(os.path.join(folder, "probe"), os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+@pytest.mark.parametrize("path", ["direct", "mapped"])
 @pytest.mark.parametrize("offset", [0, 5000, 1 << 16])
-def test_decompress_to_local_file_mapped(tmp_path: Any, offset: int) -> None:
-    """A local output is filled through a shared mapping (workers decode into the page
-    cache): right bytes at ``offset``, what lies before it untouched, and a bad block
-    raises CorruptError like the pwrite path (MemFile)."""
+@pytest.mark.parametrize("bs", [4096, 65536])
+def test_decompress_to_local_file(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, offset: int, path: str, bs: int
+) -> None:
+    """A local output is written by direct I/O (workers decode into aligned buffers and
+    write them; an offset that is not a 4 KiB multiple cannot) or else through a shared
+    mapping (workers decode into the page cache): right bytes at ``offset``, a last
+    partial block, what lies before untouched, and a bad block raises CorruptError like
+    the pwrite path (MemFile)."""
+    import obd.formats.zfile.reader as reader_mod
+
+    direct_ok = _takes_direct_io(tmp_path)
+    if path == "direct" and not direct_ok:
+        pytest.skip(f"{tmp_path}: this file system takes no O_DIRECT")
+    if path == "mapped":
+        monkeypatch.setattr(reader_mod, "_decode_direct", lambda *a: False)
+    taken: list[tuple[int, int]] = []
+    real = LocalFile.pwritev_direct
+
+    def record(self: LocalFile, at: int, buffers: list[Any]) -> bool:
+        ok = real(self, at, buffers)
+        taken.append((at, sum(len(b) for b in buffers)))
+        return ok
+
+    monkeypatch.setattr(LocalFile, "pwritev_direct", record)
     data = mixed(6 << 20) + b"end"
-    blob = zcompress(data)
+    blob = zcompress(data, block_size=bs)
     p = tmp_path / "out.bin"
     for threads in (1, 2):
+        taken.clear()
         p.write_bytes(b"\xaa" * offset)
         with open_file(p, writable=True) as o:
             assert decompress_to(zread(blob), o, threads=threads, offset=offset) == len(data)
         got = p.read_bytes()
         assert got[:offset] == b"\xaa" * offset and got[offset:] == data
+        direct = path == "direct" and offset % 4096 == 0
+        assert bool(taken) == direct
+        if direct:  # whole 4 KiB blocks tiling the output but its partial last block
+            assert all(a % 4096 == 0 and n % 4096 == 0 for a, n in taken)
+            assert sum(n for _, n in taken) == len(data) // 4096 * 4096
     r = zread(blob)
     bad = bytearray(blob)
-    bad[int(r.offsets[700]) + 3] ^= 0xFF
+    bad[int(r.offsets[len(data) // bs // 2]) + 3] ^= 0xFF
     for threads in (1, 2):
-        with open_file(p, writable=True) as o, pytest.raises(CorruptError, match="block 700"):
+        with open_file(p, writable=True) as o, pytest.raises(CorruptError, match="block"):
             decompress_to(zread(bytes(bad)), o, threads=threads)
+
+
+def test_decompress_to_direct_io_refused_goes_through_the_page_cache(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A direct write refused after the file said it takes them: that run is written
+    through the page cache, the output is whole."""
+    if not _takes_direct_io(tmp_path):
+        pytest.skip(f"{tmp_path}: this file system takes no O_DIRECT")
+    calls: list[int] = []
+
+    def refuse_some(self: LocalFile, at: int, buffers: list[Any]) -> bool:
+        calls.append(at)
+        return len(calls) % 2 == 0 and real(self, at, buffers)
+
+    real = LocalFile.pwritev_direct
+    monkeypatch.setattr(LocalFile, "pwritev_direct", refuse_some)
+    data = mixed(9 << 20) + b"x" * 100
+    p = tmp_path / "out.bin"
+    with open_file(p, writable=True, create=True) as o:
+        decompress_to(zread(zcompress(data)), o, threads=2)
+    assert p.read_bytes() == data and len(calls) >= 3
 
 
 def test_write_accepts_any_buffer() -> None:
