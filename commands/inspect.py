@@ -183,9 +183,12 @@ def _inspect_references(
 def _console() -> Any:
     from rich.console import Console
 
-    # piped output is not cut to 80 columns; no emoji codes: a ":name:" in a path or tag
-    # stays as it is (and rich does not load its ~4,000-entry emoji table)
-    return Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 200)
+    # piped output is not cut to 80 columns; no markup and no emoji codes: a "[red]" or a
+    # ":name:" in a path, tag or message is shown as it is (and rich does not load its
+    # ~4,000-entry emoji table)
+    return Console(
+        highlight=False, markup=False, emoji=False, width=None if sys.stdout.isatty() else 200
+    )
 
 
 def _file_rows(info: Any) -> list[tuple[str, str]]:

@@ -260,6 +260,18 @@ def test_human_output_and_table() -> None:
     assert "data" in r.out and "zero" in r.out and "hole" in r.out
 
 
+def test_names_are_shown_as_they_are(tmp_path: Path) -> None:
+    """rich markup or emoji codes in a file name are not interpreted (a file named
+    ``a[red]b:smile:.zfile`` is shown so, in the table and as a title)."""
+    vectors = require_vectors()
+    p = tmp_path / "a[red]b:smile:[bold].zfile"
+    shutil.copy(vectors / "zfile_a_tar.tar", p)
+    for args in ((p,), ("--map", p)):
+        r = run_obd("inspect", *args)
+        assert r.code == 0, r.err
+        assert "a[red]b:smile:[bold].zfile" in r.out
+
+
 def test_index_option_and_sibling_lookup(tmp_path: Path) -> None:
     vectors = require_vectors()
     shutil.copy(vectors / "rw_basic.data", tmp_path / "disk.bin")
