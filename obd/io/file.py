@@ -131,6 +131,7 @@ class LocalFile:
         self._wb_hi = 0
         self._wb: Writeback | None = None
         self._direct_fd: int | None = None  # an O_DIRECT descriptor: None untried, -1 none
+        self._direct_refused = False  # a direct write was refused: no more are tried
 
     def size(self) -> int:
         st = os.fstat(self.fd)
@@ -189,7 +190,7 @@ class LocalFile:
                 self._direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
             except (OSError, AttributeError):
                 self._direct_fd = -1
-        return self._direct_fd >= 0
+        return self._direct_fd >= 0 and not self._direct_refused
 
     def pwritev_direct(self, offset: int, buffers: list[bytes | bytearray | memoryview]) -> bool:
         """Write ``buffers`` back to back at ``offset`` with direct I/O (``O_DIRECT``, a
@@ -215,8 +216,10 @@ class LocalFile:
                     if e.errno != errno.EINVAL:
                         raise
                     # not takeable after all (an alignment this file system wants
-                    # bigger): this and every later write go through the page cache
-                    self._close_direct()
+                    # bigger): this and every later write go through the page cache.
+                    # The descriptor stays open until close(): other threads may be
+                    # writing through it now (closed, its number could be reused).
+                    self._direct_refused = True
                     dfd = -1
                     if at == offset:
                         return False

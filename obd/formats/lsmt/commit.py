@@ -369,11 +369,12 @@ def _copy_mapped(
 
     Where the output takes direct I/O the disk reads the runs from the sources' page
     cache itself: no copy into the output's page cache, no writeback at the fsync, a
-    fraction of the CPU (docs/commit.md). Direct writes start and end on
-    ``DIRECT_ALIGN`` boundaries: what passes the last one waits for the next list, and
-    the data's last partial block goes through the page cache (then the index and the
-    trailer, which follow it). Pieces not in a mapping (the header, a run past its
-    source's end, a source that is not a local file) are copied into aligned memory.
+    fraction of the CPU (docs/commit.md). Lists start and end on ``DIRECT_ALIGN``
+    boundaries: what passes the last one waits for the next list, and the data's last
+    partial block goes through the page cache (then the index and the trailer, which
+    follow it). A list holding a piece not in a mapping (the header, a run past its
+    source's end, a run of a source that is not a local file, read into ``bytes``) goes
+    through the page cache too, so no block is ever written both ways.
     Without direct I/O a long run is copied in the kernel (``copy_file_range``).
 
     A source is mapped only once it is known to hold the run; a run past its end, or of
@@ -383,8 +384,9 @@ def _copy_mapped(
     views: dict[int, memoryview] = {}
     sizes = [s.size() for s in sources]
     fds = [s.fd if isinstance(s, LocalFile) else -1 for s in sources]
-    iov: list[bytes | bytearray | memoryview] = [_aligned(head)]
-    fill = len(head)
+    sink.write_vec([head], len(head))  # alone: the lists after it can go direct
+    iov: list[bytes | bytearray | memoryview] = []
+    fill = 0
     done = 0  # data bytes in iov
 
     def send(final: bool) -> None:
@@ -393,7 +395,11 @@ def _copy_mapped(
             cut = fill - (sink.pos + fill) % DIRECT_ALIGN
             first, rest = _split(iov, cut)
             if cut:
-                sink.write_vec(first, cut, direct=True)
+                # only mapped pieces can go direct (bytes are not page-aligned): a list
+                # holding the header or a read run goes through the page cache, whole
+                # 4 KiB blocks still, so that no block is written both ways
+                direct = not any(isinstance(p, bytes) for p in first)
+                sink.write_vec(first, cut, direct=direct)
             iov, fill = rest, fill - cut
             if not final:
                 return
@@ -421,8 +427,6 @@ def _copy_mapped(
                 piece = view[at : at + length]
             else:
                 piece = _read_padded(sources[tag], at, length)
-                if sink.direct:
-                    piece = _aligned(piece)
             iov.append(piece)
             fill += length
             done += length
@@ -446,13 +450,6 @@ def _copy_mapped(
                 m.close()
         except BufferError:  # a failed write's traceback still holds a piece: GC unmaps
             pass
-
-
-def _aligned(data: bytes) -> memoryview:
-    """``data`` copied into page-aligned memory (a direct write's buffers must be)."""
-    m = mmap.mmap(-1, max(len(data), 1))
-    m[: len(data)] = data
-    return memoryview(m)[: len(data)]
 
 
 def _split(
