@@ -334,3 +334,26 @@ def test_output_writeback_asks_for_the_span_written_and_ends_before_the_fsync(
     assert calls == [(i << 20, 1 << 20) for i in range(5)]
     assert synced_after and synced_after[0] == 5
     assert (tmp_path / "o").stat().st_size == 5 << 20
+
+
+def test_direct_writes_reach_the_open_file_whatever_its_path_became(tmp_path: Path) -> None:
+    """Direct writes go through a second descriptor of the same open file: after the
+    path was renamed away and another file put in its place, they still land in the
+    open file, never in the file that now has its name."""
+    import mmap
+
+    import obd.io.file as file_mod
+
+    with file_mod.open_file(str(tmp_path / "probe"), writable=True, create=True) as f:
+        if not f.can_direct():
+            pytest.skip(f"{tmp_path}: this file system takes no O_DIRECT")
+    p, moved = tmp_path / "out", tmp_path / "moved"
+    with file_mod.open_file(str(p), writable=True, create=True) as f:
+        os.rename(p, moved)  # before the direct descriptor is opened
+        p.write_bytes(b"other" * 1000)
+        buf = mmap.mmap(-1, 8192)
+        buf[:] = b"d" * 8192
+        assert f.pwritev_direct(4096, [memoryview(buf)])
+        f.flush()
+    assert moved.read_bytes() == bytes(4096) + b"d" * 8192
+    assert p.read_bytes() == b"other" * 1000

@@ -187,19 +187,24 @@ class LocalFile:
         descriptor on the first call."""
         if self._direct_fd is None:
             try:
-                self._direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+                # the same open file, whatever its path has become since (renamed,
+                # unlinked, replaced): never another file that took its name
+                self._direct_fd = os.open(
+                    f"/proc/self/fd/{self.fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC
+                )
             except (OSError, AttributeError):
                 self._direct_fd = -1
         return self._direct_fd >= 0 and not self._direct_refused
 
     def pwritev_direct(self, offset: int, buffers: list[bytes | bytearray | memoryview]) -> bool:
-        """Write ``buffers`` back to back at ``offset`` with direct I/O (``O_DIRECT``, a
-        second descriptor of the same file): the disk reads them where they are, with no
-        copy into the page cache and no writeback later. ``offset`` and the total must be
-        multiples of :data:`DIRECT_ALIGN`, every buffer's address and length multiples of
-        512. Durable only after :meth:`flush`, like any write. False (nothing written)
-        when the file system takes no direct I/O; then write otherwise. A range written
-        so must not also be written through the page cache before the flush."""
+        """Write ``buffers`` back to back at ``offset`` with direct I/O (``O_DIRECT``: a
+        second descriptor of the same open file, reopened through ``/proc/self/fd``):
+        the disk reads them where they are, with no copy into the page cache and no
+        writeback later. ``offset`` and the total must be multiples of
+        :data:`DIRECT_ALIGN`, every buffer's address and length multiples of 512.
+        Durable only after :meth:`flush`, like any write. False (nothing written) when
+        the file system takes no direct I/O; then write otherwise. A range written so
+        must not also be written through the page cache before the flush."""
         if not self.can_direct():
             return False
         dfd = self._direct_fd
