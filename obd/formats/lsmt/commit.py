@@ -395,11 +395,11 @@ def _copy_mapped(
             cut = fill - (sink.pos + fill) % DIRECT_ALIGN
             first, rest = _split(iov, cut)
             if cut:
-                # only mapped pieces can go direct (bytes are not page-aligned): a list
-                # holding the header or a read run goes through the page cache, whole
-                # 4 KiB blocks still, so that no block is written both ways
-                direct = not any(isinstance(p, bytes) for p in first)
-                sink.write_vec(first, cut, direct=direct)
+                # only pieces of the source mappings can go direct (bytes, and slices
+                # of them, are not aligned): a list holding the header or a read run
+                # goes through the page cache, whole 4 KiB blocks still, so that no
+                # block is written both ways
+                sink.write_vec(first, cut, direct=all(_mapped(p) for p in first))
             iov, fill = rest, fill - cut
             if not final:
                 return
@@ -420,8 +420,9 @@ def _copy_mapped(
             if inside:
                 view = views.get(tag)
                 if view is None:
+                    # no access advice: runs are taken in output order, scattered
+                    # over the source
                     m = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-                    m.madvise(mmap.MADV_SEQUENTIAL)
                     maps[tag], view = m, memoryview(m)
                     views[tag] = view
                 piece = view[at : at + length]
@@ -450,6 +451,11 @@ def _copy_mapped(
                 m.close()
         except BufferError:  # a failed write's traceback still holds a piece: GC unmaps
             pass
+
+
+def _mapped(piece: bytes | bytearray | memoryview) -> bool:
+    """Whether ``piece`` lies in a source mapping (page-aligned memory, sector offsets)."""
+    return isinstance(piece, memoryview) and isinstance(piece.obj, mmap.mmap)
 
 
 def _split(
