@@ -98,6 +98,16 @@ def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
         pos = h
 
 
+def _iov_parts(
+    buffers: list[bytes | bytearray | memoryview],
+) -> Iterator[tuple[list[bytes | bytearray | memoryview], int]]:
+    """``buffers`` in lists of at most ``IOV_MAX`` (one ``pwritev`` each), with their
+    byte counts."""
+    for i in range(0, len(buffers), IOV_MAX):
+        part = buffers[i : i + IOV_MAX]
+        yield part, sum(len(b) for b in part)
+
+
 def _finish_pwritev(
     fd: int, buffers: list[bytes | bytearray | memoryview], offset: int, done: int
 ) -> None:
@@ -169,9 +179,7 @@ class LocalFile:
         of them, where a loop of ``pwrite`` would make a call per buffer (a commit's
         gather of many short runs). Returns the bytes written."""
         at = offset
-        for i in range(0, len(buffers), IOV_MAX):
-            part = buffers[i : i + IOV_MAX]
-            want = sum(len(b) for b in part)
+        for part, want in _iov_parts(buffers):
             n = os.pwritev(self.fd, part, at)
             if n < want:  # short (rare): the rest one buffer at a time
                 _finish_pwritev(self.fd, part, at, n)
@@ -210,9 +218,7 @@ class LocalFile:
         dfd = self._direct_fd
         assert dfd is not None
         at = offset
-        for i in range(0, len(buffers), IOV_MAX):
-            part = buffers[i : i + IOV_MAX]
-            want = sum(len(b) for b in part)
+        for part, want in _iov_parts(buffers):
             n = 0
             if dfd >= 0:
                 try:
