@@ -521,6 +521,18 @@ def _direct_writes_fail(tmp_path, monkeypatch, err: int, fails) -> list[int]:
     return tried
 
 
+def test_sources_that_cannot_be_mapped_are_read(tmp_path, sources, monkeypatch):
+    """A source file system that maps nothing: its runs are read, same bytes, none of
+    them direct (they are not in a mapping)."""
+    import obd.io.file as file_mod
+
+    monkeypatch.setattr(file_mod.LocalFile, "map_readonly", lambda self: None)
+    taken = _direct_recorder(monkeypatch)
+    _check_every_sink(tmp_path, sources, _many_short_runs(400))
+    _check_every_sink(tmp_path, sources, _long_runs(sources))
+    assert taken == []
+
+
 def test_direct_io_refused_midway_goes_through_the_page_cache(tmp_path, sources, monkeypatch):
     """A direct write refused (EINVAL) after others were taken: that list and the rest
     go through the page cache, nothing lost or doubled."""

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import queue
 import stat
@@ -189,6 +190,15 @@ class LocalFile:
             t.pwrite(self.fd, offset, b"".join(buffers))
         self._wrote(offset, at - offset)
         return at - offset
+
+    def map_readonly(self) -> mmap.mmap | None:
+        """A shared read-only mapping of the whole file, or None where there is none to
+        make (an empty file, a file system that maps nothing). Its pages are the page
+        cache's: no copy. The file must not shrink while it is mapped (SIGBUS)."""
+        try:
+            return mmap.mmap(self.fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+        except (OSError, ValueError, OverflowError):
+            return None
 
     def can_direct(self) -> bool:
         """Whether this file takes direct I/O (:meth:`pwritev_direct`); opens its

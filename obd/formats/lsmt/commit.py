@@ -377,10 +377,11 @@ def _copy_mapped(
     through the page cache too, so no block is ever written both ways.
     Without direct I/O a long run is copied in the kernel (``copy_file_range``).
 
-    A source is mapped only once it is known to hold the run; a run past its end, or of
-    a source that is not a local file, is read (bytes past the end read as zeros).
+    A source is mapped only once it is known to hold the run; a run past its end, of a
+    source that is not a local file or of one that cannot be mapped, is read (bytes past
+    the end read as zeros).
     """
-    maps: dict[int, mmap.mmap] = {}
+    maps: dict[int, mmap.mmap | None] = {}
     views: dict[int, memoryview] = {}
     sizes = [s.size() for s in sources]
     fds = [s.fd if isinstance(s, LocalFile) else -1 for s in sources]
@@ -417,14 +418,13 @@ def _copy_mapped(
                     done += length
                     continue
             piece: bytes | memoryview
-            if inside:
-                view = views.get(tag)
-                if view is None:
-                    # no access advice: runs are taken in output order, scattered
-                    # over the source
-                    m = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-                    maps[tag], view = m, memoryview(m)
-                    views[tag] = view
+            view = views.get(tag) if inside else None
+            if inside and view is None and tag not in maps:
+                m = sources[tag].map_readonly()  # type: ignore[attr-defined]
+                maps[tag] = m  # None: this source cannot be mapped, its runs are read
+                if m is not None:
+                    view = views[tag] = memoryview(m)
+            if view is not None:
                 piece = view[at : at + length]
             else:
                 piece = _read_padded(sources[tag], at, length)
@@ -448,7 +448,8 @@ def _copy_mapped(
             for v in views.values():
                 v.release()
             for m in maps.values():
-                m.close()
+                if m is not None:
+                    m.close()
         except BufferError:  # a failed write's traceback still holds a piece: GC unmaps
             pass
 

@@ -262,7 +262,7 @@ def compress_file(
     defaults.
     """
     total = src.size()
-    mapped = _map_source(src, total)
+    mapped = src.map_readonly() if isinstance(src, LocalFile) and total > 0 else None
     if mapped is not None:
         return _compress_mapped(mapped, total, out, progress, options)
     with ZFileWriter(out, **options) as w:
@@ -291,16 +291,6 @@ def compress_file(
 
 _READ_CHUNK = 4 << 20
 _READ_BUFFERS = 4
-
-
-def _map_source(src: ReadAt, total: int) -> mmap.mmap | None:
-    """A read-only mapping of a local source file, or None (then it is read)."""
-    if not isinstance(src, LocalFile) or total <= 0:
-        return None
-    try:
-        return mmap.mmap(src.fd, total, mmap.MAP_SHARED, mmap.PROT_READ)
-    except (OSError, ValueError, OverflowError):
-        return None
 
 
 def _compress_mapped(
