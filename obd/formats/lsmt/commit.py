@@ -441,7 +441,7 @@ def _copy_mapped(
         if progress is not None and done:
             progress(done)
     finally:
-        sink._stop()  # no write in flight still reads the mappings
+        sink.abort()  # no write in flight still reads the mappings (after wait: a no-op)
         iov = []
         piece = b""
         try:
